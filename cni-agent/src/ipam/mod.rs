@@ -1,0 +1,1 @@
+//! IPAM: host-local configuration, ranges, the on-disk store and the allocator.

@@ -1,0 +1,8 @@
+//! Userspace of the eBPF CNI: the CNI spec layer, IPAM, netlink plumbing, the
+//! plugin implementations and the datapath loader. The binaries in `src/bin`
+//! are thin: each parses its input and calls into this library.
+pub mod datapath;
+pub mod ipam;
+pub mod netlink;
+pub mod plugins;
+pub mod spec;

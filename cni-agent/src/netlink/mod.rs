@@ -1,0 +1,1 @@
+//! Kernel network configuration through rtnetlink: namespaces, links, addresses, routes, sysctls.

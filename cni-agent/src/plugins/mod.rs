@@ -1,0 +1,1 @@
+//! The plugin implementations behind the binaries in src/bin.

@@ -1,0 +1,1 @@
+//! The CNI specification: versions, configuration, results, errors, environment, verb dispatch and delegation.
