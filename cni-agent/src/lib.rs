@@ -1,8 +1,10 @@
 //! Userspace of the eBPF CNI: the CNI spec layer, IPAM, netlink plumbing, the
 //! plugin implementations and the datapath loader. The binaries in `src/bin`
 //! are thin: each parses its input and calls into this library.
+pub mod agent;
 pub mod datapath;
 pub mod ipam;
 pub mod netlink;
 pub mod plugins;
 pub mod spec;
+pub mod state;

@@ -1,9 +1,14 @@
-//! Kernel-side programs of the CNI datapath. One module per concern; this file
-//! only declares the program entry points and the panic handler.
+//! Kernel-side programs of the CNI datapath, one module per concern:
+//! `parsing` (headers), `conntrack` (NAT bindings), `nat` (masquerade),
+//! `counters` (per-interface counters), `stats` (datapath counters).
 #![no_std]
 #![no_main]
 
+mod conntrack;
 mod counters;
+mod nat;
+mod parsing;
+mod stats;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -1,3 +1,8 @@
-//! The eBPF datapath as userspace sees it: the embedded object, loading,
-//! pinning and attaching.
+//! The eBPF datapath as userspace sees it: the embedded object, the bpffs
+//! layout, attaching programs, and the maps the agent and plugins write.
+pub mod conntrack;
+pub mod entries;
+pub mod loader;
 pub mod object;
+pub mod pins;
+pub mod uplink;

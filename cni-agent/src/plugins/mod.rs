@@ -1,1 +1,3 @@
 //! The plugin implementations behind the binaries in src/bin.
+pub mod bridge;
+pub mod host_local;

@@ -1,0 +1,226 @@
+//! `cni-agent run`: load the datapath once, keep the uplinks attached,
+//! expire NAT bindings, and serve the plugins.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread,
+    time::Duration,
+};
+
+use aya::Ebpf;
+
+use super::{ops::Paths, server};
+use crate::{
+    datapath::{
+        conntrack::{NatTable, Timeouts},
+        loader::DatapathError,
+        pins::{load_pinned, MapSizes, PinLayout},
+        uplink::{ensure_link, pinned_uplinks, remove_links, UplinkMap, UPLINK_PROGRAMS},
+    },
+    netlink::Netlink,
+};
+
+/// Everything `cni-agent run` is configured with.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub socket: PathBuf,
+    pub paths: Paths,
+    /// Uplinks by name; empty = the interfaces of the default routes.
+    pub uplinks: Vec<String>,
+    /// Source ports handed out by the masquerade (inclusive). The default
+    /// sits above Linux's ephemeral range (32768-60999) so node sockets and
+    /// translated flows never compete for a port.
+    pub nat_ports: (u16, u16),
+    pub sizes: MapSizes,
+    pub timeouts: Timeouts,
+    /// How often uplinks are rescanned and bindings expired.
+    pub interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error("socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("netlink: {0}")]
+    Netlink(#[from] crate::netlink::NetlinkError),
+    #[error("runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// An uplink as discovered: name, index, first IPv4 address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Uplink {
+    name: String,
+    index: u32,
+    addr: Ipv4Addr,
+}
+
+/// The uplinks to serve now: the configured names, or the interfaces that
+/// carry a default route in the main table. Interfaces without an IPv4
+/// address are skipped (nothing to masquerade to yet).
+fn discover(nl: &Netlink, names: &[String]) -> Result<Vec<Uplink>, AgentError> {
+    let links = nl.links()?;
+    let wanted: Vec<u32> = if names.is_empty() {
+        let mut v: Vec<u32> = nl
+            .routes(false)?
+            .into_iter()
+            .filter(|r| r.is_main_table() && r.dst.prefix_len() == 0)
+            .filter_map(|r| r.oif)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    } else {
+        links
+            .iter()
+            .filter(|l| names.contains(&l.name))
+            .map(|l| l.index)
+            .collect()
+    };
+    let addrs = nl.addresses(None)?;
+    Ok(wanted
+        .into_iter()
+        .filter_map(|index| {
+            let name = links.iter().find(|l| l.index == index)?.name.clone();
+            let addr = addrs.iter().find_map(|a| match a.addr.addr() {
+                IpAddr::V4(v4) if a.index == index => Some(v4),
+                _ => None,
+            })?;
+            Some(Uplink { name, index, addr })
+        })
+        .collect())
+}
+
+/// Keeps programs attached to the current uplinks and UPLINKS in step with
+/// their addresses. The first pass swaps the new programs into links left
+/// pinned by a previous agent.
+struct UplinkManager {
+    ebpf: Ebpf,
+    layout: PinLayout,
+    map: UplinkMap,
+    ports: (u16, u16),
+    names: Vec<String>,
+    /// ifindex -> uplink, as last applied by this process.
+    current: BTreeMap<u32, Uplink>,
+}
+
+impl UplinkManager {
+    fn sync(&mut self, nl: &Netlink) -> Result<(), AgentError> {
+        let found = discover(nl, &self.names)?;
+        for up in &found {
+            if self.current.get(&up.index) == Some(up) {
+                continue;
+            }
+            self.map.set(up.index, up.addr, self.ports)?;
+            for (prog, hook) in UPLINK_PROGRAMS {
+                let created = ensure_link(&mut self.ebpf, &self.layout, prog, hook, &up.name, up.index)?;
+                log::info!(
+                    "uplink {} (ifindex {}, {}): {prog} {}",
+                    up.name,
+                    up.index,
+                    up.addr,
+                    if created { "attached" } else { "taken over from pinned link" }
+                );
+            }
+            self.current.insert(up.index, up.clone());
+        }
+        // Uplinks that went away (or pins of a previous run that are not
+        // uplinks any more).
+        let keep: Vec<u32> = found.iter().map(|u| u.index).collect();
+        for index in pinned_uplinks(&self.layout) {
+            if !keep.contains(&index) {
+                remove_links(&self.layout, index);
+                self.map.remove(index);
+                self.current.remove(&index);
+                log::info!("uplink ifindex {index} gone: programs detached");
+            }
+        }
+        for (index, _) in self.map.list() {
+            if !keep.contains(&index) {
+                self.map.remove(index);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs the agent until SIGINT/SIGTERM. The datapath stays attached after
+/// exit (pinned); only the socket goes.
+pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
+    let layout = cfg.paths.layout();
+    let ebpf = load_pinned(&layout, cfg.sizes)?;
+    log::info!(
+        "datapath loaded, maps pinned under {}",
+        layout.maps_dir().display()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let nl = Netlink::connect()?;
+    let mut mgr = UplinkManager {
+        ebpf,
+        map: UplinkMap::open(&layout)?,
+        layout: layout.clone(),
+        ports: cfg.nat_ports,
+        names: cfg.uplinks.clone(),
+        current: BTreeMap::new(),
+    };
+    mgr.sync(&nl)?;
+    if mgr.current.is_empty() {
+        log::warn!("no uplink found yet (no default route with an IPv4 address); will keep looking");
+    }
+    drop(nl);
+
+    let worker = {
+        let stop = stop.clone();
+        let interval = cfg.interval;
+        let timeouts = cfg.timeouts;
+        thread::Builder::new()
+            .name("datapath".into())
+            .spawn(move || {
+                let nl = match Netlink::connect() {
+                    Ok(nl) => nl,
+                    Err(e) => {
+                        log::error!("netlink: {e}");
+                        return;
+                    }
+                };
+                let mut nat = NatTable::open(&layout).ok();
+                while !stop.load(Ordering::Relaxed) {
+                    thread::sleep(interval);
+                    if let Err(e) = mgr.sync(&nl) {
+                        log::warn!("uplink scan: {e}");
+                    }
+                    if let Some(nat) = nat.as_mut() {
+                        match nat.expire(&timeouts) {
+                            Ok(0) => {}
+                            Ok(n) => log::debug!("expired {n} NAT bindings"),
+                            Err(e) => log::warn!("NAT expiry: {e}"),
+                        }
+                    }
+                }
+                // Dropping `mgr` closes our fds; the pinned links stay.
+            })
+            .map_err(AgentError::Runtime)?
+    };
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(AgentError::Runtime)?;
+    let res = rt.block_on(server::serve(cfg.socket.clone(), cfg.paths.clone()));
+    stop.store(true, Ordering::Relaxed);
+    let _ = worker.join();
+    log::info!("agent stopped; datapath left attached");
+    res
+}

@@ -1,0 +1,8 @@
+//! The node agent: owns the eBPF datapath (loads it once, pins it, keeps it
+//! across restarts), serves the plugins over a Unix socket, and expires NAT
+//! bindings.
+pub mod api;
+pub mod ops;
+pub mod client;
+pub mod daemon;
+pub mod server;

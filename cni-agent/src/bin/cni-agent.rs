@@ -1,0 +1,187 @@
+//! The node agent (`cni-agent run`) and its admin CLI (`status`, `nat`,
+//! `records`), which talk to a running agent over its socket.
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use cni_agent::{
+    agent::{
+        api::{Request, DEFAULT_BPFFS_ROOT, DEFAULT_SOCKET, DEFAULT_STATE_DIR},
+        client,
+        daemon::{self, AgentConfig},
+        ops::Paths,
+    },
+    datapath::{conntrack::Timeouts, pins::MapSizes},
+};
+
+#[derive(Parser)]
+#[command(name = "cni-agent", about = "Node agent of the eBPF CNI datapath")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args)]
+struct SocketArg {
+    /// Unix socket of the agent.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load the datapath (reusing pinned maps and links) and serve the plugins.
+    Run {
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[arg(long, default_value = DEFAULT_BPFFS_ROOT)]
+        bpffs_root: PathBuf,
+        /// Uplink interface (repeatable). Default: the default-route interfaces.
+        #[arg(long = "uplink")]
+        uplinks: Vec<String>,
+        /// Source ports for masquerade, MIN-MAX.
+        #[arg(long, default_value = "61000-65535", value_parser = parse_range)]
+        nat_ports: (u16, u16),
+        /// Entries in each of the two NAT maps.
+        #[arg(long, default_value_t = 65536)]
+        conntrack_size: u32,
+        /// Seconds a closed (FIN both ways, or RST) TCP binding is kept.
+        #[arg(long, default_value_t = 10)]
+        tcp_closed_timeout: u64,
+        /// Seconds an idle established TCP binding is kept.
+        #[arg(long, default_value_t = 3600)]
+        tcp_established_timeout: u64,
+        /// Seconds an idle UDP binding is kept.
+        #[arg(long, default_value_t = 60)]
+        udp_timeout: u64,
+    },
+    /// Agent health, uplinks and map occupancy.
+    Status(SocketArg),
+    /// The NAT bindings (conntrack table).
+    Nat(SocketArg),
+    /// The per-attachment records.
+    Records(SocketArg),
+}
+
+fn parse_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').ok_or("expected MIN-MAX")?;
+    let a: u16 = a.parse().map_err(|e| format!("{a}: {e}"))?;
+    let b: u16 = b.parse().map_err(|e| format!("{b}: {e}"))?;
+    if a == 0 || a > b {
+        return Err(format!("{s}: need 1 <= MIN <= MAX"));
+    }
+    Ok((a, b))
+}
+
+fn query(s: &SocketArg, req: Request) -> ExitCode {
+    match client::call(&s.socket, &req) {
+        Ok(data) => {
+            if s.json {
+                println!("{}", serde_json::to_string_pretty(&data).unwrap_or_default());
+            } else {
+                print_text(&req, &data);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cni-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_text(req: &Request, data: &serde_json::Value) {
+    match req {
+        Request::Nat => {
+            println!("{:<5} {:<22} {:<22} {:<22} {:<16} {:>8}", "PROTO", "POD", "REMOTE", "NAT", "STATE", "IDLE_MS");
+            for b in data.as_array().into_iter().flatten() {
+                println!(
+                    "{:<5} {:<22} {:<22} {:<22} {:<16} {:>8}",
+                    b["proto"].as_str().unwrap_or(""),
+                    b["pod"].as_str().unwrap_or(""),
+                    b["remote"].as_str().unwrap_or(""),
+                    b["nat"].as_str().unwrap_or(""),
+                    b["state"].as_str().unwrap_or(""),
+                    b["idle_ms"],
+                );
+            }
+        }
+        Request::Records => {
+            for r in data.as_array().into_iter().flatten() {
+                println!(
+                    "{}/{}/{}:",
+                    r["network"].as_str().unwrap_or(""),
+                    r["containerID"].as_str().unwrap_or(""),
+                    r["ifname"].as_str().unwrap_or("")
+                );
+                for e in r["entries"].as_array().into_iter().flatten() {
+                    println!("  {e}");
+                }
+            }
+        }
+        _ => {
+            println!("agent: running");
+            for u in data["uplinks"].as_array().into_iter().flatten() {
+                println!("uplink: ifindex {} address {}", u["ifindex"], u["address"].as_str().unwrap_or(""));
+            }
+            println!(
+                "nat bindings: {} (reply halves {})",
+                data["nat"]["originalHalves"], data["nat"]["replyHalves"]
+            );
+            println!("masquerade sources: {}", data["masqSources"]);
+            println!("attachment records: {}", data["records"]);
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match Cli::parse().cmd {
+        Cmd::Run {
+            socket,
+            state_dir,
+            bpffs_root,
+            uplinks,
+            nat_ports,
+            conntrack_size,
+            tcp_closed_timeout,
+            tcp_established_timeout,
+            udp_timeout,
+        } => {
+            let cfg = AgentConfig {
+                socket,
+                paths: Paths {
+                    state_dir,
+                    bpffs_root,
+                },
+                uplinks,
+                nat_ports,
+                sizes: MapSizes {
+                    conntrack: conntrack_size,
+                    ..MapSizes::default()
+                },
+                timeouts: Timeouts {
+                    tcp_closed: Duration::from_secs(tcp_closed_timeout),
+                    tcp_established: Duration::from_secs(tcp_established_timeout),
+                    udp: Duration::from_secs(udp_timeout),
+                    ..Timeouts::default()
+                },
+                interval: Duration::from_secs(1),
+            };
+            match daemon::run(cfg) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    log::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Status(s) => query(&s, Request::Status),
+        Cmd::Nat(s) => query(&s, Request::Nat),
+        Cmd::Records(s) => query(&s, Request::Records),
+    }
+}

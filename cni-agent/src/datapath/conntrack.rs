@@ -1,0 +1,239 @@
+//! The userspace half of the NAT connection tracking: reading bindings for
+//! the admin CLI, and expiring them. The programs only stamp last-seen times
+//! and TCP flags; timeouts are decided here so they can follow TCP state
+//! (a closed connection frees its port within seconds, an idle established
+//! one keeps it for an hour).
+use std::{net::IpAddr, time::Duration};
+
+use aya::maps::{HashMap, Map, MapData, MapError};
+use cni_ebpf_common::{ct_state, map_names, CtKey, NatEntry};
+use serde::Serialize;
+
+use super::{
+    entries::words_addr,
+    loader::DatapathError,
+    pins::{open_pinned, PinLayout},
+};
+
+/// How long an idle binding is kept, by state.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub tcp_established: Duration,
+    /// SYN seen, no reply yet.
+    pub tcp_opening: Duration,
+    /// FIN in both directions, or RST in either.
+    pub tcp_closed: Duration,
+    pub udp: Duration,
+    pub icmp: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            tcp_established: Duration::from_secs(3600),
+            tcp_opening: Duration::from_secs(60),
+            tcp_closed: Duration::from_secs(10),
+            udp: Duration::from_secs(60),
+            icmp: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One binding, both halves, as shown by `cni-agent nat`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Binding {
+    pub proto: &'static str,
+    pub pod: String,
+    pub remote: String,
+    pub nat: String,
+    pub state: String,
+    pub idle_ms: u64,
+    /// True when the reply half is missing (evicted); the datapath repairs
+    /// the other way round, this only shows in a dump.
+    pub reply_half_missing: bool,
+}
+
+fn proto_name(p: u8) -> &'static str {
+    match p {
+        1 => "icmp",
+        6 => "tcp",
+        17 => "udp",
+        _ => "other",
+    }
+}
+
+fn endpoint(addr: IpAddr, port_be: u16) -> String {
+    let port = u16::from_be(port_be);
+    match addr {
+        IpAddr::V6(a) => format!("[{a}]:{port}"),
+        IpAddr::V4(a) => format!("{a}:{port}"),
+    }
+}
+
+fn state_text(bits: u8) -> String {
+    let mut v = Vec::new();
+    for (b, n) in [
+        (ct_state::SYN, "syn"),
+        (ct_state::FIN, "fin"),
+        (ct_state::RST, "rst"),
+        (ct_state::REPLIED, "replied"),
+    ] {
+        if bits & b != 0 {
+            v.push(n);
+        }
+    }
+    v.join(",")
+}
+
+/// CLOCK_MONOTONIC in ns, the clock bpf_ktime_get_ns() reads.
+pub fn monotonic_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC);
+    ts.map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// The two NAT maps, opened from their pins.
+pub struct NatTable {
+    orig: HashMap<MapData, CtKey, NatEntry>,
+    reply: HashMap<MapData, CtKey, NatEntry>,
+}
+
+fn open_lru(layout: &PinLayout, name: &'static str) -> Result<HashMap<MapData, CtKey, NatEntry>, DatapathError> {
+    let data = open_pinned(layout, name)?;
+    HashMap::try_from(Map::LruHashMap(data)).map_err(|source| DatapathError::Map { name, source })
+}
+
+/// The reply-half key of an original-half binding.
+fn reply_key(key: &CtKey, val: &NatEntry) -> CtKey {
+    let icmp = key.proto == 1;
+    CtKey {
+        src: key.dst,
+        dst: val.addr,
+        sport: if icmp { 0 } else { key.dport },
+        dport: val.port,
+        proto: key.proto,
+        family: key.family,
+        _pad: [0; 2],
+    }
+}
+
+impl NatTable {
+    pub fn open(layout: &PinLayout) -> Result<Self, DatapathError> {
+        Ok(Self {
+            orig: open_lru(layout, map_names::SNAT_ORIG)?,
+            reply: open_lru(layout, map_names::SNAT_REPLY)?,
+        })
+    }
+
+    fn pairs(&self) -> Vec<(CtKey, NatEntry, CtKey, Option<NatEntry>)> {
+        self.orig
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| {
+                let rk = reply_key(&k, &v);
+                let rv = self.reply.get(&rk, 0).ok();
+                (k, v, rk, rv)
+            })
+            .collect()
+    }
+
+    /// Every binding, for the admin CLI.
+    pub fn dump(&self) -> Vec<Binding> {
+        let now = monotonic_ns();
+        self.pairs()
+            .into_iter()
+            .map(|(k, v, _, rv)| {
+                let last = rv.map_or(v.last_seen_ns, |r| r.last_seen_ns.max(v.last_seen_ns));
+                Binding {
+                    proto: proto_name(k.proto),
+                    pod: endpoint(words_addr(k.src, k.family), k.sport),
+                    remote: endpoint(words_addr(k.dst, k.family), k.dport),
+                    nat: endpoint(words_addr(v.addr, k.family), v.port),
+                    state: state_text(v.state | rv.map_or(0, |r| r.state)),
+                    idle_ms: now.saturating_sub(last) / 1_000_000,
+                    reply_half_missing: rv.is_none(),
+                }
+            })
+            .collect()
+    }
+
+    /// (original halves, reply halves) currently in the maps.
+    pub fn occupancy(&self) -> (usize, usize) {
+        (
+            self.orig.keys().filter(|k| k.is_ok()).count(),
+            self.reply.keys().filter(|k| k.is_ok()).count(),
+        )
+    }
+
+    /// Removes every binding idle for longer than its state allows, both
+    /// halves together, and reply halves whose original half is gone and
+    /// which are idle past the longest timeout. Returns how many bindings
+    /// were removed.
+    pub fn expire(&mut self, t: &Timeouts) -> Result<usize, DatapathError> {
+        let now = monotonic_ns();
+        let mut removed = 0;
+        for (k, v, rk, rv) in self.pairs() {
+            let state = v.state | rv.map_or(0, |r| r.state);
+            let last = rv.map_or(v.last_seen_ns, |r| r.last_seen_ns.max(v.last_seen_ns));
+            let timeout = match k.proto {
+                6 if state & ct_state::RST != 0 => t.tcp_closed,
+                6 if v.state & ct_state::FIN != 0
+                    && rv.is_some_and(|r| r.state & ct_state::FIN != 0) =>
+                {
+                    t.tcp_closed
+                }
+                6 if state & ct_state::REPLIED == 0 => t.tcp_opening,
+                6 => t.tcp_established,
+                17 => t.udp,
+                _ => t.icmp,
+            };
+            if now.saturating_sub(last) >= timeout.as_nanos() as u64 {
+                // Reply half first: once it is gone the port is free again,
+                // and a racing packet of the flow re-creates both halves.
+                ignore_missing(self.reply.remove(&rk))?;
+                ignore_missing(self.orig.remove(&k))?;
+                removed += 1;
+            }
+        }
+        // Orphaned reply halves (their original half was evicted and the
+        // flow went quiet before a reply could repair it).
+        let longest = t.tcp_established.as_nanos() as u64;
+        let orphans: Vec<CtKey> = self
+            .reply
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| now.saturating_sub(v.last_seen_ns) >= longest)
+            .map(|(k, _)| k)
+            .collect();
+        for k in orphans {
+            ignore_missing(self.reply.remove(&k))?;
+        }
+        Ok(removed)
+    }
+
+    /// Removes every binding of one pod address (its attachment is gone:
+    /// its flows must not keep ports or reach a reused IP).
+    pub fn flush_source(&mut self, ip: IpAddr) -> Result<usize, DatapathError> {
+        let (words, _) = super::entries::addr_words(ip);
+        let mut removed = 0;
+        for (k, _, rk, _) in self.pairs() {
+            if k.src == words {
+                ignore_missing(self.reply.remove(&rk))?;
+                ignore_missing(self.orig.remove(&k))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), DatapathError> {
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(source) => Err(DatapathError::Map {
+            name: map_names::SNAT_ORIG,
+            source,
+        }),
+    }
+}

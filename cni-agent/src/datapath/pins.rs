@@ -1,0 +1,179 @@
+//! The bpffs layout the agent owns, and loading the object so that pinned
+//! maps are reused across agent restarts and upgrades.
+//!
+//! Layout under the configured root (default /sys/fs/bpf/cni-ebpf):
+//!   v<MAP_LAYOUT_VERSION>/maps/<MAP>          pinned maps
+//!   v<MAP_LAYOUT_VERSION>/links/<ifindex>-<hook>-<program>   pinned tcx links
+//! A new layout version gets new directories, so an old agent's maps are
+//! never read with a new layout. Within a version, aya reuses a pinned map
+//! by name without comparing its definition; [`check_pinned_maps`] does that
+//! comparison first and refuses a mismatch.
+use std::{
+    fs, io,
+    mem::size_of,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{MapData, MapInfo, MapType},
+    Ebpf, EbpfLoader,
+};
+use cni_ebpf_common::{
+    map_names, CtKey, IpKey, MasqPolicy, NatEntry, UplinkConfig,
+    MAP_LAYOUT_VERSION,
+};
+
+use super::{loader::DatapathError, object::EBPF_OBJECT};
+
+/// bpffs superblock magic (statfs f_type).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The directories of one bpffs root.
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    pub root: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(root: impl AsRef<Path>) -> Self {
+        Self {
+            root: root.as_ref().to_path_buf(),
+        }
+    }
+    fn versioned(&self) -> PathBuf {
+        self.root.join(format!("v{MAP_LAYOUT_VERSION}"))
+    }
+    pub fn maps_dir(&self) -> PathBuf {
+        self.versioned().join("maps")
+    }
+    pub fn links_dir(&self) -> PathBuf {
+        self.versioned().join("links")
+    }
+    pub fn map_path(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+    /// Creates the directories, checking they live on a bpf filesystem
+    /// (pins elsewhere fail with an obscure EPERM).
+    pub fn create(&self) -> Result<(), DatapathError> {
+        fs::create_dir_all(self.maps_dir())
+            .and_then(|()| fs::create_dir_all(self.links_dir()))
+            .map_err(|source| DatapathError::Pins {
+                path: self.root.clone(),
+                source,
+            })?;
+        let st = nix::sys::statfs::statfs(&self.root).map_err(|e| DatapathError::Pins {
+            path: self.root.clone(),
+            source: io::Error::from(e),
+        })?;
+        if st.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+            return Err(DatapathError::NotBpffs(self.root.clone()));
+        }
+        Ok(())
+    }
+}
+
+/// Definition of a pinned map as this build expects it.
+pub struct MapSpec {
+    pub name: &'static str,
+    pub map_type: MapType,
+    pub key_size: u32,
+    pub value_size: u32,
+}
+
+/// Every pinned map of the object with its expected layout.
+pub fn map_specs() -> [MapSpec; 5] {
+    fn spec<K, V>(name: &'static str, map_type: MapType) -> MapSpec {
+        MapSpec {
+            name,
+            map_type,
+            key_size: size_of::<K>() as u32,
+            value_size: size_of::<V>() as u32,
+        }
+    }
+    [
+        spec::<IpKey, MasqPolicy>(map_names::MASQ_SOURCES, MapType::Hash),
+        spec::<u32, UplinkConfig>(map_names::UPLINKS, MapType::Hash),
+        spec::<CtKey, NatEntry>(map_names::SNAT_ORIG, MapType::LruHash),
+        spec::<CtKey, NatEntry>(map_names::SNAT_REPLY, MapType::LruHash),
+        spec::<u32, u64>(map_names::STATS, MapType::PerCpuArray),
+    ]
+}
+
+/// Compares every already-pinned map with this build's definition. A
+/// missing pin is fine (it will be created); a different type, key or value
+/// size is refused, since reading it with the new layout would corrupt flows.
+pub fn check_pinned_maps(layout: &PinLayout) -> Result<(), DatapathError> {
+    for spec in map_specs() {
+        let path = layout.map_path(spec.name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|source| DatapathError::Map {
+            name: spec.name,
+            source,
+        })?;
+        let map_type = info.map_type().map_err(|source| DatapathError::Map {
+            name: spec.name,
+            source,
+        })?;
+        if map_type != spec.map_type
+            || info.key_size() != spec.key_size
+            || info.value_size() != spec.value_size
+        {
+            return Err(DatapathError::LayoutMismatch {
+                path,
+                found: format!(
+                    "{map_type:?} key {} value {}",
+                    info.key_size(),
+                    info.value_size()
+                ),
+                expected: format!(
+                    "{:?} key {} value {}",
+                    spec.map_type, spec.key_size, spec.value_size
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Sizes of the maps that are sized at load time.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    pub conntrack: u32,
+    pub masq_sources: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            conntrack: 65536,
+            masq_sources: 65536,
+        }
+    }
+}
+
+/// Loads the embedded object, reusing the maps pinned under `layout` (after
+/// checking them) and pinning the ones that are new.
+pub fn load_pinned(layout: &PinLayout, sizes: MapSizes) -> Result<Ebpf, DatapathError> {
+    layout.create()?;
+    check_pinned_maps(layout)?;
+    let maps_dir = layout.maps_dir();
+    let mut loader = EbpfLoader::new();
+    loader
+        .default_map_pin_directory(&maps_dir)
+        .map_max_entries(map_names::SNAT_ORIG, sizes.conntrack)
+        .map_max_entries(map_names::SNAT_REPLY, sizes.conntrack)
+        .map_max_entries(map_names::MASQ_SOURCES, sizes.masq_sources);
+    Ok(loader.load(EBPF_OBJECT)?)
+}
+
+/// Opens one pinned map (used by the plugins and the admin CLI, which work
+/// on the agent's maps without loading anything).
+pub fn open_pinned(layout: &PinLayout, name: &'static str) -> Result<MapData, DatapathError> {
+    MapData::from_pin(layout.map_path(name)).map_err(|source| DatapathError::Map { name, source })
+}
+
+
+
+

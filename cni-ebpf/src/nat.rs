@@ -1,0 +1,256 @@
+//! Masquerade (source NAT) on the uplink: pod traffic leaving the node gets
+//! the uplink's address and a source port from the configured range; replies
+//! are translated back before the host routes them to the pod.
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::bpf_get_prandom_u32,
+    macros::{classifier, map},
+    maps::HashMap,
+    programs::TcContext,
+};
+use cni_ebpf_common::{ct_state, stat, IpKey, MasqPolicy, NatEntry, UplinkConfig, FAMILY_V4};
+
+use crate::{
+    conntrack::{now, state_bits, touch, v4_key, SNAT_ORIG, SNAT_REPLY},
+    parsing::{
+        parse_ipv4, Ipv4Packet, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPPROTO_ICMP, IPPROTO_TCP,
+        IPPROTO_UDP, IP_CSUM, IP_DADDR, IP_SADDR,
+    },
+    stats::bump,
+};
+
+/// Uplink ifindex -> its address and port range. Written by the agent.
+#[map(name = "UPLINKS")]
+static UPLINKS: HashMap<u32, UplinkConfig> = HashMap::pinned(64, 0);
+
+/// Pod address -> masquerade policy. One entry per pod IP with ipMasq.
+#[map(name = "MASQ_SOURCES")]
+static MASQ_SOURCES: HashMap<IpKey, MasqPolicy> = HashMap::pinned(65536, 0);
+
+/// How many ports are tried before giving up on a new binding.
+const PORT_TRIES: u32 = 32;
+
+const BPF_F_PSEUDO_HDR: u64 = 0x10;
+const BPF_F_MARK_MANGLED_0: u64 = 0x20;
+const BPF_NOEXIST: u64 = 1;
+
+/// tcx: let the next program (or the stack) decide.
+const NEXT: i32 = TC_ACT_UNSPEC;
+
+#[classifier]
+pub fn snat_egress(ctx: TcContext) -> i32 {
+    match try_snat_egress(&ctx) {
+        Ok(action) => action,
+        Err(()) => NEXT,
+    }
+}
+
+#[classifier]
+pub fn snat_ingress(ctx: TcContext) -> i32 {
+    match try_snat_ingress(&ctx) {
+        Ok(action) => action,
+        Err(()) => NEXT,
+    }
+}
+
+#[inline(always)]
+fn in_prefix(addr_be: u32, net_be: u32, prefix_len: u8) -> bool {
+    if prefix_len == 0 {
+        return true;
+    }
+    if prefix_len >= 32 {
+        return addr_be == net_be;
+    }
+    let mask = u32::MAX << (32 - u32::from(prefix_len));
+    (u32::from_be(addr_be) & mask) == (u32::from_be(net_be) & mask)
+}
+
+fn try_snat_egress(ctx: &TcContext) -> Result<i32, ()> {
+    let pkt = parse_ipv4(ctx).ok_or(())?;
+    if pkt.proto == IPPROTO_ICMP && pkt.icmp_type != ICMP_ECHO_REQUEST {
+        return Ok(NEXT);
+    }
+    let src = IpKey {
+        addr: [pkt.saddr, 0, 0, 0],
+        family: FAMILY_V4,
+        _pad: [0; 3],
+    };
+    // SAFETY: read-only use of a map value during this run.
+    let policy: &MasqPolicy = match unsafe { MASQ_SOURCES.get(&src) } {
+        Some(p) => p,
+        None => return Ok(NEXT),
+    };
+    // As the reference: never the pod's own network, never multicast.
+    if in_prefix(pkt.daddr, policy.exclude_addr[0], policy.exclude_prefix_len)
+        || u32::from_be(pkt.daddr) >> 28 == 0xe
+    {
+        return Ok(NEXT);
+    }
+    // SAFETY: __sk_buff is valid for the program's run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let uplink: UplinkConfig = match unsafe { UPLINKS.get(&ifindex) } {
+        Some(u) => *u,
+        None => return Ok(NEXT),
+    };
+
+    let (l4_sport, l4_dport) = if pkt.proto == IPPROTO_ICMP {
+        (pkt.sport, 0)
+    } else {
+        (pkt.sport, pkt.dport)
+    };
+    let key = v4_key(pkt.saddr, pkt.daddr, l4_sport, l4_dport, pkt.proto);
+    let bits = state_bits(&pkt);
+    let (nat_addr, nat_port) = match SNAT_ORIG.get_ptr_mut(&key) {
+        Some(e) => {
+            touch(e, bits);
+            // SAFETY: valid map value pointer.
+            unsafe { ((*e).addr[0], (*e).port) }
+        }
+        None => match bind(&pkt, &key, &uplink, bits) {
+            Some(port) => (uplink.addr_v4, port),
+            None => {
+                bump(stat::SNAT_NO_PORT);
+                return Ok(TC_ACT_SHOT);
+            }
+        },
+    };
+    rewrite(ctx, &pkt, IP_SADDR, pkt.saddr, nat_addr, pkt.sport_off(), pkt.sport, nat_port)?;
+    bump(stat::SNAT_XLATE);
+    Ok(NEXT)
+}
+
+/// Creates a binding for a new flow: claims a free port by inserting the
+/// reply half with BPF_NOEXIST (the insert is the lock), then writes the
+/// original half. Returns the port in network byte order.
+#[inline(always)]
+fn bind(
+    pkt: &Ipv4Packet,
+    key: &cni_ebpf_common::CtKey,
+    uplink: &UplinkConfig,
+    bits: u8,
+) -> Option<u16> {
+    let span = u32::from(uplink.port_max).checked_sub(u32::from(uplink.port_min))? + 1;
+    // SAFETY: helper without side effects.
+    let start = unsafe { bpf_get_prandom_u32() };
+    let ts = now();
+    let reply_val = NatEntry {
+        addr: [pkt.saddr, 0, 0, 0],
+        port: key.sport,
+        state: 0,
+        _pad: 0,
+        _pad2: 0,
+        last_seen_ns: ts,
+    };
+    for i in 0..PORT_TRIES {
+        let port = ((u32::from(uplink.port_min) + (start.wrapping_add(i) % span)) as u16).to_be();
+        let rkey = if pkt.proto == IPPROTO_ICMP {
+            v4_key(pkt.daddr, uplink.addr_v4, 0, port, pkt.proto)
+        } else {
+            v4_key(pkt.daddr, uplink.addr_v4, pkt.dport, port, pkt.proto)
+        };
+        if SNAT_REPLY.insert(&rkey, &reply_val, BPF_NOEXIST).is_err() {
+            continue;
+        }
+        let orig_val = NatEntry {
+            addr: [uplink.addr_v4, 0, 0, 0],
+            port,
+            state: bits,
+            _pad: 0,
+            _pad2: 0,
+            last_seen_ns: ts,
+        };
+        if SNAT_ORIG.insert(key, &orig_val, 0).is_err() {
+            let _ = SNAT_REPLY.remove(&rkey);
+            return None;
+        }
+        bump(stat::SNAT_NEW);
+        return Some(port);
+    }
+    None
+}
+
+fn try_snat_ingress(ctx: &TcContext) -> Result<i32, ()> {
+    let pkt = parse_ipv4(ctx).ok_or(())?;
+    if pkt.proto == IPPROTO_ICMP && pkt.icmp_type != ICMP_ECHO_REPLY {
+        return Ok(NEXT);
+    }
+    let (sport, dport) = if pkt.proto == IPPROTO_ICMP {
+        (0, pkt.dport)
+    } else {
+        (pkt.sport, pkt.dport)
+    };
+    let rkey = v4_key(pkt.saddr, pkt.daddr, sport, dport, pkt.proto);
+    let rev = SNAT_REPLY.get_ptr_mut(&rkey).ok_or(())?;
+    touch(rev, state_bits(&pkt) | ct_state::REPLIED);
+    // SAFETY: valid map value pointer.
+    let (pod_addr, pod_port) = unsafe { ((*rev).addr[0], (*rev).port) };
+
+    // Repair the original half if LRU pressure evicted it, or the next
+    // outgoing packet would get a new port and break the flow.
+    let okey = if pkt.proto == IPPROTO_ICMP {
+        v4_key(pod_addr, pkt.saddr, pod_port, 0, pkt.proto)
+    } else {
+        v4_key(pod_addr, pkt.saddr, pod_port, pkt.sport, pkt.proto)
+    };
+    if SNAT_ORIG.get_ptr(&okey).is_none() {
+        let orig_val = NatEntry {
+            addr: [pkt.daddr, 0, 0, 0],
+            port: pkt.dport,
+            state: 0,
+            _pad: 0,
+            _pad2: 0,
+            last_seen_ns: now(),
+        };
+        if SNAT_ORIG.insert(&okey, &orig_val, 0).is_ok() {
+            bump(stat::SNAT_REPAIRED);
+        }
+    }
+    rewrite(ctx, &pkt, IP_DADDR, pkt.daddr, pod_addr, pkt.dport_off(), pkt.dport, pod_port)?;
+    bump(stat::SNAT_REPLY_XLATE);
+    Ok(NEXT)
+}
+
+/// Rewrites one address and one port (ICMP: the echo id) with incremental
+/// checksum updates. The L4 helper with BPF_F_PSEUDO_HDR keeps the checksum
+/// right for CHECKSUM_PARTIAL skbs from veths as well.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn rewrite(
+    ctx: &TcContext,
+    pkt: &Ipv4Packet,
+    addr_field: usize,
+    old_addr: u32,
+    new_addr: u32,
+    port_off: usize,
+    old_port: u16,
+    new_port: u16,
+) -> Result<(), ()> {
+    let csum_off = pkt.l4_csum_off();
+    match pkt.proto {
+        IPPROTO_TCP => {
+            ctx.l4_csum_replace(csum_off, old_addr as u64, new_addr as u64, BPF_F_PSEUDO_HDR | 4)
+                .map_err(|_| ())?;
+            ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, 2)
+                .map_err(|_| ())?;
+        }
+        IPPROTO_UDP => {
+            if pkt.l4_csum != 0 {
+                let f = BPF_F_MARK_MANGLED_0;
+                ctx.l4_csum_replace(csum_off, old_addr as u64, new_addr as u64, f | BPF_F_PSEUDO_HDR | 4)
+                    .map_err(|_| ())?;
+                ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, f | 2)
+                    .map_err(|_| ())?;
+            }
+        }
+        _ => {
+            // ICMP: no pseudo-header, only the identifier is covered.
+            ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, 2)
+                .map_err(|_| ())?;
+        }
+    }
+    ctx.l3_csum_replace(pkt.l3 + IP_CSUM, old_addr as u64, new_addr as u64, 4)
+        .map_err(|_| ())?;
+    ctx.store(pkt.l3 + addr_field, &new_addr, 0).map_err(|_| ())?;
+    ctx.store(port_off, &new_port, 0).map_err(|_| ())?;
+    Ok(())
+}

@@ -1,0 +1,127 @@
+//! Header parsing: just enough of Ethernet, IPv4, TCP, UDP and ICMP to find
+//! a connection tuple and the offsets the rewriters need.
+//!
+//! Reads go through bpf_skb_load_bytes (`TcContext::load`), which checks
+//! bounds itself, so variable offsets (IPv4 options) stay verifier-friendly.
+use aya_ebpf::programs::TcContext;
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+
+/// Offsets of IPv4 header fields, relative to the start of the IP header.
+pub const IP_CSUM: usize = 10;
+pub const IP_SADDR: usize = 12;
+pub const IP_DADDR: usize = 16;
+
+pub const TCP_FLAG_FIN: u8 = 0x01;
+pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_RST: u8 = 0x04;
+
+/// An IPv4 packet with a transport header we can translate.
+pub struct Ipv4Packet {
+    /// Offset of the IPv4 header in the skb.
+    pub l3: usize,
+    /// Offset of the transport header in the skb.
+    pub l4: usize,
+    pub proto: u8,
+    /// Addresses in network byte order.
+    pub saddr: u32,
+    pub daddr: u32,
+    /// Ports (network byte order); for ICMP echo, `sport` = `dport` = id.
+    pub sport: u16,
+    pub dport: u16,
+    /// TCP flags byte (0 for other protocols).
+    pub tcp_flags: u8,
+    /// ICMP type (0 for other protocols).
+    pub icmp_type: u8,
+    /// The transport checksum as found (UDP uses 0 for "none").
+    pub l4_csum: u16,
+}
+
+impl Ipv4Packet {
+    /// Offset of the transport checksum field in the skb.
+    pub fn l4_csum_off(&self) -> usize {
+        self.l4
+            + match self.proto {
+                IPPROTO_TCP => 16,
+                IPPROTO_UDP => 6,
+                _ => 2,
+            }
+    }
+    /// Offset of the source port (ICMP: the echo identifier).
+    pub fn sport_off(&self) -> usize {
+        self.l4 + if self.proto == IPPROTO_ICMP { 4 } else { 0 }
+    }
+    /// Offset of the destination port (ICMP: the echo identifier).
+    pub fn dport_off(&self) -> usize {
+        self.l4 + if self.proto == IPPROTO_ICMP { 4 } else { 2 }
+    }
+}
+
+/// Parses an Ethernet frame carrying IPv4 TCP, UDP or ICMP echo. Returns
+/// `None` for anything else, including non-first fragments (they carry no
+/// transport header to translate).
+#[inline(always)]
+pub fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4Packet> {
+    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+    if ethertype != ETH_P_IP {
+        return None;
+    }
+    let l3 = ETH_HLEN;
+    let vihl: u8 = ctx.load(l3).ok()?;
+    if vihl >> 4 != 4 {
+        return None;
+    }
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if ihl < 20 {
+        return None;
+    }
+    let frag = u16::from_be(ctx.load::<u16>(l3 + 6).ok()?);
+    if frag & 0x1fff != 0 {
+        return None;
+    }
+    let proto: u8 = ctx.load(l3 + 9).ok()?;
+    let saddr: u32 = ctx.load(l3 + IP_SADDR).ok()?;
+    let daddr: u32 = ctx.load(l3 + IP_DADDR).ok()?;
+    let l4 = l3 + ihl;
+    let mut pkt = Ipv4Packet {
+        l3,
+        l4,
+        proto,
+        saddr,
+        daddr,
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+        icmp_type: 0,
+        l4_csum: 0,
+    };
+    match proto {
+        IPPROTO_TCP => {
+            pkt.sport = ctx.load(l4).ok()?;
+            pkt.dport = ctx.load(l4 + 2).ok()?;
+            pkt.tcp_flags = ctx.load(l4 + 13).ok()?;
+        }
+        IPPROTO_UDP => {
+            pkt.sport = ctx.load(l4).ok()?;
+            pkt.dport = ctx.load(l4 + 2).ok()?;
+            pkt.l4_csum = ctx.load(l4 + 6).ok()?;
+        }
+        IPPROTO_ICMP => {
+            pkt.icmp_type = ctx.load(l4).ok()?;
+            if pkt.icmp_type != ICMP_ECHO_REQUEST && pkt.icmp_type != ICMP_ECHO_REPLY {
+                return None;
+            }
+            let id: u16 = ctx.load(l4 + 4).ok()?;
+            pkt.sport = id;
+            pkt.dport = id;
+        }
+        _ => return None,
+    }
+    Some(pkt)
+}

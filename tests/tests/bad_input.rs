@@ -1,0 +1,286 @@
+//! Bad input: each case must fail with the spec's error JSON, the right
+//! code, a message naming the offending field or variable, and no change at
+//! all on the node (namespaces, IPAM store, state dir, bpffs).
+//!
+//! Every case runs on a node that already has one pod attached (so the
+//! bridge and the store exist, as on a real node) against a second, empty
+//! pod namespace.
+use cni_tests::prelude::*;
+
+/// What a case gets to set up and mutate.
+struct Ctx<'a> {
+    node: &'a Node,
+    pod: &'a NetNs,
+}
+
+/// One bad-input case.
+struct Case {
+    /// Accepted error codes.
+    codes: &'static [u64],
+    /// The message must contain one of these (case-insensitive).
+    msg_any: &'static [&'static str],
+    /// Runs before the "before" snapshot (e.g. creates a conflicting link).
+    setup: fn(&Ctx),
+    /// Turns the valid ADD (config + environment) into the bad one.
+    mutate: fn(&Ctx, &mut Value, &mut Invocation),
+}
+
+fn no_setup(_: &Ctx) {}
+
+fn run_case(name: &str, case: Case, imp: Impl) {
+    let node = Node::new("bad");
+    let existing = node.pod("bexist");
+    let pod = node.pod("bpod");
+    let rt = node.runtime(imp);
+    let conf = bridge_conf_for(&node, "1.0.0", imp);
+    let existing_att = Attachment::new("bad-input-existing", &existing, "eth0");
+    let existing_result = rt.add(&conf, &existing_att);
+
+    let ctx = Ctx {
+        node: &node,
+        pod: &pod,
+    };
+    (case.setup)(&ctx);
+    let before = node.snapshot(&[&existing, &pod]);
+
+    let mut conf = conf.clone();
+    let mut inv = Invocation::new("ADD")
+        .container("bad-input-ctr")
+        .netns(pod.path_str())
+        .ifname("eth0");
+    (case.mutate)(&ctx, &mut conf, &mut inv);
+    if inv.stdin.is_empty() {
+        inv = inv.stdin_json(&conf);
+    }
+    let out = rt.invoke(imp.bridge_type(), inv);
+    let err = out.expect_error();
+    assert!(
+        case.codes.contains(&err.code),
+        "{name}: error code {} not in {:?}: {out}",
+        err.code,
+        case.codes
+    );
+    let msg = err.msg.to_lowercase();
+    assert!(
+        case.msg_any.iter().any(|w| msg.contains(&w.to_lowercase())),
+        "{name}: msg {:?} names none of {:?}: {out}",
+        err.msg,
+        case.msg_any
+    );
+
+    let after = node.snapshot(&[&existing, &pod]);
+    before.assert_unchanged(&after, &format!("{name}: failed ADD changed the node"));
+
+    rt.del(
+        &bridge_conf_for(&node, "1.0.0", imp),
+        &existing_att,
+        Some(&existing_result),
+    )
+    .expect_success();
+}
+
+/// One #[test] per case, so they run in parallel and fail separately.
+macro_rules! bad_input_case {
+    ($name:ident, $case:expr) => {
+        #[test]
+        fn $name() {
+            require_e2e!();
+            run_case(stringify!($name), $case, Impl::Ours);
+        }
+    };
+}
+
+bad_input_case!(
+    malformed_json,
+    Case {
+        codes: &[6],
+        msg_any: &["json", "decode", "parse", "eof"],
+        setup: no_setup,
+        mutate: |_, _, inv| inv.stdin = br#"{"cniVersion": "1.0.0", "name": "#.to_vec(),
+    }
+);
+
+bad_input_case!(
+    missing_type,
+    Case {
+        codes: &[6, 7],
+        msg_any: &["type"],
+        setup: no_setup,
+        mutate: |_, conf, _| {
+            conf.as_object_mut().unwrap().remove("type");
+        },
+    }
+);
+
+bad_input_case!(
+    missing_name,
+    Case {
+        codes: &[6, 7],
+        msg_any: &["name"],
+        setup: no_setup,
+        mutate: |_, conf, _| {
+            conf.as_object_mut().unwrap().remove("name");
+        },
+    }
+);
+
+bad_input_case!(
+    unknown_cni_version,
+    Case {
+        codes: &[1],
+        msg_any: &["9.9.9", "cniVersion"],
+        setup: no_setup,
+        mutate: |_, conf, _| conf["cniVersion"] = json!("9.9.9"),
+    }
+);
+
+bad_input_case!(
+    bad_subnet,
+    Case {
+        codes: &[7],
+        msg_any: &["subnet"],
+        setup: no_setup,
+        mutate: |_, conf, _| conf["ipam"]["ranges"] = json!([[{"subnet": "10.22.0.0/33"}]]),
+    }
+);
+
+bad_input_case!(
+    overlapping_ranges,
+    Case {
+        codes: &[7],
+        msg_any: &["overlap"],
+        setup: no_setup,
+        mutate: |_, conf, _| {
+            conf["ipam"]["ranges"] =
+                json!([[{"subnet": "10.22.0.0/24"}], [{"subnet": "10.22.0.128/25"}]])
+        },
+    }
+);
+
+bad_input_case!(
+    range_start_outside_subnet,
+    Case {
+        codes: &[7],
+        msg_any: &["rangeStart"],
+        setup: no_setup,
+        mutate: |_, conf, _| {
+            conf["ipam"]["ranges"] =
+                json!([[{"subnet": "10.22.0.0/24", "rangeStart": "10.99.0.5"}]])
+        },
+    }
+);
+
+bad_input_case!(
+    missing_cni_command,
+    Case {
+        codes: &[4],
+        msg_any: &["CNI_COMMAND"],
+        setup: no_setup,
+        mutate: |_, _, inv| inv.command = None,
+    }
+);
+
+bad_input_case!(
+    missing_cni_netns_on_add,
+    Case {
+        codes: &[4],
+        msg_any: &["CNI_NETNS"],
+        setup: no_setup,
+        mutate: |_, _, inv| inv.netns = None,
+    }
+);
+
+bad_input_case!(
+    invalid_container_id,
+    Case {
+        codes: &[4],
+        msg_any: &["CNI_CONTAINERID", "containerid", "container id"],
+        setup: no_setup,
+        mutate: |_, _, inv| inv.container_id = Some("bad/id with spaces!".into()),
+    }
+);
+
+bad_input_case!(
+    ifname_too_long,
+    Case {
+        codes: &[4],
+        msg_any: &["CNI_IFNAME", "ifname", "interface name"],
+        setup: no_setup,
+        // 16 characters: one more than IFNAMSIZ-1.
+        mutate: |_, _, inv| inv.ifname = Some("eth0123456789abc".into()),
+    }
+);
+
+bad_input_case!(
+    netns_path_is_a_regular_file,
+    Case {
+        codes: &[4],
+        msg_any: &["CNI_NETNS", "netns", "namespace"],
+        setup: |ctx| {
+            std::fs::write(ctx.node.dir.path().join("not-a-netns"), b"").unwrap();
+        },
+        mutate: |ctx, _, inv| {
+            inv.netns = Some(ctx.node.dir.join_str("not-a-netns"));
+        },
+    }
+);
+
+bad_input_case!(
+    interface_already_present_in_pod,
+    Case {
+        codes: &[4, 999],
+        msg_any: &["eth0", "CNI_IFNAME"],
+        setup: |ctx| {
+            ctx.pod.ip(&[
+                "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer",
+            ]);
+        },
+        mutate: |_, _, _| {},
+    }
+);
+
+/// Harness self-test: the reference fails these cases with no change too,
+/// so a zero-change failure of ours is not snapshot noise.
+#[test]
+fn harness_reference_zero_change() {
+    require_e2e!();
+    let cases = [
+        (
+            "missing_cni_netns_on_add",
+            Case {
+                codes: &[4],
+                msg_any: &["CNI_NETNS"],
+                setup: no_setup,
+                mutate: |_, _, inv| inv.netns = None,
+            },
+        ),
+        // (Not rangeStart outside the subnet: the reference bridge creates
+        // the veth pair before asking IPAM and leaves it behind when IPAM
+        // fails. Ours must not: `range_start_outside_subnet` checks that.)
+        (
+            "invalid_container_id",
+            Case {
+                codes: &[4],
+                msg_any: &["containerID"],
+                setup: no_setup,
+                mutate: |_, _, inv| inv.container_id = Some("bad/id with spaces!".into()),
+            },
+        ),
+        (
+            "interface_already_present_in_pod",
+            Case {
+                codes: &[999],
+                msg_any: &["eth0"],
+                setup: |ctx| {
+                    ctx.pod.ip(&[
+                        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer",
+                    ]);
+                },
+                mutate: |_, _, _| {},
+            },
+        ),
+    ];
+    for (name, case) in cases {
+        run_case(name, case, Impl::Reference);
+    }
+}

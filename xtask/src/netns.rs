@@ -1,0 +1,164 @@
+//! Network namespaces and temporary directories that remove themselves.
+//!
+//! Everything the demo and the benchmark configure lives in namespaces made
+//! here; the root namespace is never changed. Names carry the xtask's pid so
+//! that concurrent runs (and the test suite) never collide.
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{bail, Context, Result};
+
+use crate::proc;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process: `<prefix>-<pid>-<n>`.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// A named netns (`/run/netns/<name>`), deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn create(prefix: &str) -> Result<Netns> {
+        let name = unique(prefix);
+        proc::stdout_of(proc::cmd("ip").args(["netns", "add", &name]))?;
+        let ns = Netns { name };
+        // Loopback up, as a runtime's `loopback` plugin would.
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        netns_path(&self.name)
+    }
+
+    /// `ip -n <ns> <args>`: stdout, error unless it exits 0.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        proc::stdout_of(proc::cmd("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    /// `ip -n <ns> <args>`, printed with its output.
+    pub fn show_ip(&self, args: &[&str]) -> Result<String> {
+        proc::show(proc::cmd("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    /// A command run inside the namespace (`ip netns exec`).
+    pub fn exec(&self, program: &str) -> std::process::Command {
+        let mut c = proc::cmd("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = delete_netns(std::slice::from_ref(&self.name));
+    }
+}
+
+pub fn netns_path(name: &str) -> PathBuf {
+    Path::new("/run/netns").join(name)
+}
+
+/// Many namespaces at once through `ip -batch`, which is far quicker than
+/// one `ip` process each. Deleted on drop.
+pub struct NetnsSet {
+    pub names: Vec<String>,
+}
+
+impl NetnsSet {
+    pub fn create(prefix: &str, n: usize) -> Result<NetnsSet> {
+        let names: Vec<String> = (0..n).map(|_| unique(prefix)).collect();
+        let mut set = NetnsSet { names: Vec::new() };
+        for chunk in names.chunks(200) {
+            let mut script = String::new();
+            for name in chunk {
+                script.push_str(&format!("netns add {name}\n"));
+            }
+            ip_batch(&script)?;
+            set.names.extend(chunk.iter().cloned());
+            let mut script = String::new();
+            for name in chunk {
+                script.push_str(&format!("-n {name} link set lo up\n"));
+            }
+            ip_batch(&script)?;
+        }
+        Ok(set)
+    }
+}
+
+impl Drop for NetnsSet {
+    fn drop(&mut self) {
+        let _ = delete_netns(&self.names);
+    }
+}
+
+fn ip_batch(script: &str) -> Result<()> {
+    let mut child = proc::cmd("ip")
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting `ip -batch -`")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(script.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "`ip -batch` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Deletes namespaces, ignoring ones already gone (cleanup must not stop
+/// halfway because one step already happened).
+fn delete_netns(names: &[String]) -> Result<()> {
+    let existing: Vec<&String> = names.iter().filter(|n| netns_path(n).exists()).collect();
+    for chunk in existing.chunks(200) {
+        let mut script = String::new();
+        for name in chunk {
+            script.push_str(&format!("netns del {name}\n"));
+        }
+        if let Err(e) = ip_batch(&script) {
+            eprintln!("cleanup: {e:#}");
+        }
+    }
+    Ok(())
+}
+
+/// A directory under the system temp dir, removed (recursively) on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn create(prefix: &str) -> Result<TempDir> {
+        let path = std::env::temp_dir().join(unique(prefix));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(TempDir { path })
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("cleanup: removing {}: {e}", self.path.display());
+            }
+        }
+    }
+}
