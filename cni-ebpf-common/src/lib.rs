@@ -137,6 +137,8 @@ pub mod stat {
     pub const SNAT_REPLY_XLATE: u32 = 3;
     /// Missing original halves re-created from their reply half (LRU eviction).
     pub const SNAT_REPAIRED: u32 = 4;
+    /// ICMP errors about masqueraded packets translated back to the pod.
+    pub const SNAT_ICMP_ERROR_XLATE: u32 = 5;
     /// Number of slots in the array.
     pub const COUNT: u32 = 16;
 }

@@ -8,13 +8,14 @@ use aya_ebpf::{
     maps::HashMap,
     programs::TcContext,
 };
+use aya_log_ebpf::{debug, warn};
 use cni_ebpf_common::{ct_state, stat, IpKey, MasqPolicy, NatEntry, UplinkConfig, FAMILY_V4};
 
 use crate::{
     conntrack::{now, state_bits, touch, v4_key, SNAT_ORIG, SNAT_REPLY},
     parsing::{
-        parse_ipv4, Ipv4Packet, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPPROTO_ICMP, IPPROTO_TCP,
-        IPPROTO_UDP, IP_CSUM, IP_DADDR, IP_SADDR,
+        parse_icmp_error, parse_ipv4, Ipv4Packet, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
+        IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IP_CSUM, IP_DADDR, IP_SADDR,
     },
     stats::bump,
 };
@@ -110,6 +111,12 @@ fn try_snat_egress(ctx: &TcContext) -> Result<i32, ()> {
             Some(port) => (uplink.addr_v4, port),
             None => {
                 bump(stat::SNAT_NO_PORT);
+                warn!(
+                    ctx,
+                    "masquerade: no free source port for {:i} -> {:i}, packet dropped",
+                    u32::from_be(pkt.saddr),
+                    u32::from_be(pkt.daddr)
+                );
                 return Ok(TC_ACT_SHOT);
             }
         },
@@ -172,7 +179,10 @@ fn bind(
 fn try_snat_ingress(ctx: &TcContext) -> Result<i32, ()> {
     let pkt = parse_ipv4(ctx).ok_or(())?;
     if pkt.proto == IPPROTO_ICMP && pkt.icmp_type != ICMP_ECHO_REPLY {
-        return Ok(NEXT);
+        if pkt.icmp_type == ICMP_ECHO_REQUEST {
+            return Ok(NEXT);
+        }
+        return icmp_error_ingress(ctx, &pkt);
     }
     let (sport, dport) = if pkt.proto == IPPROTO_ICMP {
         (0, pkt.dport)
@@ -253,4 +263,57 @@ fn rewrite(
     ctx.store(pkt.l3 + addr_field, &new_addr, 0).map_err(|_| ())?;
     ctx.store(port_off, &new_port, 0).map_err(|_| ())?;
     Ok(())
+}
+
+/// An ICMP error about a masqueraded packet (e.g. "fragmentation needed"
+/// from a router on the path) arrives addressed to the uplink and quotes the
+/// translated header. Both the outer destination and the quoted source must
+/// go back to the pod's, or the pod never learns the path MTU and large
+/// transfers stall.
+fn icmp_error_ingress(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, ()> {
+    let inner = parse_icmp_error(ctx, pkt).ok_or(())?;
+    // The quoted packet went pod -> remote after translation, so its reply
+    // tuple is remote -> (uplink address, translated port).
+    let rkey = if inner.proto == IPPROTO_ICMP {
+        v4_key(inner.daddr, inner.saddr, 0, inner.sport, inner.proto)
+    } else {
+        v4_key(inner.daddr, inner.saddr, inner.dport, inner.sport, inner.proto)
+    };
+    // SAFETY: read-only use of a map value during this run.
+    let rev = unsafe { SNAT_REPLY.get(&rkey) }.ok_or(())?;
+    let (pod_addr, pod_port) = (rev.addr[0], rev.port);
+    if inner.saddr != pkt.daddr {
+        return Ok(NEXT);
+    }
+    let icmp_csum = pkt.l4 + 2;
+    let inner_csum_off = inner.l3 + IP_CSUM;
+    let old_inner_csum: u16 = ctx.load(inner_csum_off).map_err(|_| ())?;
+
+    // Quoted header: source address (with its own header checksum) and
+    // source port. The ICMP checksum covers all these bytes, no pseudo-header.
+    ctx.l3_csum_replace(inner_csum_off, inner.saddr as u64, pod_addr as u64, 4)
+        .map_err(|_| ())?;
+    let new_inner_csum: u16 = ctx.load(inner_csum_off).map_err(|_| ())?;
+    ctx.l4_csum_replace(icmp_csum, inner.saddr as u64, pod_addr as u64, 4)
+        .map_err(|_| ())?;
+    ctx.l4_csum_replace(icmp_csum, old_inner_csum as u64, new_inner_csum as u64, 2)
+        .map_err(|_| ())?;
+    ctx.l4_csum_replace(icmp_csum, inner.sport as u64, pod_port as u64, 2)
+        .map_err(|_| ())?;
+    ctx.store(inner.l3 + IP_SADDR, &pod_addr, 0).map_err(|_| ())?;
+    ctx.store(inner.sport_off(), &pod_port, 0).map_err(|_| ())?;
+
+    // Outer destination: the uplink address becomes the pod's.
+    ctx.l3_csum_replace(pkt.l3 + IP_CSUM, pkt.daddr as u64, pod_addr as u64, 4)
+        .map_err(|_| ())?;
+    ctx.store(pkt.l3 + IP_DADDR, &pod_addr, 0).map_err(|_| ())?;
+    bump(stat::SNAT_ICMP_ERROR_XLATE);
+    debug!(
+        ctx,
+        "masquerade: ICMP error type {} from {:i} translated to {:i}",
+        pkt.icmp_type,
+        u32::from_be(pkt.saddr),
+        u32::from_be(pod_addr)
+    );
+    Ok(NEXT)
 }

@@ -12,6 +12,8 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
 
 /// Offsets of IPv4 header fields, relative to the start of the IP header.
 pub const IP_CSUM: usize = 10;
@@ -114,14 +116,75 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4Packet> {
         }
         IPPROTO_ICMP => {
             pkt.icmp_type = ctx.load(l4).ok()?;
-            if pkt.icmp_type != ICMP_ECHO_REQUEST && pkt.icmp_type != ICMP_ECHO_REPLY {
+            // Echo carries the identifier that stands in for a port; errors
+            // carry the offending packet's header (see `IcmpError`).
+            if pkt.icmp_type == ICMP_ECHO_REQUEST || pkt.icmp_type == ICMP_ECHO_REPLY {
+                let id: u16 = ctx.load(l4 + 4).ok()?;
+                pkt.sport = id;
+                pkt.dport = id;
+            } else if pkt.icmp_type != ICMP_DEST_UNREACH && pkt.icmp_type != ICMP_TIME_EXCEEDED {
                 return None;
             }
-            let id: u16 = ctx.load(l4 + 4).ok()?;
-            pkt.sport = id;
-            pkt.dport = id;
         }
         _ => return None,
     }
     Some(pkt)
+}
+
+/// The packet quoted inside an ICMP error (destination unreachable, e.g.
+/// fragmentation needed, or time exceeded): its IPv4 header and the first
+/// bytes of its transport header.
+pub struct IcmpError {
+    /// Offset of the quoted IPv4 header.
+    pub l3: usize,
+    /// Offset of the quoted transport header.
+    pub l4: usize,
+    pub proto: u8,
+    pub saddr: u32,
+    pub daddr: u32,
+    /// Quoted ports (network byte order); ICMP echo: both are the id.
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl IcmpError {
+    /// Offset of the quoted source port (ICMP echo: the identifier).
+    pub fn sport_off(&self) -> usize {
+        self.l4 + if self.proto == IPPROTO_ICMP { 4 } else { 0 }
+    }
+}
+
+/// Parses the packet quoted by the ICMP error `outer`.
+#[inline(always)]
+pub fn parse_icmp_error(ctx: &TcContext, outer: &Ipv4Packet) -> Option<IcmpError> {
+    let l3 = outer.l4 + 8;
+    let vihl: u8 = ctx.load(l3).ok()?;
+    if vihl >> 4 != 4 {
+        return None;
+    }
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if ihl < 20 {
+        return None;
+    }
+    let proto: u8 = ctx.load(l3 + 9).ok()?;
+    let saddr: u32 = ctx.load(l3 + IP_SADDR).ok()?;
+    let daddr: u32 = ctx.load(l3 + IP_DADDR).ok()?;
+    let l4 = l3 + ihl;
+    let (sport, dport) = match proto {
+        IPPROTO_TCP | IPPROTO_UDP => (ctx.load(l4).ok()?, ctx.load(l4 + 2).ok()?),
+        IPPROTO_ICMP => {
+            let id: u16 = ctx.load(l4 + 4).ok()?;
+            (id, id)
+        }
+        _ => return None,
+    };
+    Some(IcmpError {
+        l3,
+        l4,
+        proto,
+        saddr,
+        daddr,
+        sport,
+        dport,
+    })
 }

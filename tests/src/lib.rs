@@ -21,6 +21,7 @@
 //! test leaves nothing behind; nothing here touches the root namespace
 //! (plugins run under `nsenter --net=<node netns>`).
 pub mod agent;
+pub mod bpffs;
 pub mod diff;
 pub mod netns;
 pub mod plugin;

@@ -221,8 +221,14 @@ fn route_line(r: &Value, rename: &dyn Fn(&str) -> String) -> Option<String> {
         match k.as_str() {
             "type" | "dst" | "gateway" | "dev" | "expires" | "cache" => {}
             "flags" => {
+                // `linkdown` mirrors the device's carrier, which the kernel
+                // updates asynchronously (linkwatch) after the last bridge
+                // port goes: state, not configuration.
                 for f in v.as_array().into_iter().flatten() {
-                    s += &format!(" {}", f.as_str().unwrap_or("?"));
+                    let f = f.as_str().unwrap_or("?");
+                    if f != "linkdown" {
+                        s += &format!(" {f}");
+                    }
                 }
             }
             "metrics" => {

@@ -1,5 +1,5 @@
-//! Per-test scratch directories (state dir, IPAM dataDir, bpffs pin dir),
-//! removed on drop.
+//! Per-test scratch directories (state dir, IPAM dataDir, bpffs mount
+//! point), removed on drop.
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Once;
@@ -7,7 +7,7 @@ use std::sync::Once;
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 static REAP_STALE: Once = Once::new();
 
-/// Name prefix of every directory the harness creates under /tmp and bpffs.
+/// Name prefix of every directory the harness creates under /tmp.
 pub const DIR_PREFIX: &str = "cni-tests-";
 
 /// A directory removed with everything in it on drop. Set
@@ -30,16 +30,6 @@ impl TempDir {
         let path = parent.join(format!("{DIR_PREFIX}{}-{n}-{tag}", std::process::id()));
         std::fs::create_dir_all(&path)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
-        TempDir { path }
-    }
-
-    /// A path under /sys/fs/bpf reserved for this test but not created: the
-    /// code under test creates (and maybe mounts) it; drop removes it if it
-    /// exists.
-    pub fn reserve_bpffs(tag: &str) -> TempDir {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let path = PathBuf::from("/sys/fs/bpf")
-            .join(format!("{DIR_PREFIX}{}-{n}-{tag}", std::process::id()));
         TempDir { path }
     }
 
@@ -73,9 +63,10 @@ fn remove_tree(path: &Path) {
     }
 }
 
-/// Removes `cni-tests-<pid>-…` dirs in /tmp and /sys/fs/bpf whose process is gone.
+/// Removes `cni-tests-<pid>-…` dirs in /tmp whose process is gone (first
+/// detaching the bpffs a node mounts in it).
 fn reap_stale_dirs() {
-    for parent in [std::env::temp_dir(), PathBuf::from("/sys/fs/bpf")] {
+    for parent in [std::env::temp_dir()] {
         let Ok(entries) = std::fs::read_dir(&parent) else {
             continue;
         };
@@ -88,6 +79,7 @@ fn reap_stale_dirs() {
                 continue;
             };
             if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                crate::bpffs::unmount(&e.path().join(crate::topology::BPFFS_SUBDIR));
                 remove_tree(&e.path());
             }
         }

@@ -6,17 +6,23 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
+use crate::bpffs::BpfFs;
 use crate::netns::NetNs;
 use crate::plugin::Impl;
 use crate::runtime::Runtime;
 use crate::snapshot::NodeSnapshot;
 use crate::tempdir::TempDir;
 
-/// A node: its namespace and private directories, all removed on drop.
+/// Subdirectory of a node's temp dir where its private bpffs is mounted.
+pub const BPFFS_SUBDIR: &str = "bpffs";
+
+/// A node: its namespace and private directories, all removed on drop
+/// (fields drop in order: namespace, then the bpffs mount, then the dir
+/// that holds the mount point).
 pub struct Node {
     pub ns: NetNs,
+    pub bpffs: BpfFs,
     pub dir: TempDir,
-    pub bpffs: TempDir,
 }
 
 impl Node {
@@ -26,11 +32,8 @@ impl Node {
         for sub in ["ipam", "state"] {
             std::fs::create_dir_all(dir.path().join(sub)).expect("create node dirs");
         }
-        Node {
-            ns,
-            dir,
-            bpffs: TempDir::reserve_bpffs(tag),
-        }
+        let bpffs = BpfFs::mount(&dir.path().join(BPFFS_SUBDIR));
+        Node { ns, bpffs, dir }
     }
 
     /// The IPAM dataDir (host-local keeps `<dataDir>/<network name>/`).
@@ -59,11 +62,11 @@ impl Node {
     }
 
     /// Everything a plugin could change: node and pod namespaces, the
-    /// node's dirs (IPAM store, state dir) and its bpffs pin dir.
+    /// node's dirs (IPAM store, state dir, and the bpffs mounted inside).
     pub fn snapshot(&self, pods: &[&NetNs]) -> NodeSnapshot {
         let mut nss = vec![&self.ns];
         nss.extend_from_slice(pods);
-        NodeSnapshot::capture(&nss, &[self.dir.path(), self.bpffs.path()])
+        NodeSnapshot::capture(&nss, &[self.dir.path()])
     }
 
     /// The IP reservations of a network in the host-local store: IP ->

@@ -113,10 +113,14 @@ fn del_without_add() {
     let conf = bridge_conf_for(&node, "1.0.0", Impl::Ours);
     let att = Attachment::new("never-added", &pod, "eth0");
 
-    let before = node.snapshot(&[&pod, &other]);
+    // The reference host-local creates the network's store dir and its
+    // `lock` on any call, DEL included: bookkeeping, not state, so ignored.
+    let bookkeeping = ["lock", NET_NAME];
+    let before = node.snapshot(&[&pod, &other]).without_files(&bookkeeping);
     let out = rt.del(&conf, &att, None);
     assert!(out.success(), "DEL without ADD on a fresh node: {out}");
     node.snapshot(&[&pod, &other])
+        .without_files(&bookkeeping)
         .assert_unchanged_from(&before, "DEL without ADD on a fresh node");
 
     let other_att = Attachment::new("del-no-add-other", &other, "eth0");
@@ -216,14 +220,13 @@ fn check_passes_after_add() {
     }
 }
 
-/// Ways to break an attachment behind the plugin's back, with words one of
-/// which CHECK's error message should contain.
+/// What is removed behind the plugin's back before CHECK.
 #[derive(Clone, Copy, Debug)]
 enum Drift {
-    RemovedAddress,
-    RemovedRoute,
-    RemovedHostVeth,
-    RemovedIpReservation,
+    Address,
+    Route,
+    HostVeth,
+    IpReservation,
 }
 
 fn check_detects(drift: Drift, imp: Impl) {
@@ -238,19 +241,19 @@ fn check_detects(drift: Drift, imp: Impl) {
 
     let ip = pod_ip(&result);
     let words: &[&str] = match drift {
-        Drift::RemovedAddress => {
+        Drift::Address => {
             pod.ip(&["addr", "del", &format!("{ip}/24"), "dev", "eth0"]);
             &["10.22.0.2", "address", "ip"]
         }
-        Drift::RemovedRoute => {
+        Drift::Route => {
             pod.ip(&["route", "del", "198.18.0.0/15"]);
             &["198.18.0.0", "route"]
         }
-        Drift::RemovedHostVeth => {
+        Drift::HostVeth => {
             node.ns.ip(&["link", "del", &host_veth(&result)]);
             &["eth0", "veth", "interface", "link"]
         }
-        Drift::RemovedIpReservation => {
+        Drift::IpReservation => {
             std::fs::remove_file(node.data_dir().join(NET_NAME).join(&ip)).unwrap();
             &["10.22.0.2", "check-drift", "reserv", "alloc"]
         }
@@ -268,25 +271,25 @@ fn check_detects(drift: Drift, imp: Impl) {
 #[test]
 fn check_detects_removed_address() {
     require_e2e!();
-    check_detects(Drift::RemovedAddress, Impl::Ours);
+    check_detects(Drift::Address, Impl::Ours);
 }
 
 #[test]
 fn check_detects_removed_route() {
     require_e2e!();
-    check_detects(Drift::RemovedRoute, Impl::Ours);
+    check_detects(Drift::Route, Impl::Ours);
 }
 
 #[test]
 fn check_detects_removed_host_veth() {
     require_e2e!();
-    check_detects(Drift::RemovedHostVeth, Impl::Ours);
+    check_detects(Drift::HostVeth, Impl::Ours);
 }
 
 #[test]
 fn check_detects_removed_ip_reservation() {
     require_e2e!();
-    check_detects(Drift::RemovedIpReservation, Impl::Ours);
+    check_detects(Drift::IpReservation, Impl::Ours);
 }
 
 /// Harness self-test: the reference detects the same four drifts.
@@ -294,10 +297,10 @@ fn check_detects_removed_ip_reservation() {
 fn check_drift_reference_baseline() {
     require_e2e!();
     for d in [
-        Drift::RemovedAddress,
-        Drift::RemovedRoute,
-        Drift::RemovedHostVeth,
-        Drift::RemovedIpReservation,
+        Drift::Address,
+        Drift::Route,
+        Drift::HostVeth,
+        Drift::IpReservation,
     ] {
         check_detects(d, Impl::Reference);
     }

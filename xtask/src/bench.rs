@@ -240,7 +240,7 @@ fn report(pods: usize, ip_masq: bool, results: &[(&Chain, Samples)]) -> Result<(
     let mut header = format!("{:>12}", "pods present");
     for op in ["ADD", "DEL", "ADD+DEL"] {
         for n in &names {
-            header.push_str(&format!(" {:>17}", format!("{op} {n}")));
+            header.push_str(&format!(" {:>18}", format!("{op} {n}")));
         }
     }
     println!("{header}");
@@ -259,7 +259,7 @@ fn report(pods: usize, ip_masq: bool, results: &[(&Chain, Samples)]) -> Result<(
                     1 => &s.del[*lo..=*hi],
                     _ => &sums[k][*lo..=*hi],
                 };
-                line.push_str(&format!(" {:>17}", cell(v)));
+                line.push_str(&format!(" {:>18}", cell(v)));
             }
         }
         println!("{line}");

@@ -8,8 +8,6 @@
 //! timed path.
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -178,17 +176,7 @@ impl Runtime {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let fd = self.node_ns.as_raw_fd();
-        // SAFETY: runs in the forked child before exec and only makes the
-        // async-signal-safe setns(2) syscall on an fd the parent keeps open.
-        unsafe {
-            c.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        crate::netns::enter_on_exec(&mut c, &self.node_ns);
         let mut child = c
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;

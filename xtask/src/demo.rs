@@ -1,14 +1,19 @@
 //! `cargo xtask demo`: the plugins wiring two pods on a "node", run the way
 //! a container runtime runs them, in namespaces the demo creates and removes.
 //!
+//! Topology: a "node" netns (the bridge, the agent, an uplink), an
+//! "external" netns on the far side of the uplink (198.18.0.0/15, the
+//! benchmarking range, with no route back to the pods), and two "pod" netns.
+//!
 //! The demo is a list of steps; each one checks what it shows, and the demo
-//! exits 0 only if every step held. Later features (masquerade to an
-//! "external" netns on 198.18.0.0/15, hostPort, ...) are new steps.
+//! exits 0 only if every step held. New features (hostPort, firewall, ...)
+//! are new steps.
 use std::path::PathBuf;
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
+use crate::agent::Agent;
 use crate::cni::{self, Attachment, Conflist, Runtime};
 use crate::netns::{self, Netns, TempDir};
 use crate::proc;
@@ -19,6 +24,12 @@ const POD_SUBNET: &str = "10.244.1.0/24";
 const OURS: [&str; 2] = ["ebpf-bridge", "ebpf-host-local"];
 const REFERENCE: [&str; 2] = ["bridge", "host-local"];
 const REFERENCE_DIR: &str = "/usr/lib/cni";
+/// The node's uplink and the external host, on 198.18.0.0/15.
+const UPLINK: &str = "up0";
+const NODE_UPLINK_ADDR: &str = "198.18.0.1/24";
+const EXTERNAL_ADDR: &str = "198.18.0.2/24";
+const EXTERNAL_IP: &str = "198.18.0.2";
+const NODE_UPLINK_IP: &str = "198.18.0.1";
 
 struct Pod {
     label: &'static str,
@@ -27,14 +38,16 @@ struct Pod {
     result: Option<Value>,
 }
 
-/// Field order is drop order: pods' namespaces first, then the node's, then
-/// the files.
+/// Field order is drop order: pods' namespaces first, then the agent (so
+/// its bpffs can go), the external and node namespaces, then the files.
 struct Demo {
     bin_dir: PathBuf,
     /// `[bridge plugin, IPAM plugin]` types.
     plugins: [&'static str; 2],
     pods: Vec<Pod>,
+    agent: Option<Agent>,
     runtime: Option<Runtime>,
+    external: Option<Netns>,
     node: Option<Netns>,
     conflist: Option<Conflist>,
     tmp: TempDir,
@@ -43,10 +56,19 @@ struct Demo {
 impl Drop for Demo {
     fn drop(&mut self) {
         let mut names: Vec<&str> = self.pods.iter().map(|p| p.ns.name.as_str()).collect();
-        if let Some(n) = &self.node {
-            names.push(&n.name);
-        }
+        names.extend(
+            self.external
+                .iter()
+                .chain(&self.node)
+                .map(|n| n.name.as_str()),
+        );
         proc::heading("Cleanup");
+        if let Some(a) = &self.agent {
+            println!(
+                "    stopping cni-agent (pid {}), unmounting its bpffs",
+                a.pid()
+            );
+        }
         println!("    deleting netns {}", names.join(" "));
         println!("    removing {}", self.tmp.path.display());
     }
@@ -55,7 +77,12 @@ impl Drop for Demo {
 type StepFn = fn(&mut Demo) -> Result<()>;
 
 const STEPS: &[(&str, StepFn)] = &[
-    ("Create a node netns and two pod netns", Demo::namespaces),
+    ("Create the node, external and pod netns", Demo::namespaces),
+    (
+        "Give the node an uplink to the external netns",
+        Demo::uplink,
+    ),
+    ("Start the node agent in the node netns", Demo::start_agent),
     ("Write the conflist", Demo::write_conflist),
     ("ADD pod1 and pod2, like a runtime", Demo::add_pods),
     ("Show the plumbing", Demo::show_plumbing),
@@ -70,11 +97,15 @@ const STEPS: &[(&str, StepFn)] = &[
     ("pod1 -> pod2 ping across the bridge", Demo::ping_pod_to_pod),
     ("pods -> gateway ping", Demo::ping_gateway),
     (
+        "pods -> external host ping, masqueraded (ipMasq)",
+        Demo::ping_external,
+    ),
+    (
         "DEL both pods, then DEL again (must be idempotent)",
         Demo::del_pods,
     ),
     (
-        "Nothing is left: no veths, no IP reservations",
+        "Nothing is left: no veths, IP reservations or records",
         Demo::nothing_left,
     ),
 ];
@@ -101,14 +132,25 @@ pub fn run(reference: bool) -> Result<()> {
         bin_dir,
         plugins,
         pods: Vec::new(),
+        agent: None,
         runtime: None,
+        external: None,
         node: None,
         conflist: None,
         tmp: TempDir::create("cni-xtask-demo")?,
     };
     for (i, (title, step)) in STEPS.iter().enumerate() {
         proc::heading(&format!("Step {}/{}: {title}", i + 1, STEPS.len()));
-        step(&mut d).with_context(|| format!("step {} ({title}) did not hold", i + 1))?;
+        if let Err(e) = step(&mut d) {
+            if let Some(a) = &d.agent {
+                println!(
+                    "    agent log ({}), last lines:\n{}",
+                    a.log.display(),
+                    a.log_tail(20)
+                );
+            }
+            return Err(e.context(format!("step {} ({title}) did not hold", i + 1)));
+        }
         println!("    ok");
     }
     drop(d);
@@ -148,6 +190,9 @@ impl Demo {
             vec![self.bin_dir.clone(), PathBuf::from(REFERENCE_DIR)],
         )?);
         self.node = Some(node);
+        let ext = Netns::create("cnidemo-ext")?;
+        println!("    external: {}", ext.name);
+        self.external = Some(ext);
         for label in ["pod1", "pod2"] {
             let ns = Netns::create(&format!("cnidemo-{label}"))?;
             println!("    {label}: {}", ns.name);
@@ -163,12 +208,64 @@ impl Demo {
         Ok(())
     }
 
+    fn external(&self) -> Result<&Netns> {
+        self.external.as_ref().context("no external netns")
+    }
+
+    fn is_reference(&self) -> bool {
+        self.plugins == REFERENCE
+    }
+
+    /// A veth from the node to the external netns, and the node's default
+    /// route through it. The external side gets no route to the pod subnet:
+    /// pods reach it only through masquerade.
+    fn uplink(&mut self) -> Result<()> {
+        let node = self.node()?;
+        let ext = self.external()?;
+        netns::add_uplink(node, ext, UPLINK, NODE_UPLINK_ADDR, EXTERNAL_ADDR)?;
+        node.show_ip(&["-br", "addr", "show", "dev", UPLINK])?;
+        node.show_ip(&["route"])?;
+        ext.show_ip(&["-br", "addr", "show", "dev", "eth0"])?;
+        ext.show_ip(&["route"])?;
+        Ok(())
+    }
+
+    fn start_agent(&mut self) -> Result<()> {
+        if self.is_reference() {
+            println!("    (the reference plugins have no agent: skipped)");
+            return Ok(());
+        }
+        let dir = self.tmp.path.join("agent");
+        let agent = Agent::start(&self.bin_dir, self.node()?, &dir, &[UPLINK])?;
+        println!(
+            "    cni-agent run (pid {}), log {}",
+            agent.pid(),
+            agent.log.display()
+        );
+        agent.wait_for_uplink(NODE_UPLINK_IP)?;
+        agent.show("status")?;
+        // The uplink programs, attached with tcx.
+        proc::show(
+            self.node()?
+                .exec("bpftool")
+                .args(["net", "show", "dev", UPLINK]),
+        )?;
+        self.agent = Some(agent);
+        Ok(())
+    }
+
     fn write_conflist(&mut self) -> Result<()> {
         // Written as text to keep the familiar key order on screen; the
-        // reference plugins (v1.1.1) stop at spec 1.0.0. stateDir and
-        // agentSocket are private, so the demo never touches the node-wide
-        // defaults (the reference bridge ignores them).
+        // reference plugins (v1.1.1) stop at spec 1.0.0. Our plugins get
+        // the agent's private paths, so the demo never touches the
+        // node-wide defaults.
         let q = |v: &dyn std::fmt::Display| Value::String(v.to_string()).to_string();
+        let mut paths = String::new();
+        if let Some(a) = &self.agent {
+            for (k, v) in a.conf_keys() {
+                paths.push_str(&format!("      {}: {v},\n", q(&k)));
+            }
+        }
         let text = format!(
             r#"{{
   "cniVersion": {version},
@@ -180,9 +277,7 @@ impl Demo {
       "isGateway": true,
       "isDefaultGateway": true,
       "ipMasq": true,
-      "stateDir": {state},
-      "agentSocket": {sock},
-      "ipam": {{
+{paths}      "ipam": {{
         "type": {ipam_type},
         "ranges": [[{{ "subnet": {subnet} }}]],
         "dataDir": {data}
@@ -194,8 +289,6 @@ impl Demo {
             version = q(&self.version()),
             bridge_type = q(&self.plugins[0]),
             bridge = q(&BRIDGE),
-            state = q(&self.tmp.path.join("state").display()),
-            sock = q(&self.tmp.path.join("agent.sock").display()),
             ipam_type = q(&self.plugins[1]),
             subnet = q(&POD_SUBNET),
             data = q(&self.ipam_dir().display()),
@@ -325,6 +418,29 @@ impl Demo {
         Ok(())
     }
 
+    fn ping_external(&mut self) -> Result<()> {
+        println!("    the external netns has no route to {POD_SUBNET}: replies come back only if the source was translated");
+        for pod in &self.pods {
+            Self::ping(pod, EXTERNAL_IP)?;
+        }
+        match &self.agent {
+            Some(a) => {
+                let nat = a.show("nat")?;
+                ensure!(
+                    nat.contains(NODE_UPLINK_IP),
+                    "no NAT binding to the uplink address"
+                );
+            }
+            None => {
+                let nat = proc::show(self.node()?.exec("conntrack").args(["-L", "-p", "icmp"]));
+                if nat.is_err() {
+                    println!("    (conntrack not installed: bindings not shown)");
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn del_pods(&mut self) -> Result<()> {
         let (rt, list) = self.rt()?;
         for pod in &self.pods {
@@ -341,7 +457,11 @@ impl Demo {
     fn nothing_left(&mut self) -> Result<()> {
         let node = self.node()?;
         let veths = node.show_ip(&["-o", "link", "show", "type", "veth"])?;
-        ensure!(veths.trim().is_empty(), "veths left in the node netns");
+        let pod_veths = veths
+            .lines()
+            .filter(|l| !l.contains(&format!(": {UPLINK}@")))
+            .count();
+        ensure!(pod_veths == 0, "pod veths left in the node netns");
         for pod in &self.pods {
             let links = pod.ns.show_ip(&["-o", "link", "show"])?;
             ensure!(
@@ -360,6 +480,26 @@ impl Demo {
             left
         );
         ensure!(left.is_empty(), "IP reservations left behind");
+        // Our plugins' per-attachment records (<stateDir>/attachments/<net>/).
+        let Some(agent) = &self.agent else {
+            return Ok(());
+        };
+        let records_dir = agent.state_dir.join("attachments").join("demo");
+        let records: Vec<String> = match std::fs::read_dir(&records_dir) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        println!(
+            "    attachment records {}: {} {:?}",
+            records_dir.display(),
+            records.len(),
+            records
+        );
+        ensure!(records.is_empty(), "attachment records left behind");
+        agent.show("status")?;
         Ok(())
     }
 }

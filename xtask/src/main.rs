@@ -2,6 +2,7 @@
 //!
 //! A fresh machine needs only `cargo xtask demo` or `cargo xtask test`: both
 //! run `setup` first, which installs whatever the machine lacks.
+mod agent;
 mod bench;
 mod cni;
 mod demo;
@@ -128,12 +129,12 @@ fn test(extra: &[String]) -> Result<()> {
     let bin_dir = build_bins(false)?;
     let root = workspace_root();
     proc::heading(&format!(
-        "Testing: CNI_EBPF_BIN_DIR={} cargo test --workspace {}",
+        "Testing: CNI_EBPF_BIN_DIR={} cargo test --workspace --no-fail-fast {}",
         bin_dir.display(),
         extra.join(" ")
     ));
     let mut c = proc::cmd(cargo());
-    c.args(["test", "--workspace"])
+    c.args(["test", "--workspace", "--no-fail-fast"])
         .args(extra)
         .env("CNI_EBPF_BIN_DIR", &bin_dir)
         .current_dir(&root);

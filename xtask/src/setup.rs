@@ -32,6 +32,7 @@ const REQUIRED: &[(&str, &str)] = &[
     ("bpftool", "inspecting programs and maps"),
     ("tcpdump", "packet captures while debugging"),
     ("iputils-ping", "ping for tests and the demo"),
+    ("conntrack", "shows the reference plugins' NAT state"),
 ];
 
 /// Installed when the distribution has it (checked with apt-cache policy).

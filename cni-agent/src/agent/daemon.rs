@@ -159,7 +159,16 @@ impl UplinkManager {
 /// exit (pinned); only the socket goes.
 pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let layout = cfg.paths.layout();
-    let ebpf = load_pinned(&layout, cfg.sizes)?;
+    let mut ebpf = load_pinned(&layout, cfg.sizes)?;
+    // Owns the log ring buffer's fd: it must outlive the program loads in
+    // `sync` below, and is drained by the worker thread into our log.
+    let mut ebpf_log = match aya_log::EbpfLogger::init(&mut ebpf) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            log::warn!("eBPF log messages unavailable: {e}");
+            None
+        }
+    };
     log::info!(
         "datapath loaded, maps pinned under {}",
         layout.maps_dir().display()
@@ -198,6 +207,9 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                 let mut nat = NatTable::open(&layout).ok();
                 while !stop.load(Ordering::Relaxed) {
                     thread::sleep(interval);
+                    if let Some(l) = ebpf_log.as_mut() {
+                        l.flush();
+                    }
                     if let Err(e) = mgr.sync(&nl) {
                         log::warn!("uplink scan: {e}");
                     }

@@ -1,7 +1,9 @@
-//! The operations on attachments, shared by the agent (serving the plugins)
-//! and by a plugin whose agent is unreachable during DEL or GC: both work on
-//! the same records and pinned maps, under the same lock, so a DEL never has
-//! to wait for the agent and never leaves anything behind once it returns.
+//! The operations on attachment records, shared by the agent (serving the
+//! plugins) and by the plugins themselves: a plugin records the links it is
+//! about to create without needing the agent, and removes an attachment
+//! directly when the agent is unreachable. Both sides work on the same
+//! records and pinned maps under the same lock, so a DEL never waits for the
+//! agent and never leaves anything behind once it returns.
 use std::{
     collections::BTreeSet,
     fs::{self, File, OpenOptions},
@@ -12,6 +14,7 @@ use nix::fcntl::{Flock, FlockArg};
 
 use crate::{
     datapath::{conntrack::NatTable, entries::EntryMaps, loader::DatapathError, pins::PinLayout},
+    netlink::{Netlink, NetlinkError},
     spec::error::{CniError, ErrorCode},
     state::record::{AttachmentKey, Entry, Record, RecordError, RecordStore},
 };
@@ -22,6 +25,8 @@ pub enum OpsError {
     Record(#[from] RecordError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
     #[error("state lock {path}: {source}")]
     Lock {
         path: PathBuf,
@@ -37,7 +42,9 @@ impl From<OpsError> for CniError {
         let code = match &e {
             OpsError::Record(RecordError::BadName { .. }) => ErrorCode::InvalidNetworkConfig,
             OpsError::Record(_) | OpsError::Lock { .. } => ErrorCode::Io,
-            OpsError::Datapath(_) | OpsError::Check { .. } => ErrorCode::Internal,
+            OpsError::Datapath(_) | OpsError::Netlink(_) | OpsError::Check { .. } => {
+                ErrorCode::Internal
+            }
         };
         CniError::new(code, e.to_string())
     }
@@ -80,32 +87,63 @@ fn lock(state_dir: &Path) -> Result<Flock<File>, OpsError> {
     })
 }
 
-/// ADD: the record first (durably), then the entries. If an older record of
-/// the same attachment lists entries the new one doesn't, they go.
-pub fn add(paths: &Paths, record: &Record) -> Result<(), OpsError> {
+/// Adds `entries` to the attachment's record (creating it), durably, and
+/// returns the entries that were not recorded before.
+fn record_locked(paths: &Paths, key: &AttachmentKey, entries: &[Entry]) -> Result<Vec<Entry>, OpsError> {
+    let store = paths.records();
+    let mut record = store.read(key)?.unwrap_or_else(|| Record {
+        key: key.clone(),
+        entries: Vec::new(),
+    });
+    let new: Vec<Entry> = entries
+        .iter()
+        .filter(|e| !record.entries.contains(e))
+        .cloned()
+        .collect();
+    if !new.is_empty() || !store_has(&store, key)? {
+        record.entries.extend(new.iter().cloned());
+        store.write(&record)?;
+    }
+    Ok(new)
+}
+
+fn store_has(store: &RecordStore, key: &AttachmentKey) -> Result<bool, OpsError> {
+    Ok(store.read(key)?.is_some())
+}
+
+/// Records `entries` for the attachment before the caller creates them
+/// (used by plugins for the links they create themselves).
+pub fn record(paths: &Paths, key: &AttachmentKey, entries: &[Entry]) -> Result<(), OpsError> {
+    let _guard = lock(&paths.state_dir)?;
+    record_locked(paths, key, entries).map(|_| ())
+}
+
+/// Takes `entry` out of the attachment's record without touching what it
+/// names: for an entry recorded ahead of a creation that turned out not to
+/// be ours (e.g. a link name that was taken meanwhile).
+pub fn forget(paths: &Paths, key: &AttachmentKey, entry: &Entry) -> Result<(), OpsError> {
     let _guard = lock(&paths.state_dir)?;
     let store = paths.records();
-    let mut maps = EntryMaps::open(&paths.layout())?;
-    let old = store.read(&record.key)?;
-    // The union is recorded first so a crash between the two steps still
-    // leaves a record that covers everything that may exist.
-    if let Some(old) = &old {
-        let mut union = record.clone();
-        for e in &old.entries {
-            if !union.entries.contains(e) {
-                union.entries.push(e.clone());
-            }
-        }
-        store.write(&union)?;
-        for e in old.entries.iter().filter(|e| !record.entries.contains(e)) {
-            maps.revoke(e)?;
+    if let Some(mut record) = store.read(key)? {
+        record.entries.retain(|e| e != entry);
+        store.write(&record)?;
+    }
+    Ok(())
+}
+
+/// ADD of datapath entries (the agent's side): recorded first, durably,
+/// then written to the maps. Re-adding what is there is a no-op.
+pub fn add(paths: &Paths, key: &AttachmentKey, entries: &[Entry]) -> Result<(), OpsError> {
+    let _guard = lock(&paths.state_dir)?;
+    record_locked(paths, key, entries)?;
+    let map_entries: Vec<&Entry> = entries.iter().filter(|e| e.is_map_entry()).collect();
+    if !map_entries.is_empty() {
+        let mut maps = EntryMaps::open(&paths.layout())?;
+        for e in map_entries {
+            maps.apply(e)?;
         }
     }
-    store.write(record)?;
-    for e in &record.entries {
-        maps.apply(e)?;
-    }
-    log::info!("add {}: {} entries", record.key, record.entries.len());
+    log::info!("add {key}: {} entries", entries.len());
     Ok(())
 }
 
@@ -116,20 +154,42 @@ pub fn del(paths: &Paths, key: &AttachmentKey) -> Result<(), OpsError> {
     del_locked(paths, key)
 }
 
+/// Deletes a link of the current network namespace by name, on a thread of
+/// its own: the blocking netlink handle runs its own runtime, which must not
+/// nest inside the agent's.
+fn delete_link(name: &str) -> Result<(), OpsError> {
+    let name = name.to_string();
+    std::thread::scope(|s| {
+        s.spawn(|| Netlink::connect()?.delete_link_by_name(&name).map(|_| ()))
+            .join()
+            .unwrap_or_else(|_| Err(NetlinkError::LinkNotFound(name.clone())))
+    })
+    .map_err(Into::into)
+}
+
 fn del_locked(paths: &Paths, key: &AttachmentKey) -> Result<(), OpsError> {
     let store = paths.records();
     let Some(record) = store.read(key)? else {
         return Ok(());
     };
     let layout = paths.layout();
+    let has_map_entries = record.entries.iter().any(Entry::is_map_entry);
     // Maps that were never created (no agent ever ran) hold nothing.
-    if layout.maps_dir().exists() {
-        let mut maps = EntryMaps::open(&layout)?;
-        let mut nat = NatTable::open(&layout).ok();
-        for e in &record.entries {
-            maps.revoke(e)?;
-            if let (Entry::MasqSource { ip, .. }, Some(nat)) = (e, nat.as_mut()) {
-                nat.flush_source(*ip)?;
+    let (mut maps, mut nat) = if has_map_entries && layout.maps_dir().exists() {
+        (Some(EntryMaps::open(&layout)?), NatTable::open(&layout).ok())
+    } else {
+        (None, None)
+    };
+    for e in &record.entries {
+        match e {
+            Entry::Link { name } => delete_link(name)?,
+            Entry::MasqSource { ip, .. } => {
+                if let Some(maps) = maps.as_mut() {
+                    maps.revoke(e)?;
+                }
+                if let Some(nat) = nat.as_mut() {
+                    nat.flush_source(*ip)?;
+                }
             }
         }
     }
@@ -138,7 +198,7 @@ fn del_locked(paths: &Paths, key: &AttachmentKey) -> Result<(), OpsError> {
     Ok(())
 }
 
-/// CHECK: the record lists `expected` and each entry is in the maps.
+/// CHECK: the record lists `expected` and each map entry is in the maps.
 pub fn check(paths: &Paths, key: &AttachmentKey, expected: &[Entry]) -> Result<(), OpsError> {
     let _guard = lock(&paths.state_dir)?;
     let fail = |what: String| OpsError::Check {
@@ -148,13 +208,19 @@ pub fn check(paths: &Paths, key: &AttachmentKey, expected: &[Entry]) -> Result<(
     let Some(record) = paths.records().read(key)? else {
         return Err(fail("no record".into()));
     };
-    let maps = EntryMaps::open(&paths.layout())?;
+    let maps = if expected.iter().any(Entry::is_map_entry) {
+        Some(EntryMaps::open(&paths.layout())?)
+    } else {
+        None
+    };
     for e in expected {
         if !record.entries.contains(e) {
             return Err(fail(format!("{e:?} is not recorded")));
         }
-        if !maps.is_applied(e) {
-            return Err(fail(format!("{e:?} is missing from the datapath")));
+        if let Some(maps) = &maps {
+            if !maps.is_applied(e) {
+                return Err(fail(format!("{e:?} is missing from the datapath")));
+            }
         }
     }
     Ok(())

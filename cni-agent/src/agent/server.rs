@@ -97,7 +97,9 @@ fn ok(data: serde_json::Value) -> Response {
 
 fn dispatch(paths: &Paths, req: Request) -> Response {
     let res: Result<serde_json::Value, CniError> = match req {
-        Request::Add { record } => ops::add(paths, &record).map(|()| json!(null)).map_err(Into::into),
+        Request::Add { record } => ops::add(paths, &record.key, &record.entries)
+            .map(|()| json!(null))
+            .map_err(Into::into),
         Request::Del { key } => ops::del(paths, &key).map(|()| json!(null)).map_err(Into::into),
         Request::Check { key, entries } => ops::check(paths, &key, &entries)
             .map(|()| json!(null))

@@ -77,9 +77,10 @@ impl EntryMaps {
         Ok(Self { masq })
     }
 
-    /// Writes one entry (overwriting: re-applying a record is idempotent).
+    /// Writes one map entry (links are the plugins' business) (overwriting: re-applying a record is idempotent).
     pub fn apply(&mut self, entry: &Entry) -> Result<(), DatapathError> {
         match entry {
+            Entry::Link { .. } => Ok(()),
             Entry::MasqSource { ip, subnet } => self
                 .masq
                 .insert(ip_key(*ip), masq_policy(*subnet), 0)
@@ -90,6 +91,7 @@ impl EntryMaps {
     /// Removes one entry; an entry that is already gone is not an error.
     pub fn revoke(&mut self, entry: &Entry) -> Result<(), DatapathError> {
         let res = match entry {
+            Entry::Link { .. } => return Ok(()),
             Entry::MasqSource { ip, .. } => self.masq.remove(&ip_key(*ip)),
         };
         match res {
@@ -107,6 +109,7 @@ impl EntryMaps {
     /// Whether an entry is present with the value the record implies.
     pub fn is_applied(&self, entry: &Entry) -> bool {
         match entry {
+            Entry::Link { .. } => true,
             Entry::MasqSource { ip, subnet } => self
                 .masq
                 .get(&ip_key(*ip), 0)

@@ -1,17 +1,12 @@
-//! Loading the embedded object and attaching its TC programs through tcx.
+//! Errors of loading and attaching, and the TC hook names.
 //!
-//! tcx (rather than a clsact qdisc + cls_bpf filter) is used so that programs
-//! of other agents on the same device keep running next to ours, in an order
-//! the kernel keeps for each of them.
+//! Programs attach through tcx (rather than a clsact qdisc + cls_bpf filter)
+//! so that programs of other agents on the same device keep running next to
+//! ours, in an order the kernel keeps for each of them.
 use aya::{
-    programs::{
-        links::LinkOrder, tc::SchedClassifierLinkId, ProgramError, SchedClassifier,
-        TcAttachType,
-    },
-    Ebpf, EbpfError,
+    programs::{ProgramError, TcAttachType},
+    EbpfError,
 };
-
-use super::object::EBPF_OBJECT;
 
 /// What can go wrong while loading or attaching.
 #[derive(Debug, thiserror::Error)]
@@ -66,37 +61,4 @@ impl From<Hook> for TcAttachType {
             Hook::Egress => TcAttachType::Egress,
         }
     }
-}
-
-/// Loads the embedded object into the kernel (maps created, nothing attached).
-pub fn load_object() -> Result<Ebpf, DatapathError> {
-    Ok(Ebpf::load(EBPF_OBJECT)?)
-}
-
-/// Loads (if not yet loaded) the TC program `name` and attaches it to
-/// `ifname` at `hook` through tcx, after the programs already there.
-///
-/// Runs in the network namespace of the calling thread: the interface name is
-/// resolved there.
-pub fn attach_tcx(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    ifname: &str,
-    hook: Hook,
-) -> Result<SchedClassifierLinkId, DatapathError> {
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(name)
-        .ok_or(DatapathError::MissingProgram(name))?
-        .try_into()
-        .map_err(|source| DatapathError::Program { name, source })?;
-    if prog.fd().is_err() {
-        prog.load()
-            .map_err(|source| DatapathError::Program { name, source })?;
-    }
-    prog.attach_with_options(
-        ifname,
-        hook.into(),
-        aya::programs::tc::TcAttachOptions::TcxOrder(LinkOrder::default()),
-    )
-    .map_err(|source| DatapathError::Program { name, source })
 }

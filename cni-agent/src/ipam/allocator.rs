@@ -141,7 +141,10 @@ mod tests {
     }
 
     fn set(subnet: &str) -> RangeSet {
-        RangeSet::new(vec![Range::new(subnet.parse().unwrap(), None, None, None).unwrap()]).unwrap()
+        RangeSet::new(vec![
+            Range::new(subnet.parse().unwrap(), None, None, None).unwrap()
+        ])
+        .unwrap()
     }
 
     #[test]
@@ -164,7 +167,10 @@ mod tests {
             e.to_string(),
             "no IP addresses available in range set: 10.0.0.1-10.0.0.6"
         );
-        assert_eq!(alloc.get("b", "eth1", None).unwrap_err().to_string(), e.to_string());
+        assert_eq!(
+            alloc.get("b", "eth1", None).unwrap_err().to_string(),
+            e.to_string()
+        );
     }
 
     #[test]
@@ -172,7 +178,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let s = set("fd00::/120");
         let store = Store::open(tmp.path(), "n").unwrap();
-        let a = Allocator::new(&s, &store, 0).get("a", "eth0", None).unwrap();
+        let a = Allocator::new(&s, &store, 0)
+            .get("a", "eth0", None)
+            .unwrap();
         assert_eq!(a.address.to_string(), "fd00::2/120");
         assert_eq!(a.gateway, ip("fd00::1"));
     }
@@ -204,13 +212,24 @@ mod tests {
         let a = alloc.get("a", "eth0", Some(ip("10.0.0.50"))).unwrap();
         assert_eq!(a.address.to_string(), "10.0.0.50/24");
         assert_eq!(store.last_reserved_ip(0), Some(ip("10.0.0.50")));
-        let err = |id: &str, req: &str| alloc.get(id, "eth0", Some(ip(req))).unwrap_err().to_string();
+        let err = |id: &str, req: &str| {
+            alloc
+                .get(id, "eth0", Some(ip(req)))
+                .unwrap_err()
+                .to_string()
+        };
         assert_eq!(
             err("b", "10.0.0.50"),
             "requested IP address 10.0.0.50 is not available in range set 10.0.0.1-10.0.0.254"
         );
-        assert_eq!(err("b", "10.0.0.1"), "requested ip 10.0.0.1 is subnet's gateway");
-        assert_eq!(err("b", "10.0.1.1"), "10.0.1.1 not in range set 10.0.0.1-10.0.0.254");
+        assert_eq!(
+            err("b", "10.0.0.1"),
+            "requested ip 10.0.0.1 is subnet's gateway"
+        );
+        assert_eq!(
+            err("b", "10.0.1.1"),
+            "10.0.1.1 not in range set 10.0.0.1-10.0.0.254"
+        );
         // The next round-robin address follows the requested one.
         assert_eq!(
             alloc.get("c", "eth0", None).unwrap().address.to_string(),
@@ -259,7 +278,10 @@ mod tests {
             })
             .collect();
         let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-        let mut ips: Vec<IpAddr> = results.iter().filter_map(|r| r.as_ref().ok().copied()).collect();
+        let mut ips: Vec<IpAddr> = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok().copied())
+            .collect();
         let failures: Vec<String> = results
             .iter()
             .filter_map(|r| r.as_ref().err().map(ToString::to_string))

@@ -44,10 +44,7 @@ pub enum ConfigError {
     #[error("{path}: {source}")]
     Range { path: String, source: RangeError },
     #[error("{path}: {source}")]
-    RangeSet {
-        path: String,
-        source: RangeSetError,
-    },
+    RangeSet { path: String, source: RangeSetError },
     #[error("ipam.ranges: no IP ranges specified")]
     NoRanges,
     #[error("range set {first} ({first_path}) overlaps with range set {second} ({second_path})")]
@@ -540,7 +537,10 @@ mod tests {
         assert_eq!(cfg.ranges[0].0.len(), 2);
         assert_eq!(cfg.ranges[0].0[0].gateway, ip("10.0.0.254"));
         assert_eq!(cfg.ranges[0].0[1].gateway, ip("10.0.1.1"));
-        assert_eq!(cfg.ranges[1].0[0].range_end, ip("fd00::ffff:ffff:ffff:ffff"));
+        assert_eq!(
+            cfg.ranges[1].0[0].range_end,
+            ip("fd00::ffff:ffff:ffff:ffff")
+        );
         assert_eq!(cfg.routes.len(), 2);
         assert_eq!(cfg.routes[1].gw, Some(ip("10.0.0.1")));
         assert_eq!(cfg.data_dir, PathBuf::from("/tmp/x"));
@@ -550,8 +550,9 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let cfg = parse(json!({"type": "x", "ranges": [[{"subnet": "10.0.0.0/24"}]], "dataDir": ""}))
-            .unwrap();
+        let cfg =
+            parse(json!({"type": "x", "ranges": [[{"subnet": "10.0.0.0/24"}]], "dataDir": ""}))
+                .unwrap();
         assert_eq!(cfg.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(cfg.resolv_conf, None);
         assert!(cfg.routes.is_empty());
@@ -591,35 +592,75 @@ mod tests {
             json!({"type": "x", "ranges": [[{"subnet": "10.0.0.0/24"}]]}),
             json!({"ips": ["10.0.0.81/24"]}),
             json!({"cni": {"ips": ["10.0.0.82", "::ffff:10.0.0.83"]}}),
-            &[("IgnoreUnknown", "1"), ("K8S_POD_NAME", "p"), ("IP", "10.0.0.80")],
+            &[
+                ("IgnoreUnknown", "1"),
+                ("K8S_POD_NAME", "p"),
+                ("IP", "10.0.0.80"),
+            ],
         )
         .unwrap();
         assert_eq!(
             cfg.requested_ips,
-            [ip("10.0.0.80"), ip("10.0.0.82"), ip("10.0.0.83"), ip("10.0.0.81")]
+            [
+                ip("10.0.0.80"),
+                ip("10.0.0.82"),
+                ip("10.0.0.83"),
+                ip("10.0.0.81")
+            ]
         );
     }
 
     #[test]
     fn cni_args_errors() {
         let ipam = json!({"type": "x", "ranges": [[{"subnet": "10.0.0.0/24"}]]});
-        let e = parse_full("1.0.0", ipam.clone(), json!({}), json!({}), &[("FOO", "bar")])
-            .unwrap_err();
+        let e = parse_full(
+            "1.0.0",
+            ipam.clone(),
+            json!({}),
+            json!({}),
+            &[("FOO", "bar")],
+        )
+        .unwrap_err();
         assert!(e.is_environment());
         assert_eq!(e.to_string(), r#"ARGS: unknown args ["FOO=bar"]"#);
-        let e = parse_full("1.0.0", ipam.clone(), json!({}), json!({}), &[("IP", "bogus")])
-            .unwrap_err();
+        let e = parse_full(
+            "1.0.0",
+            ipam.clone(),
+            json!({}),
+            json!({}),
+            &[("IP", "bogus")],
+        )
+        .unwrap_err();
         assert_eq!(
             e.to_string(),
             r#"ARGS: error parsing value of pair "IP=bogus": invalid IP address bogus"#
         );
-        let e = parse_full("1.0.0", ipam.clone(), json!({}), json!({}), &[("IgnoreUnknown", "x")])
-            .unwrap_err();
+        let e = parse_full(
+            "1.0.0",
+            ipam.clone(),
+            json!({}),
+            json!({}),
+            &[("IgnoreUnknown", "x")],
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("IgnoreUnknown=x"));
         // `ip` is not `IP`: the reference's field lookup is case-sensitive.
-        assert!(parse_full("1.0.0", ipam.clone(), json!({}), json!({}), &[("ip", "10.0.0.5")]).is_err());
-        let cfg = parse_full("1.0.0", ipam, json!({}), json!({}), &[("IgnoreUnknown", "true"), ("IP", "")])
-            .unwrap();
+        assert!(parse_full(
+            "1.0.0",
+            ipam.clone(),
+            json!({}),
+            json!({}),
+            &[("ip", "10.0.0.5")]
+        )
+        .is_err());
+        let cfg = parse_full(
+            "1.0.0",
+            ipam,
+            json!({}),
+            json!({}),
+            &[("IgnoreUnknown", "true"), ("IP", "")],
+        )
+        .unwrap();
         assert!(cfg.requested_ips.is_empty());
     }
 
@@ -749,7 +790,10 @@ mod tests {
             "range set 0 (runtimeConfig.ipRanges[0]: 10.0.0.1-10.0.0.254) overlaps with range set 1 (ipam.ranges[0]: 10.0.0.1-10.0.0.254)"
         );
         assert_eq!(
-            e(json!({"ipRanges": [[{"subnet": "10.0.0.0/40"}]]}), json!({})),
+            e(
+                json!({"ipRanges": [[{"subnet": "10.0.0.0/40"}]]}),
+                json!({})
+            ),
             r#"runtimeConfig.ipRanges[0][0].subnet: invalid CIDR "10.0.0.0/40""#
         );
         assert_eq!(
@@ -760,7 +804,10 @@ mod tests {
             e(json!({}), json!({"cni": {"ips": ["10.0.0.1", 7]}})),
             "args.cni.ips[1]: expected a string"
         );
-        assert_eq!(e(json!({}), json!({"cni": 1})), "args.cni: expected an object");
+        assert_eq!(
+            e(json!({}), json!({"cni": 1})),
+            "args.cni: expected an object"
+        );
     }
 
     #[test]

@@ -97,10 +97,7 @@ impl Range {
         let gateway = match gateway.map(|g| g.to_canonical()) {
             None => first,
             Some(g) if g.is_ipv4() != subnet.addr().is_ipv4() => {
-                return Err(RangeError::GatewayFamily {
-                    gateway: g,
-                    subnet,
-                })
+                return Err(RangeError::GatewayFamily { gateway: g, subnet })
             }
             Some(g) => g,
         };
@@ -232,9 +229,7 @@ impl RangeSet {
 
     /// Whether any range of this set overlaps any range of `other`.
     pub fn overlaps(&self, other: &RangeSet) -> bool {
-        self.0
-            .iter()
-            .any(|a| other.0.iter().any(|b| a.overlaps(b)))
+        self.0.iter().any(|a| other.0.iter().any(|b| a.overlaps(b)))
     }
 
     /// The number of addresses the whole set can hand out.
@@ -560,7 +555,12 @@ mod tests {
 
     #[test]
     fn network_and_broadcast_are_never_handed_out() {
-        let r = range("10.5.0.0/29", Some("10.5.0.0"), Some("10.5.0.7"), Some("10.5.0.6"));
+        let r = range(
+            "10.5.0.0/29",
+            Some("10.5.0.0"),
+            Some("10.5.0.7"),
+            Some("10.5.0.6"),
+        );
         let s = set(vec![r]);
         assert_eq!(
             walk(&s, None),
@@ -576,11 +576,21 @@ mod tests {
     #[test]
     fn single_address_ranges() {
         // Only the gateway: nothing to hand out, and no endless loop.
-        let s = set(vec![range("10.0.0.0/24", Some("10.0.0.1"), Some("10.0.0.1"), None)]);
+        let s = set(vec![range(
+            "10.0.0.0/24",
+            Some("10.0.0.1"),
+            Some("10.0.0.1"),
+            None,
+        )]);
         assert!(walk(&s, None).is_empty());
         assert!(walk(&s, Some("10.0.0.1")).is_empty());
         assert_eq!(s.capacity(), 0);
-        let s = set(vec![range("10.0.0.0/24", Some("10.0.0.9"), Some("10.0.0.9"), None)]);
+        let s = set(vec![range(
+            "10.0.0.0/24",
+            Some("10.0.0.9"),
+            Some("10.0.0.9"),
+            None,
+        )]);
         assert_eq!(walk(&s, None), ["10.0.0.9"]);
         assert_eq!(walk(&s, Some("10.0.0.9")), ["10.0.0.9"]);
     }

@@ -32,7 +32,11 @@ pub fn parse(text: &str) -> ResolvConf {
         let [keyword, first, rest @ ..] = fields.as_slice() else {
             continue;
         };
-        let words = || std::iter::once(*first).chain(rest.iter().copied()).map(String::from);
+        let words = || {
+            std::iter::once(*first)
+                .chain(rest.iter().copied())
+                .map(String::from)
+        };
         match *keyword {
             "nameserver" => conf.nameservers.push(first.to_string()),
             "domain" => conf.domain = Some(first.to_string()),

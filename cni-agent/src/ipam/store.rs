@@ -185,8 +185,8 @@ impl Store {
             .map_err(|e| StoreError::io("failed to read store directory", &self.dir, e))?;
         let mut out = Vec::new();
         for entry in entries {
-            let entry =
-                entry.map_err(|e| StoreError::io("failed to read store directory", &self.dir, e))?;
+            let entry = entry
+                .map_err(|e| StoreError::io("failed to read store directory", &self.dir, e))?;
             let Some(ip) = entry
                 .file_name()
                 .to_str()
@@ -325,8 +325,14 @@ mod tests {
         assert!(store.reserve("c1", "eth1", ip("fd00::2"), 1).unwrap());
         assert_eq!(fs::read(dir.join("10.0.0.2")).unwrap(), b"c1\r\neth0");
         assert_eq!(fs::read(dir.join("fd00::2")).unwrap(), b"c1\r\neth1");
-        assert_eq!(fs::read(dir.join("last_reserved_ip.0")).unwrap(), b"10.0.0.2");
-        assert_eq!(fs::read(dir.join("last_reserved_ip.1")).unwrap(), b"fd00::2");
+        assert_eq!(
+            fs::read(dir.join("last_reserved_ip.0")).unwrap(),
+            b"10.0.0.2"
+        );
+        assert_eq!(
+            fs::read(dir.join("last_reserved_ip.1")).unwrap(),
+            b"fd00::2"
+        );
         let lock = fs::metadata(dir.join("lock")).unwrap();
         assert_eq!(lock.len(), 0);
         assert_eq!(lock.permissions().mode() & 0o700, 0o700);

@@ -158,3 +158,152 @@ impl Netlink {
         self.runtime.block_on(fut)
     }
 }
+
+/// Exercises the module against the real kernel, inside two private network
+/// namespaces created with unshare(2): they are never mounted, so they vanish
+/// with the test and nothing outside them is touched. Needs root.
+#[cfg(test)]
+mod kernel_tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    fn private_netns() -> Option<NetNs> {
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+            NetNs::current().ok()
+        })
+        .join()
+        .ok()
+        .flatten()
+    }
+
+    #[test]
+    fn bridge_veth_addresses_routes_sysctls() {
+        let (Some(node), Some(pod)) = (private_netns(), private_netns()) else {
+            eprintln!("skipped: cannot create network namespaces (not root?)");
+            return;
+        };
+        let host = Netlink::connect_in(&node).unwrap();
+        let cont = Netlink::connect_in(&pod).unwrap();
+
+        let br = host
+            .ensure_bridge(&BridgeSpec {
+                name: "br0".into(),
+                mtu: Some(1400),
+                promisc: true,
+                vlan_filtering: false,
+            })
+            .unwrap();
+        assert!(br.is_bridge() && br.promisc && !br.up);
+        assert_eq!(br.mtu, 1400);
+        // Existing bridge is reused as is.
+        let again = host
+            .ensure_bridge(&BridgeSpec {
+                name: "br0".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(again.index, br.index);
+        host.set_up(br.index).unwrap();
+
+        let mac = parse_mac("02:00:00:00:00:42").unwrap();
+        host.create_veth(&VethSpec {
+            name: "vethtest0".into(),
+            peer_name: "eth0".into(),
+            peer_netns: Some(std::os::fd::AsFd::as_fd(&pod)),
+            peer_mac: Some(mac),
+            mtu: Some(1400),
+            tx_queue_len: Some(0),
+        })
+        .unwrap();
+        let veth = host.link_by_name("vethtest0").unwrap();
+        assert!(veth.is_veth());
+        assert_eq!((veth.mtu, veth.tx_queue_len), (1400, Some(0)));
+        assert!(
+            host.find_link("eth0").unwrap().is_none(),
+            "peer must not be in the node"
+        );
+        host.set_up(veth.index).unwrap();
+        host.set_master(veth.index, br.index).unwrap();
+        host.set_hairpin(veth.index, true).unwrap();
+        let veth = host.link_by_name("vethtest0").unwrap();
+        assert_eq!((veth.master, veth.hairpin), (Some(br.index), Some(true)));
+
+        let eth0 = cont.link_by_name("eth0").unwrap();
+        assert_eq!(eth0.mac, mac.to_vec());
+        assert_eq!(
+            (eth0.peer_index, veth.peer_index),
+            (Some(veth.index), Some(eth0.index))
+        );
+
+        // A non-bridge link of the bridge's name is refused.
+        let err = host
+            .ensure_bridge(&BridgeSpec {
+                name: "vethtest0".into(),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(matches!(err, NetlinkError::NotABridge { .. }), "{err}");
+
+        // Addresses and routes in the pod.
+        let addr: ipnet::IpNet = "10.1.0.2/24".parse().unwrap();
+        cont.add_address(eth0.index, addr).unwrap();
+        assert_eq!(
+            cont.add_address(eth0.index, addr).unwrap_err().errno(),
+            Some(libc::EEXIST)
+        );
+        cont.set_up(eth0.index).unwrap();
+        assert!(cont
+            .addresses(Some(eth0.index))
+            .unwrap()
+            .iter()
+            .any(|a| a.addr == addr));
+        let gw: IpAddr = "10.1.0.1".parse().unwrap();
+        let default = RouteSpec {
+            dst: "0.0.0.0/0".parse().unwrap(),
+            gateway: Some(gw),
+            oif: Some(eth0.index),
+        };
+        cont.add_route(&default).unwrap();
+        let routes = cont.routes(false).unwrap();
+        let r = routes
+            .iter()
+            .find(|r| r.dst.prefix_len() == 0 && r.is_main_table())
+            .unwrap();
+        assert_eq!((r.gateway, r.oif), (Some(gw), Some(eth0.index)));
+        cont.delete_route(&default).unwrap();
+        assert!(!cont
+            .routes(false)
+            .unwrap()
+            .iter()
+            .any(|r| r.dst.prefix_len() == 0));
+        cont.delete_address(eth0.index, addr).unwrap();
+        assert!(!cont
+            .addresses(Some(eth0.index))
+            .unwrap()
+            .iter()
+            .any(|a| a.addr == addr));
+
+        // Sysctls follow the thread's namespace.
+        pod.run(|| sysctl::write("net/ipv4/conf/eth0/arp_notify", "1"))
+            .unwrap()
+            .unwrap();
+        let in_pod = pod
+            .run(|| sysctl::read("net/ipv4/conf/eth0/arp_notify"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(in_pod, "1");
+        let in_node = node
+            .run(|| sysctl::read("net/ipv4/conf/eth0/arp_notify"))
+            .unwrap();
+        assert!(
+            in_node.is_err(),
+            "eth0 must not exist in the node namespace"
+        );
+
+        // Deleting either end removes the pair; a second delete is a no-op.
+        assert!(host.delete_link_by_name("vethtest0").unwrap());
+        assert!(!host.delete_link_by_name("vethtest0").unwrap());
+        assert!(cont.find_link("eth0").unwrap().is_none());
+    }
+}

@@ -12,7 +12,9 @@
 //! - `vlan`/`vlanTrunk` and `macspoofchk` are refused with code 7 rather than
 //!   half-implemented;
 //! - DEL also succeeds when CNI_NETNS exists but is no longer a namespace (a
-//!   leftover bind-mount target), since there is nothing left to delete there.
+//!   leftover bind-mount target), since there is nothing left to delete there;
+//! - a gateway address on a bridge whose ports all left (its MAC is then all
+//!   zeros) works, where the reference fails to "set bridge's mac".
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
@@ -25,7 +27,9 @@ use crate::netlink::{
     format_mac, parse_mac, sysctl, BridgeSpec, Link, NetNs, Netlink, NetlinkError, RouteSpec,
     VethSpec,
 };
+use crate::plugins::datapath::DatapathConf;
 use crate::spec::delegate;
+use crate::state::record::{AttachmentKey, Entry};
 use crate::spec::{CmdArgs, CniError, CniResult, ErrorCode, Interface, NetConf, Plugin, Route};
 
 /// The plugin behind the `ebpf-bridge` binary.
@@ -95,6 +99,8 @@ pub struct BridgeConfig {
     /// Container interface MAC: runtimeConfig.mac, else args.cni.mac, else
     /// CNI_ARGS `MAC=` (the reference's precedence).
     pub mac: Option<[u8; 6]>,
+    /// Where the agent, the records and the pinned maps are.
+    pub datapath: DatapathConf,
 }
 
 impl BridgeConfig {
@@ -160,6 +166,7 @@ impl BridgeConfig {
             promisc_mode,
             enable_dad: raw.enable_dad.unwrap_or(false),
             mac,
+            datapath: conf.plugin_options()?,
         })
     }
 }
@@ -330,16 +337,25 @@ fn setup_bridge(host: &Netlink, conf: &BridgeConfig) -> Result<Link, CniError> {
 /// `ifname` directly in the container namespace — brings the host end up,
 /// enslaves it to the bridge and sets its hairpin mode. On failure after
 /// creation the pair is deleted again.
+///
+/// The host end's name is recorded for the attachment before the pair is
+/// created, so a crash right after creation leaves a record DEL and GC use.
 fn setup_veth(
     host: &Netlink,
     netns: &NetNs,
     br: &Link,
-    ifname: &str,
+    key: &AttachmentKey,
     conf: &BridgeConfig,
 ) -> Result<Link, CniError> {
+    let ifname = key.ifname.as_str();
     let mut created = None;
     for _ in 0..10 {
         let name = random_veth_name()?;
+        if host.find_link(&name)?.is_some() {
+            continue;
+        }
+        let entry = Entry::Link { name: name.clone() };
+        conf.datapath.record(key, entry.clone())?;
         let spec = VethSpec {
             name: name.clone(),
             peer_name: ifname.to_string(),
@@ -350,7 +366,12 @@ fn setup_veth(
             // literal's zero value); match the kernel state it leaves.
             tx_queue_len: Some(0),
         };
-        match host.create_veth(&spec) {
+        let outcome = host.create_veth(&spec);
+        if outcome.is_err() {
+            // Not created (or not ours): the name must not stay recorded.
+            conf.datapath.forget(key, &entry)?;
+        }
+        match outcome {
             Ok(()) => {
                 created = Some(name);
                 break;
@@ -520,7 +541,18 @@ fn ensure_bridge_addr(host: &Netlink, br: &Link, gw: IpNet, force: bool) -> Resu
             )
         }
     }
-    host.set_mac(br.index, &br.mac)
+    // A bridge whose last port left has an all-zero MAC until a port joins;
+    // the reference then fails here ("invalid argument"). Pin the MAC it has
+    // now (adopted from this ADD's port) instead.
+    let mac = if br.mac.iter().all(|&b| b == 0) {
+        host.link_by_name(&br.name)?.mac
+    } else {
+        br.mac.clone()
+    };
+    if mac.iter().all(|&b| b == 0) {
+        return Ok(());
+    }
+    host.set_mac(br.index, &mac)
         .map_err(|e| CniError::from(e).context("could not set bridge's mac"))
 }
 
@@ -548,6 +580,7 @@ fn wait_port_up(host: &Netlink, name: &str) -> Result<Link, CniError> {
 /// One ADD in progress once the veth pair exists: what it needs to finish,
 /// and what it must undo if it cannot.
 struct Attachment<'a> {
+    key: AttachmentKey,
     args: &'a CmdArgs,
     conf: &'a NetConf,
     opts: &'a BridgeConfig,
@@ -619,12 +652,11 @@ impl Attachment<'_> {
             }
             if opts.ip_masq {
                 // Served by the eBPF SNAT on the uplink, keyed by this
-                // attachment; never by iptables.
-                log::info!(
-                    "ipMasq requested for {}/{}: handled by the eBPF datapath",
-                    conf.name,
-                    args.container_id
-                );
+                // attachment; never by iptables. Needs the agent: if it is
+                // down this fails with code 11 and the ADD is rolled back.
+                opts.datapath
+                    .add(self.key.clone(), masq_entries(&result))
+                    .map_err(|e| e.context("ipMasq"))?;
             }
         } else {
             cont.set_up(cont_link.index).map_err(|e| {
@@ -645,7 +677,8 @@ impl Attachment<'_> {
         Ok(result)
     }
 
-    /// Nothing half-done: drop the pair (both ends) and the reservation.
+    /// Nothing half-done: drop the pair (both ends), the reservation, the
+    /// datapath entries and the record.
     fn roll_back(&self) {
         if let Err(e) = self.host.delete_link_by_name(&self.host_veth.name) {
             log::warn!("cleanup after failed ADD: {e}");
@@ -657,6 +690,9 @@ impl Attachment<'_> {
                     log::warn!("cleanup after failed ADD: IPAM DEL: {e}");
                 }
             }
+        }
+        if let Err(e) = self.opts.datapath.del(&self.key) {
+            log::warn!("cleanup after failed ADD: {e}");
         }
     }
 }
@@ -676,9 +712,18 @@ impl Plugin for BridgePlugin {
             )));
         }
 
+        let key = DatapathConf::key(&conf.name, args);
         let br = setup_bridge(&host, &opts)?;
-        let host_veth = setup_veth(&host, &netns, &br, &args.ifname, &opts)?;
+        let host_veth = match setup_veth(&host, &netns, &br, &key, &opts) {
+            Ok(v) => v,
+            Err(e) => {
+                // Drops a record that setup_veth may have created empty.
+                let _ = opts.datapath.del(&key);
+                return Err(e);
+            }
+        };
         let mut attachment = Attachment {
+            key,
             args,
             conf,
             opts: &opts,
@@ -697,12 +742,16 @@ impl Plugin for BridgePlugin {
     }
 
     fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
-        // Validates the document like ADD does (an invalid one is an error),
-        // but the options themselves are not needed to tear down.
-        BridgeConfig::from_conf(conf, args.arg("MAC"))?;
-        let ipam_del = || match &conf.ipam {
-            Some(ipam) => delegate::delegate_del(&ipam.ipam_type, &args.stdin, args),
-            None => Ok(()),
+        // Validates the document like ADD does (an invalid one is an error).
+        let opts = BridgeConfig::from_conf(conf, args.arg("MAC"))?;
+        let key = DatapathConf::key(&conf.name, args);
+        // IPAM, then whatever the attachment's record lists (the host veth
+        // if it survived, datapath entries), then the record itself.
+        let ipam_del = || {
+            if let Some(ipam) = &conf.ipam {
+                delegate::delegate_del(&ipam.ipam_type, &args.stdin, args)?;
+            }
+            opts.datapath.del(&key)
         };
         let Some(path) = args.netns.as_deref() else {
             return ipam_del();
@@ -801,7 +850,7 @@ impl Plugin for BridgePlugin {
 
         // The host end: a veth whose peer is the container interface and
         // whose master is the bridge.
-        let mut veth_found = false;
+        let mut veth_found = None;
         for intf in prev
             .interfaces
             .iter()
@@ -823,15 +872,15 @@ impl Plugin for BridgePlugin {
                 )));
             }
             check_mac(intf, &link, "Interface")?;
-            veth_found = true;
+            veth_found = Some(link.name.clone());
             break;
         }
-        if !veth_found {
+        let Some(host_veth) = veth_found else {
             return Err(CniError::internal(format!(
                 "CNI veth created for bridge {} was not found",
                 opts.bridge
             )));
-        }
+        };
 
         // Addresses and routes in the container.
         let addrs = cont.addresses(Some(cont_link.index))?;
@@ -872,10 +921,19 @@ impl Plugin for BridgePlugin {
                 )));
             }
         }
-        Ok(())
+
+        // The record, and the datapath entries it implies.
+        let mut expected = vec![Entry::Link { name: host_veth }];
+        if opts.ip_masq {
+            expected.extend(masq_entries(&prev));
+        }
+        opts.datapath
+            .check(DatapathConf::key(&conf.name, args), expected)
     }
 
     fn status(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
+        let opts = BridgeConfig::from_conf(conf, args.arg("MAC"))?;
+        opts.datapath.status()?;
         match &conf.ipam {
             Some(ipam) => delegate::delegate_status(&ipam.ipam_type, &args.stdin, args),
             None => Ok(()),
@@ -883,6 +941,19 @@ impl Plugin for BridgePlugin {
     }
 
     fn gc(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
+        let opts = BridgeConfig::from_conf(conf, args.arg("MAC"))?;
+        // Without a valid list nothing is known to be stale: remove nothing.
+        if let Some(valid) = conf.valid_attachments() {
+            let valid = valid
+                .into_iter()
+                .map(|a| AttachmentKey {
+                    network: conf.name.clone(),
+                    container_id: a.container_id,
+                    ifname: a.ifname,
+                })
+                .collect();
+            opts.datapath.gc(&conf.name, valid)?;
+        }
         match &conf.ipam {
             Some(ipam) => delegate::delegate_gc(&ipam.ipam_type, &args.stdin, args),
             None => Ok(()),
@@ -892,6 +963,19 @@ impl Plugin for BridgePlugin {
     fn about(&self) -> &'static str {
         "ebpf-bridge: bridge + veth CNI plugin (eBPF datapath) supporting CNI spec 0.1.0 - 1.1.0"
     }
+}
+
+/// The masquerade entries of a result: each pod address, excluding its own
+/// subnet (what the reference's per-pod iptables chain does).
+fn masq_entries(result: &CniResult) -> Vec<Entry> {
+    result
+        .ips
+        .iter()
+        .map(|ip| Entry::MasqSource {
+            ip: ip.address.addr(),
+            subnet: ip.address.trunc(),
+        })
+        .collect()
 }
 
 /// A MAC listed in prevResult must be the link's current MAC.
@@ -934,6 +1018,7 @@ mod tests {
                 promisc_mode: false,
                 enable_dad: false,
                 mac: None,
+                datapath: DatapathConf::default(),
             }
         );
     }

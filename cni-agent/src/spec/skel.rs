@@ -73,9 +73,14 @@ pub fn run_with(
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> u8 {
-    // Without CNI_COMMAND a human is probably looking: say what this is,
-    // exit 0 (like the reference skel's "about" behaviour).
-    if lookup("CNI_COMMAND").is_none_or(|c| c.is_empty()) {
+    // Without any CNI_* variable and without input a human is probably
+    // looking: say what this is, exit 0 (the reference skel's "about").
+    // A runtime that set the other variables but forgot CNI_COMMAND gets
+    // the spec's error (code 4) from the environment check below instead.
+    let cni_env = ["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH"]
+        .iter()
+        .any(|k| lookup(k).is_some());
+    if lookup("CNI_COMMAND").is_none_or(|c| c.is_empty()) && !cni_env && stdin.is_empty() {
         let _ = writeln!(stderr, "{}", plugin.about());
         let _ = writeln!(
             stderr,
@@ -480,6 +485,16 @@ mod tests {
         assert_eq!(r.stdout, "");
         assert!(r.stderr.contains("fake plugin"));
         assert!(r.stderr.contains("0.1.0, 0.2.0"));
+    }
+
+    #[test]
+    fn missing_command_with_other_cni_vars_is_code_4() {
+        let p = Fake::default();
+        let mut env = std_env("ADD");
+        env.retain(|(k, _)| *k != "CNI_COMMAND");
+        let r = run_env(&p, &env, &conf("1.0.0"));
+        assert_eq!(r.json()["code"], 4);
+        assert!(r.json()["msg"].as_str().unwrap().contains("CNI_COMMAND"));
     }
 
     #[test]

@@ -34,8 +34,18 @@ impl std::fmt::Display for AttachmentKey {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Entry {
+    /// A link in the node's network namespace (the host end of a veth).
+    Link { name: String },
     /// MASQ_SOURCES[ip]: masquerade traffic from `ip` except to `subnet`.
     MasqSource { ip: IpAddr, subnet: IpNet },
+}
+
+impl Entry {
+    /// Whether this entry lives in the eBPF maps (as opposed to the kernel's
+    /// link table).
+    pub fn is_map_entry(&self) -> bool {
+        !matches!(self, Entry::Link { .. })
+    }
 }
 
 /// The record of one attachment.
