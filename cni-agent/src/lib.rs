@@ -2,6 +2,7 @@
 //! plugin implementations and the datapath loader. The binaries in `src/bin`
 //! are thin: each parses its input and calls into this library.
 pub mod agent;
+pub mod crash;
 pub mod datapath;
 pub mod ipam;
 pub mod netlink;

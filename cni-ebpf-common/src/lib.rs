@@ -25,6 +25,17 @@ pub mod map_names {
     pub const SNAT_REPLY: &str = "SNAT_REPLY";
     /// Per-CPU datapath counters indexed by [`stat`](super::stat).
     pub const STATS: &str = "STATS";
+    /// [`HostPortKey`](super::HostPortKey) -> [`HostPortTarget`](super::HostPortTarget).
+    pub const HOSTPORTS: &str = "HOSTPORTS";
+    /// Addresses of the node (any interface) -> 1: what "the node" is for
+    /// hostPort mappings without a hostIP.
+    pub const NODE_ADDRS: &str = "NODE_ADDRS";
+    /// Bridge ifindex -> [`BridgeInfo`](super::BridgeInfo).
+    pub const BRIDGES: &str = "BRIDGES";
+    /// Client-side tuple of a hairpin flow -> its rewritten source.
+    pub const HP_ORIG: &str = "HP_ORIG";
+    /// Reply tuple as it leaves the target pod -> [`HpReply`](super::HpReply).
+    pub const HP_REPLY: &str = "HP_REPLY";
 }
 
 /// Names of the programs in the eBPF object.
@@ -35,6 +46,18 @@ pub mod prog_names {
     pub const SNAT_EGRESS: &str = "snat_egress";
     /// Uplink TC ingress: reverse translation of replies to masqueraded flows.
     pub const SNAT_INGRESS: &str = "snat_ingress";
+    /// Uplink TC ingress: hostPort DNAT.
+    pub const HOSTPORT_INGRESS: &str = "hostport_ingress";
+    /// Uplink TC egress: hostPort replies get node:hostPort back.
+    pub const HOSTPORT_EGRESS: &str = "hostport_egress";
+    /// Uplink XDP: hostPort DNAT (alternative to the TC one).
+    pub const HOSTPORT_XDP: &str = "hostport_xdp";
+    /// Bridge TC ingress (pods -> host stack): hostPort replies and hairpin.
+    pub const BRIDGE_FROM_PODS: &str = "bridge_from_pods";
+    /// cgroup connect4: node-local clients of a hostPort (TCP and UDP).
+    pub const HOSTPORT_CONNECT4: &str = "hostport_connect4";
+    /// cgroup sendmsg4: node-local unconnected UDP clients of a hostPort.
+    pub const HOSTPORT_SENDMSG4: &str = "hostport_sendmsg4";
 }
 
 /// Address family tags used in keys (not the kernel's AF_* numbers, which
@@ -116,6 +139,66 @@ pub struct NatEntry {
     pub last_seen_ns: u64,
 }
 
+/// A hostPort as the datapath keys it: an all-zero `addr` means every
+/// address of the node (no hostIP in the mapping).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HostPortKey {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// Where a hostPort goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostPortTarget {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    /// `hostport_flags::*`.
+    pub flags: u8,
+    pub family: u8,
+}
+
+/// Bits of [`HostPortTarget::flags`].
+pub mod hostport_flags {
+    /// Masquerade hairpin traffic (a pod reaching a hostPort) to the
+    /// bridge address, as the reference's `snat` option does.
+    pub const SNAT: u8 = 1;
+}
+
+/// A bridge the `bridge_from_pods` program runs on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BridgeInfo {
+    /// The bridge's (gateway) IPv4 address, network byte order: the source
+    /// hairpin traffic is masqueraded to.
+    pub addr_v4: u32,
+    pub _pad: u32,
+}
+
+/// How to rewrite a reply leaving a hostPort's target pod: its source
+/// becomes (node address, hostPort), its destination the original client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HpReply {
+    pub src_addr: [u32; 4],
+    pub dst_addr: [u32; 4],
+    /// Network byte order.
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub state: u8,
+    /// 1 for a hairpin flow (client is a pod of this node): translated and
+    /// redirected on the bridge; 0 for an external client: translated on
+    /// the uplink's egress.
+    pub hairpin: u8,
+    pub _pad: [u8; 2],
+    pub last_seen_ns: u64,
+}
+
 /// Connection-state bits kept in [`NatEntry::state`].
 pub mod ct_state {
     pub const SYN: u8 = 1;
@@ -139,6 +222,16 @@ pub mod stat {
     pub const SNAT_REPAIRED: u32 = 4;
     /// ICMP errors about masqueraded packets translated back to the pod.
     pub const SNAT_ICMP_ERROR_XLATE: u32 = 5;
+    /// Packets DNATed to a hostPort target (uplink, TC or XDP).
+    pub const HOSTPORT_DNAT: u32 = 6;
+    /// hostPort replies translated back.
+    pub const HOSTPORT_REPLY: u32 = 7;
+    /// Hairpin connections (a pod to a hostPort) translated.
+    pub const HOSTPORT_HAIRPIN: u32 = 8;
+    /// Node-local connects/sends redirected by the cgroup hooks.
+    pub const HOSTPORT_SOCK: u32 = 9;
+    /// Hairpin packets dropped for lack of a free source port.
+    pub const HOSTPORT_NO_PORT: u32 = 10;
     /// Number of slots in the array.
     pub const COUNT: u32 = 16;
 }
@@ -153,4 +246,8 @@ mod pod {
     unsafe impl aya::Pod for super::UplinkConfig {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::NatEntry {}
+    unsafe impl aya::Pod for super::HostPortKey {}
+    unsafe impl aya::Pod for super::HostPortTarget {}
+    unsafe impl aya::Pod for super::BridgeInfo {}
+    unsafe impl aya::Pod for super::HpReply {}
 }

@@ -15,8 +15,9 @@ use crate::{
     conntrack::{now, state_bits, touch, v4_key, SNAT_ORIG, SNAT_REPLY},
     parsing::{
         parse_icmp_error, parse_ipv4, Ipv4Packet, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
-        IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IP_CSUM, IP_DADDR, IP_SADDR,
+        IPPROTO_ICMP, IP_CSUM, IP_DADDR, IP_SADDR,
     },
+    rewrite::rewrite,
     stats::bump,
 };
 
@@ -31,8 +32,6 @@ static MASQ_SOURCES: HashMap<IpKey, MasqPolicy> = HashMap::pinned(65536, 0);
 /// How many ports are tried before giving up on a new binding.
 const PORT_TRIES: u32 = 32;
 
-const BPF_F_PSEUDO_HDR: u64 = 0x10;
-const BPF_F_MARK_MANGLED_0: u64 = 0x20;
 const BPF_NOEXIST: u64 = 1;
 
 /// tcx: let the next program (or the stack) decide.
@@ -218,51 +217,6 @@ fn try_snat_ingress(ctx: &TcContext) -> Result<i32, ()> {
     rewrite(ctx, &pkt, IP_DADDR, pkt.daddr, pod_addr, pkt.dport_off(), pkt.dport, pod_port)?;
     bump(stat::SNAT_REPLY_XLATE);
     Ok(NEXT)
-}
-
-/// Rewrites one address and one port (ICMP: the echo id) with incremental
-/// checksum updates. The L4 helper with BPF_F_PSEUDO_HDR keeps the checksum
-/// right for CHECKSUM_PARTIAL skbs from veths as well.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn rewrite(
-    ctx: &TcContext,
-    pkt: &Ipv4Packet,
-    addr_field: usize,
-    old_addr: u32,
-    new_addr: u32,
-    port_off: usize,
-    old_port: u16,
-    new_port: u16,
-) -> Result<(), ()> {
-    let csum_off = pkt.l4_csum_off();
-    match pkt.proto {
-        IPPROTO_TCP => {
-            ctx.l4_csum_replace(csum_off, old_addr as u64, new_addr as u64, BPF_F_PSEUDO_HDR | 4)
-                .map_err(|_| ())?;
-            ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, 2)
-                .map_err(|_| ())?;
-        }
-        IPPROTO_UDP => {
-            if pkt.l4_csum != 0 {
-                let f = BPF_F_MARK_MANGLED_0;
-                ctx.l4_csum_replace(csum_off, old_addr as u64, new_addr as u64, f | BPF_F_PSEUDO_HDR | 4)
-                    .map_err(|_| ())?;
-                ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, f | 2)
-                    .map_err(|_| ())?;
-            }
-        }
-        _ => {
-            // ICMP: no pseudo-header, only the identifier is covered.
-            ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, 2)
-                .map_err(|_| ())?;
-        }
-    }
-    ctx.l3_csum_replace(pkt.l3 + IP_CSUM, old_addr as u64, new_addr as u64, 4)
-        .map_err(|_| ())?;
-    ctx.store(pkt.l3 + addr_field, &new_addr, 0).map_err(|_| ())?;
-    ctx.store(port_off, &new_port, 0).map_err(|_| ())?;
-    Ok(())
 }
 
 /// An ICMP error about a masqueraded packet (e.g. "fragmentation needed"

@@ -21,6 +21,7 @@
 //! test leaves nothing behind; nothing here touches the root namespace
 //! (plugins run under `nsenter --net=<node netns>`).
 pub mod agent;
+pub mod agentctl;
 pub mod bpffs;
 pub mod diff;
 pub mod netns;
@@ -32,6 +33,8 @@ pub mod runtime;
 pub mod snapshot;
 pub mod tempdir;
 pub mod topology;
+pub mod traffic;
+pub mod uplink;
 
 /// Everything a test file usually needs.
 pub mod prelude {

@@ -9,9 +9,10 @@ use aya::{
     programs::{SchedClassifier, TcAttachType},
 };
 use cni_agent::datapath::{
+    links::ensure_tc,
     loader::Hook,
     pins::{load_pinned, MapSizes, PinLayout},
-    uplink::ensure_link,
+    uplink::program,
 };
 use cni_ebpf_common::{map_names, prog_names, TrafficCounters};
 use cni_tests::{bpffs::BpfFs, prelude::*};
@@ -49,11 +50,15 @@ fn tc_program_attaches_via_tcx_and_counts_packets() {
         // both keep seeing every packet.
         let foreign_layout = PinLayout::new(root.join("foreign"));
         let mut foreign = load_pinned(&foreign_layout, MapSizes::default()).expect("load foreign copy");
-        ensure_link(&mut foreign, &foreign_layout, prog_names::TC_COUNT, Hook::Ingress, "vb", ifindex)
+        let prog: &mut SchedClassifier = program(&mut foreign, prog_names::TC_COUNT).expect("program");
+        prog.load().expect("verifier accepts tc_count");
+        ensure_tc(prog, &foreign_layout, prog_names::TC_COUNT, Hook::Ingress, "vb", ifindex)
             .expect("foreign attach");
         let layout = PinLayout::new(root.join("ours"));
         let mut ours = load_pinned(&layout, MapSizes::default()).expect("load the embedded object");
-        let created = ensure_link(&mut ours, &layout, prog_names::TC_COUNT, Hook::Ingress, "vb", ifindex)
+        let prog: &mut SchedClassifier = program(&mut ours, prog_names::TC_COUNT).expect("program");
+        prog.load().expect("verifier accepts tc_count");
+        let created = ensure_tc(prog, &layout, prog_names::TC_COUNT, Hook::Ingress, "vb", ifindex)
             .expect("tcx attach");
         assert!(created, "a new link is created and pinned");
         assert!(layout.maps_dir().join(map_names::SNAT_ORIG).exists(), "maps pinned");

@@ -123,14 +123,16 @@ impl Agent {
         loop {
             let st = proc::stdout_of(
                 proc::cmd(&self.bin)
-                    .arg("status")
-                    .arg("--socket")
+                    .args(["status", "--json", "--socket"])
                     .arg(&self.socket),
             )?;
-            if st
-                .lines()
-                .any(|l| l.starts_with("uplink:") && l.contains(addr))
-            {
+            let v: Value = serde_json::from_str(&st).context("cni-agent status --json")?;
+            let served = v["uplinks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|u| u["address"].as_str() == Some(addr));
+            if served {
                 return Ok(());
             }
             if Instant::now() >= deadline {

@@ -5,14 +5,17 @@
 //! then DEL them in reverse. So pod i's ADD and its DEL both see exactly i
 //! other pods attached, and "pods present" buckets line up for ADD, DEL and
 //! their sum. Namespaces are made before and removed after the timed part.
+//! Both chains get the same node: an uplink to an "external" netns
+//! (198.18.0.0/15) as default route; ours also gets its agent there.
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 
+use crate::agent::Agent;
 use crate::cni::{self, Attachment, Conflist, Runtime};
-use crate::netns::{Netns, NetnsSet, TempDir};
+use crate::netns::{add_uplink, Netns, NetnsSet, TempDir};
 use crate::proc;
 
 /// The kernel's bridge port limit (BR_MAX_PORTS).
@@ -118,8 +121,20 @@ pub fn run(opts: &Opts) -> Result<()> {
 }
 
 fn churn(chain: &Chain, set: &NetnsSet, ip_masq: bool) -> Result<Samples> {
-    let node = Netns::create("cnib-node")?;
+    // Declaration order matters: dropped in reverse, the agent goes first
+    // (its bpffs is mounted inside tmp), then the namespaces, then tmp.
     let tmp = TempDir::create("cni-xtask-bench")?;
+    let node = Netns::create("cnib-node")?;
+    let ext = Netns::create("cnib-ext")?;
+    add_uplink(&node, &ext, "up0", "198.18.0.1/24", "198.18.0.2/24")?;
+    let agent = match chain.key {
+        "ebpf" => {
+            let a = Agent::start(&chain.cni_path[0], &node, &tmp.path.join("agent"), &["up0"])?;
+            a.wait_for_uplink("198.18.0.1")?;
+            Some(a)
+        }
+        _ => None,
+    };
     let mut plugin = json!({
         "type": chain.bridge,
         "bridge": "cni-bench0",
@@ -132,9 +147,8 @@ fn churn(chain: &Chain, set: &NetnsSet, ip_masq: bool) -> Result<Samples> {
             "dataDir": tmp.path.join("ipam"),
         }
     });
-    if chain.key == "ebpf" {
-        plugin["stateDir"] = json!(tmp.path.join("state"));
-        plugin["agentSocket"] = json!(tmp.path.join("agent.sock"));
+    if let (Some(a), Some(obj)) = (&agent, plugin.as_object_mut()) {
+        obj.extend(a.conf_keys());
     }
     let list =
         Conflist::new(json!({ "cniVersion": CNI_VERSION, "name": "bench", "plugins": [plugin] }))?;
@@ -179,9 +193,10 @@ fn churn(chain: &Chain, set: &NetnsSet, ip_masq: bool) -> Result<Samples> {
         "{held} IPs still reserved after DEL of every pod"
     );
     let veths = node.ip(&["-o", "link", "show", "type", "veth"])?;
+    let left = veths.lines().filter(|l| !l.contains(": up0@")).count();
     ensure!(
-        veths.trim().is_empty(),
-        "veths left in the node netns after DEL"
+        left == 0,
+        "{left} pod veths left in the node netns after DEL"
     );
     Ok(Samples { add, del })
 }

@@ -244,12 +244,6 @@ impl Demo {
         );
         agent.wait_for_uplink(NODE_UPLINK_IP)?;
         agent.show("status")?;
-        // The uplink programs, attached with tcx.
-        proc::show(
-            self.node()?
-                .exec("bpftool")
-                .args(["net", "show", "dev", UPLINK]),
-        )?;
         self.agent = Some(agent);
         Ok(())
     }

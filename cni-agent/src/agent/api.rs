@@ -2,7 +2,7 @@
 //! one JSON request per line on a Unix socket, one JSON response line back.
 use serde::{Deserialize, Serialize};
 
-use crate::state::record::{AttachmentKey, Entry, Record};
+use crate::state::record::{AttachmentKey, Entry, Owner, Record};
 
 /// Default paths, the same in every plugin of the suite and in the agent.
 pub const DEFAULT_SOCKET: &str = "/run/cni-ebpf/agent.sock";
@@ -14,8 +14,13 @@ pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/cni-ebpf";
 pub enum Request {
     /// Record `record` durably, then create its entries.
     Add { record: Record },
-    /// Remove the entries of the attachment's record, then the record.
-    Del { key: AttachmentKey },
+    /// Remove the entries of the attachment's record (only `owner`'s, if
+    /// given), then the record once empty.
+    Del {
+        key: AttachmentKey,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<Owner>,
+    },
     /// Verify that the attachment's record holds `entries` and all of them
     /// are present in the datapath.
     Check {

@@ -12,15 +12,18 @@ use std::{
     time::Duration,
 };
 
-use aya::Ebpf;
+use aya::{programs::cgroup_sock_addr::CgroupSockAddr, Ebpf};
+use cni_ebpf_common::prog_names;
 
 use super::{ops::Paths, server};
 use crate::{
     datapath::{
         conntrack::{NatTable, Timeouts},
-        loader::DatapathError,
+        links::{ensure_cgroup, ifindex_exists, load_and_pin_programs, pinned_ifindexes, remove_links, take_over},
+        loader::{DatapathError, Hook},
+        node::NodeAddrMap,
         pins::{load_pinned, MapSizes, PinLayout},
-        uplink::{ensure_link, pinned_uplinks, remove_links, UplinkMap, UPLINK_PROGRAMS},
+        uplink::{attach_uplink, program, HostPortMode, UplinkMap, UPLINK_PROGRAMS},
     },
     netlink::Netlink,
 };
@@ -38,6 +41,11 @@ pub struct AgentConfig {
     pub nat_ports: (u16, u16),
     pub sizes: MapSizes,
     pub timeouts: Timeouts,
+    /// Where hostPort DNAT runs on the uplinks.
+    pub hostport_mode: HostPortMode,
+    /// cgroup (v2 directory) whose processes reach hostPorts through the
+    /// socket hooks; none = node-local clients are not served.
+    pub cgroup: Option<PathBuf>,
     /// How often uplinks are rescanned and bindings expired.
     pub interval: Duration,
 }
@@ -66,10 +74,10 @@ struct Uplink {
     addr: Ipv4Addr,
 }
 
-/// The uplinks to serve now: the configured names, or the interfaces that
-/// carry a default route in the main table. Interfaces without an IPv4
-/// address are skipped (nothing to masquerade to yet).
-fn discover(nl: &Netlink, names: &[String]) -> Result<Vec<Uplink>, AgentError> {
+/// What the kernel says now: the uplinks to serve (the configured names, or
+/// the interfaces carrying a default route in the main table, skipping
+/// those without an IPv4 address) and every address of the node.
+fn discover(nl: &Netlink, names: &[String]) -> Result<(Vec<Uplink>, Vec<IpAddr>), AgentError> {
     let links = nl.links()?;
     let wanted: Vec<u32> = if names.is_empty() {
         let mut v: Vec<u32> = nl
@@ -89,7 +97,7 @@ fn discover(nl: &Netlink, names: &[String]) -> Result<Vec<Uplink>, AgentError> {
             .collect()
     };
     let addrs = nl.addresses(None)?;
-    Ok(wanted
+    let uplinks = wanted
         .into_iter()
         .filter_map(|index| {
             let name = links.iter().find(|l| l.index == index)?.name.clone();
@@ -99,60 +107,87 @@ fn discover(nl: &Netlink, names: &[String]) -> Result<Vec<Uplink>, AgentError> {
             })?;
             Some(Uplink { name, index, addr })
         })
-        .collect())
+        .collect();
+    Ok((uplinks, addrs.into_iter().map(|a| a.addr.addr()).collect()))
 }
 
-/// Keeps programs attached to the current uplinks and UPLINKS in step with
-/// their addresses. The first pass swaps the new programs into links left
-/// pinned by a previous agent.
-struct UplinkManager {
+/// Keeps programs attached to the current uplinks, UPLINKS and NODE_ADDRS
+/// in step with the kernel, and drops links of bridges that are gone.
+struct Manager {
     ebpf: Ebpf,
     layout: PinLayout,
-    map: UplinkMap,
+    uplink_map: UplinkMap,
+    node_addrs: NodeAddrMap,
     ports: (u16, u16),
+    mode: HostPortMode,
     names: Vec<String>,
     /// ifindex -> uplink, as last applied by this process.
     current: BTreeMap<u32, Uplink>,
 }
 
-impl UplinkManager {
+impl Manager {
     fn sync(&mut self, nl: &Netlink) -> Result<(), AgentError> {
-        let found = discover(nl, &self.names)?;
+        let (found, addrs) = discover(nl, &self.names)?;
+        self.node_addrs.sync(&addrs)?;
         for up in &found {
             if self.current.get(&up.index) == Some(up) {
                 continue;
             }
-            self.map.set(up.index, up.addr, self.ports)?;
-            for (prog, hook) in UPLINK_PROGRAMS {
-                let created = ensure_link(&mut self.ebpf, &self.layout, prog, hook, &up.name, up.index)?;
-                log::info!(
-                    "uplink {} (ifindex {}, {}): {prog} {}",
-                    up.name,
-                    up.index,
-                    up.addr,
-                    if created { "attached" } else { "taken over from pinned link" }
-                );
-            }
+            self.uplink_map.set(up.index, up.addr, self.ports)?;
+            let attached = attach_uplink(&mut self.ebpf, &self.layout, self.mode, &up.name, up.index)?;
+            log::info!(
+                "uplink {} (ifindex {}, {}): {}",
+                up.name,
+                up.index,
+                up.addr,
+                if attached.is_empty() {
+                    "programs already attached".to_string()
+                } else {
+                    format!("attached {}", attached.join(", "))
+                }
+            );
             self.current.insert(up.index, up.clone());
         }
         // Uplinks that went away (or pins of a previous run that are not
         // uplinks any more).
         let keep: Vec<u32> = found.iter().map(|u| u.index).collect();
-        for index in pinned_uplinks(&self.layout) {
+        let mut uplink_progs: Vec<&str> = UPLINK_PROGRAMS.iter().map(|(n, _)| *n).collect();
+        uplink_progs.push(prog_names::HOSTPORT_XDP);
+        for index in pinned_ifindexes(&self.layout, &uplink_progs) {
             if !keep.contains(&index) {
-                remove_links(&self.layout, index);
-                self.map.remove(index);
+                remove_links(&self.layout, &index.to_string(), &uplink_progs);
+                self.uplink_map.remove(index);
                 self.current.remove(&index);
                 log::info!("uplink ifindex {index} gone: programs detached");
             }
         }
-        for (index, _) in self.map.list() {
+        for (index, _) in self.uplink_map.list() {
             if !keep.contains(&index) {
-                self.map.remove(index);
+                self.uplink_map.remove(index);
+            }
+        }
+        for index in pinned_ifindexes(&self.layout, &[prog_names::BRIDGE_FROM_PODS]) {
+            if !ifindex_exists(index) {
+                remove_links(&self.layout, &index.to_string(), &[prog_names::BRIDGE_FROM_PODS]);
+                log::info!("bridge ifindex {index} gone: its link unpinned");
             }
         }
         Ok(())
     }
+}
+
+/// Attaches the socket hooks for node-local hostPort clients.
+fn attach_cgroup(ebpf: &mut Ebpf, layout: &PinLayout, cgroup: &std::path::Path) -> Result<(), DatapathError> {
+    for (name, hook) in [
+        (prog_names::HOSTPORT_CONNECT4, Hook::Connect4),
+        (prog_names::HOSTPORT_SENDMSG4, Hook::Sendmsg4),
+    ] {
+        let prog: &mut CgroupSockAddr = program(ebpf, name)?;
+        if ensure_cgroup(prog, layout, name, hook, cgroup)? {
+            log::info!("cgroup {}: {name} attached", cgroup.display());
+        }
+    }
+    Ok(())
 }
 
 /// Runs the agent until SIGINT/SIGTERM. The datapath stays attached after
@@ -160,8 +195,8 @@ impl UplinkManager {
 pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let layout = cfg.paths.layout();
     let mut ebpf = load_pinned(&layout, cfg.sizes)?;
-    // Owns the log ring buffer's fd: it must outlive the program loads in
-    // `sync` below, and is drained by the worker thread into our log.
+    // Owns the log ring buffer's fd: it must outlive the program loads
+    // below, and is drained by the worker thread into our log.
     let mut ebpf_log = match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(l) => Some(l),
         Err(e) => {
@@ -169,18 +204,25 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             None
         }
     };
+    load_and_pin_programs(&mut ebpf, &layout)?;
+    let taken = take_over(&ebpf, &layout);
     log::info!(
-        "datapath loaded, maps pinned under {}",
+        "datapath loaded, maps pinned under {}; {taken} pinned links now run this build's programs",
         layout.maps_dir().display()
     );
+    if let Some(cg) = &cfg.cgroup {
+        attach_cgroup(&mut ebpf, &layout, cg)?;
+    }
     let stop = Arc::new(AtomicBool::new(false));
 
     let nl = Netlink::connect()?;
-    let mut mgr = UplinkManager {
+    let mut mgr = Manager {
         ebpf,
-        map: UplinkMap::open(&layout)?,
+        uplink_map: UplinkMap::open(&layout)?,
+        node_addrs: NodeAddrMap::open(&layout)?,
         layout: layout.clone(),
         ports: cfg.nat_ports,
+        mode: cfg.hostport_mode,
         names: cfg.uplinks.clone(),
         current: BTreeMap::new(),
     };

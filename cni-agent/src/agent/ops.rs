@@ -16,7 +16,7 @@ use crate::{
     datapath::{conntrack::NatTable, entries::EntryMaps, loader::DatapathError, pins::PinLayout},
     netlink::{Netlink, NetlinkError},
     spec::error::{CniError, ErrorCode},
-    state::record::{AttachmentKey, Entry, Record, RecordError, RecordStore},
+    state::record::{AttachmentKey, Entry, Owner, Record, RecordError, RecordStore},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,8 @@ pub enum OpsError {
     },
     #[error("attachment {key}: {what}")]
     Check { key: AttachmentKey, what: String },
+    #[error("{what} is already mapped by attachment {owner}")]
+    Conflict { what: String, owner: AttachmentKey },
 }
 
 impl From<OpsError> for CniError {
@@ -42,9 +44,10 @@ impl From<OpsError> for CniError {
         let code = match &e {
             OpsError::Record(RecordError::BadName { .. }) => ErrorCode::InvalidNetworkConfig,
             OpsError::Record(_) | OpsError::Lock { .. } => ErrorCode::Io,
-            OpsError::Datapath(_) | OpsError::Netlink(_) | OpsError::Check { .. } => {
-                ErrorCode::Internal
-            }
+            OpsError::Datapath(_)
+            | OpsError::Netlink(_)
+            | OpsError::Check { .. }
+            | OpsError::Conflict { .. } => ErrorCode::Internal,
         };
         CniError::new(code, e.to_string())
     }
@@ -131,27 +134,75 @@ pub fn forget(paths: &Paths, key: &AttachmentKey, entry: &Entry) -> Result<(), O
     Ok(())
 }
 
-/// ADD of datapath entries (the agent's side): recorded first, durably,
-/// then written to the maps. Re-adding what is there is a no-op.
+/// Refuses hostPort entries that overlap one of another attachment (or
+/// each other): an ADD that would steal a mapping changes nothing.
+fn check_conflicts(paths: &Paths, key: &AttachmentKey, entries: &[Entry]) -> Result<(), OpsError> {
+    let describe = |e: &Entry| match e {
+        Entry::HostPort {
+            host_ip,
+            host_port,
+            protocol,
+            ..
+        } => format!(
+            "hostPort {host_port}/{protocol:?} on {}",
+            host_ip.map_or("every node address".to_string(), |ip| ip.to_string())
+        )
+        .to_lowercase(),
+        other => format!("{other:?}"),
+    };
+    for (i, e) in entries.iter().enumerate() {
+        if entries[..i].iter().any(|o| o.conflicts_with(e)) {
+            return Err(OpsError::Conflict {
+                what: describe(e),
+                owner: key.clone(),
+            });
+        }
+    }
+    if !entries.iter().any(|e| matches!(e, Entry::HostPort { .. })) {
+        return Ok(());
+    }
+    for r in paths.records().list(None)? {
+        if r.key == *key {
+            continue;
+        }
+        for e in entries {
+            if r.entries.iter().any(|o| o.conflicts_with(e)) {
+                return Err(OpsError::Conflict {
+                    what: describe(e),
+                    owner: r.key.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// ADD of datapath entries (the agent's side): checked for conflicts,
+/// recorded first, durably, then written to the maps. Re-adding what is
+/// there is a no-op.
 pub fn add(paths: &Paths, key: &AttachmentKey, entries: &[Entry]) -> Result<(), OpsError> {
     let _guard = lock(&paths.state_dir)?;
+    check_conflicts(paths, key, entries)?;
     record_locked(paths, key, entries)?;
+    crate::crash::point("agent-after-record");
     let map_entries: Vec<&Entry> = entries.iter().filter(|e| e.is_map_entry()).collect();
     if !map_entries.is_empty() {
         let mut maps = EntryMaps::open(&paths.layout())?;
         for e in map_entries {
             maps.apply(e)?;
+            crate::crash::point("agent-after-first-entry");
         }
     }
     log::info!("add {key}: {} entries", entries.len());
     Ok(())
 }
 
-/// DEL: remove exactly what the record lists, then the record. No record:
-/// nothing was created, success.
-pub fn del(paths: &Paths, key: &AttachmentKey) -> Result<(), OpsError> {
+/// DEL: remove exactly what the record lists (only `owner`'s entries if
+/// given), then the record once it is empty. No record: nothing was
+/// created, success.
+pub fn del(paths: &Paths, key: &AttachmentKey, owner: Option<Owner>) -> Result<(), OpsError> {
     let _guard = lock(&paths.state_dir)?;
-    del_locked(paths, key)
+    del_locked(paths, key, owner)
 }
 
 /// Deletes a link of the current network namespace by name, on a thread of
@@ -167,34 +218,54 @@ fn delete_link(name: &str) -> Result<(), OpsError> {
     .map_err(Into::into)
 }
 
-fn del_locked(paths: &Paths, key: &AttachmentKey) -> Result<(), OpsError> {
+fn del_locked(paths: &Paths, key: &AttachmentKey, owner: Option<Owner>) -> Result<(), OpsError> {
     let store = paths.records();
-    let Some(record) = store.read(key)? else {
+    let Some(mut record) = store.read(key)? else {
         return Ok(());
     };
+    let (gone, kept): (Vec<Entry>, Vec<Entry>) = record
+        .entries
+        .drain(..)
+        .partition(|e| owner.is_none_or(|o| e.owner() == o));
     let layout = paths.layout();
-    let has_map_entries = record.entries.iter().any(Entry::is_map_entry);
+    let has_map_entries = gone.iter().any(Entry::is_map_entry);
     // Maps that were never created (no agent ever ran) hold nothing.
     let (mut maps, mut nat) = if has_map_entries && layout.maps_dir().exists() {
         (Some(EntryMaps::open(&layout)?), NatTable::open(&layout).ok())
     } else {
         (None, None)
     };
-    for e in &record.entries {
-        match e {
-            Entry::Link { name } => delete_link(name)?,
-            Entry::MasqSource { ip, .. } => {
-                if let Some(maps) = maps.as_mut() {
-                    maps.revoke(e)?;
-                }
-                if let Some(nat) = nat.as_mut() {
-                    nat.flush_source(*ip)?;
-                }
+    for e in &gone {
+        if let Entry::Link { name } = e {
+            delete_link(name)?;
+            continue;
+        }
+        if let Some(maps) = maps.as_mut() {
+            maps.revoke(e)?;
+        }
+        // Flows of what was removed must not live on in the NAT tables.
+        match (e, nat.as_mut()) {
+            (Entry::MasqSource { ip, .. }, Some(nat)) => {
+                nat.flush_source(*ip)?;
             }
+            (
+                Entry::HostPort {
+                    host_port, protocol, ..
+                },
+                Some(nat),
+            ) => {
+                nat.flush_hostport(*host_port, protocol.number())?;
+            }
+            _ => {}
         }
     }
-    store.remove(key)?;
-    log::info!("del {key}: removed {} entries", record.entries.len());
+    if kept.is_empty() {
+        store.remove(key)?;
+    } else {
+        record.entries = kept;
+        store.write(&record)?;
+    }
+    log::info!("del {key}: removed {} entries", gone.len());
     Ok(())
 }
 
@@ -237,7 +308,7 @@ pub fn gc(paths: &Paths, network: &str, valid: &[AttachmentKey]) -> Result<Vec<A
     let mut removed = Vec::new();
     for r in paths.records().list(Some(network))? {
         if !valid.contains(&(r.key.container_id.as_str(), r.key.ifname.as_str())) {
-            del_locked(paths, &r.key)?;
+            del_locked(paths, &r.key, None)?;
             removed.push(r.key);
         }
     }

@@ -100,7 +100,9 @@ fn dispatch(paths: &Paths, req: Request) -> Response {
         Request::Add { record } => ops::add(paths, &record.key, &record.entries)
             .map(|()| json!(null))
             .map_err(Into::into),
-        Request::Del { key } => ops::del(paths, &key).map(|()| json!(null)).map_err(Into::into),
+        Request::Del { key, owner } => ops::del(paths, &key, owner)
+            .map(|()| json!(null))
+            .map_err(Into::into),
         Request::Check { key, entries } => ops::check(paths, &key, &entries)
             .map(|()| json!(null))
             .map_err(Into::into),
@@ -140,6 +142,7 @@ fn status(paths: &Paths) -> Result<serde_json::Value, CniError> {
         "uplinks": uplinks.list().into_iter().map(|(i, a)| json!({"ifindex": i, "address": a.to_string()})).collect::<Vec<_>>(),
         "nat": {"originalHalves": orig, "replyHalves": reply},
         "masqSources": entries.masq_len(),
+        "hostPorts": entries.hostports_len(),
         "records": records,
         "bpffsRoot": paths.bpffs_root,
         "stateDir": paths.state_dir,

@@ -10,7 +10,7 @@ use cni_agent::{
         daemon::{self, AgentConfig},
         ops::Paths,
     },
-    datapath::{conntrack::Timeouts, pins::MapSizes},
+    datapath::{conntrack::Timeouts, pins::MapSizes, uplink::HostPortMode},
 };
 
 #[derive(Parser)]
@@ -58,6 +58,13 @@ enum Cmd {
         /// Seconds an idle UDP binding is kept.
         #[arg(long, default_value_t = 60)]
         udp_timeout: u64,
+        /// Where hostPort DNAT runs on the uplinks.
+        #[arg(long, value_enum, default_value = "tc")]
+        hostport_mode: HostPortMode,
+        /// cgroup v2 directory whose processes reach hostPorts on the node's
+        /// addresses and 127.0.0.1 (socket hooks). Default: none.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
     },
     /// Agent health, uplinks and map occupancy.
     Status(SocketArg),
@@ -133,6 +140,7 @@ fn print_text(req: &Request, data: &serde_json::Value) {
                 data["nat"]["originalHalves"], data["nat"]["replyHalves"]
             );
             println!("masquerade sources: {}", data["masqSources"]);
+            println!("hostPort mappings: {}", data["hostPorts"]);
             println!("attachment records: {}", data["records"]);
         }
     }
@@ -151,6 +159,8 @@ fn main() -> ExitCode {
             tcp_closed_timeout,
             tcp_established_timeout,
             udp_timeout,
+            hostport_mode,
+            cgroup,
         } => {
             let cfg = AgentConfig {
                 socket,
@@ -170,6 +180,8 @@ fn main() -> ExitCode {
                     udp: Duration::from_secs(udp_timeout),
                     ..Timeouts::default()
                 },
+                hostport_mode,
+                cgroup,
                 interval: Duration::from_secs(1),
             };
             match daemon::run(cfg) {

@@ -6,7 +6,7 @@
 use std::{net::IpAddr, time::Duration};
 
 use aya::maps::{HashMap, Map, MapData, MapError};
-use cni_ebpf_common::{ct_state, map_names, CtKey, NatEntry};
+use cni_ebpf_common::{ct_state, map_names, CtKey, HpReply, NatEntry};
 use serde::Serialize;
 
 use super::{
@@ -96,9 +96,11 @@ pub fn monotonic_ns() -> u64 {
 pub struct NatTable {
     orig: HashMap<MapData, CtKey, NatEntry>,
     reply: HashMap<MapData, CtKey, NatEntry>,
+    hp_orig: HashMap<MapData, CtKey, NatEntry>,
+    hp_reply: HashMap<MapData, CtKey, HpReply>,
 }
 
-fn open_lru(layout: &PinLayout, name: &'static str) -> Result<HashMap<MapData, CtKey, NatEntry>, DatapathError> {
+fn open_lru<V: aya::Pod>(layout: &PinLayout, name: &'static str) -> Result<HashMap<MapData, CtKey, V>, DatapathError> {
     let data = open_pinned(layout, name)?;
     HashMap::try_from(Map::LruHashMap(data)).map_err(|source| DatapathError::Map { name, source })
 }
@@ -122,6 +124,8 @@ impl NatTable {
         Ok(Self {
             orig: open_lru(layout, map_names::SNAT_ORIG)?,
             reply: open_lru(layout, map_names::SNAT_REPLY)?,
+            hp_orig: open_lru(layout, map_names::HP_ORIG)?,
+            hp_reply: open_lru(layout, map_names::HP_REPLY)?,
         })
     }
 
@@ -208,6 +212,7 @@ impl NatTable {
         for k in orphans {
             ignore_missing(self.reply.remove(&k))?;
         }
+        removed += self.expire_hostports(t, now)?;
         Ok(removed)
     }
 
@@ -224,6 +229,71 @@ impl NatTable {
             }
         }
         Ok(removed)
+    }
+}
+
+impl NatTable {
+    /// Removes the hostPort reply (and hairpin) bindings of a mapping that
+    /// was removed, so stale flows to it stop at once.
+    pub fn flush_hostport(&mut self, host_port: u16, proto: u8) -> Result<usize, DatapathError> {
+        let port_be = host_port.to_be();
+        let stale: Vec<CtKey> = self
+            .hp_reply
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| k.proto == proto && v.src_port == port_be)
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale {
+            ignore_missing(self.hp_reply.remove(k))?;
+        }
+        let orig: Vec<CtKey> = self
+            .hp_orig
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.proto == proto && k.dport == port_be)
+            .map(|(k, _)| k)
+            .collect();
+        for k in &orig {
+            ignore_missing(self.hp_orig.remove(k))?;
+        }
+        Ok(stale.len())
+    }
+
+    /// Expires idle hostPort bindings with the same timeouts as the
+    /// masquerade's.
+    fn expire_hostports(&mut self, t: &Timeouts, now: u64) -> Result<usize, DatapathError> {
+        let stale: Vec<CtKey> = self
+            .hp_reply
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| now.saturating_sub(v.last_seen_ns) >= timeout_of(k.proto, v.state, t).as_nanos() as u64)
+            .map(|(k, _)| k)
+            .collect();
+        for k in &stale {
+            ignore_missing(self.hp_reply.remove(k))?;
+        }
+        let orig: Vec<CtKey> = self
+            .hp_orig
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| now.saturating_sub(v.last_seen_ns) >= timeout_of(k.proto, v.state, t).as_nanos() as u64)
+            .map(|(k, _)| k)
+            .collect();
+        for k in &orig {
+            ignore_missing(self.hp_orig.remove(k))?;
+        }
+        Ok(stale.len())
+    }
+}
+
+/// The idle timeout of a binding in `state` (bits of both directions).
+fn timeout_of(proto: u8, state: u8, t: &Timeouts) -> Duration {
+    match proto {
+        6 if state & (ct_state::RST | ct_state::FIN) != 0 => t.tcp_closed,
+        6 => t.tcp_established,
+        17 => t.udp,
+        _ => t.icmp,
     }
 }
 

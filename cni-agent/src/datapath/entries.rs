@@ -1,17 +1,28 @@
-//! Applying and revoking the map entries a record lists. The agent applies
-//! them on ADD; both the agent and a plugin whose agent is down revoke them
-//! on DEL, through the pinned maps, so a DEL never waits for the agent.
+//! Applying and revoking the datapath entries a record lists. The agent
+//! applies them on ADD; both the agent and a plugin whose agent is down
+//! revoke them on DEL, through the pinned maps, so a DEL never waits for the
+//! agent.
 use std::net::IpAddr;
 
-use aya::maps::{HashMap, MapData, MapError};
-use cni_ebpf_common::{map_names, IpKey, MasqPolicy, FAMILY_V4, FAMILY_V6};
+use aya::{
+    maps::{HashMap, MapData, MapError},
+    programs::SchedClassifier,
+};
+use cni_ebpf_common::{
+    hostport_flags, map_names, prog_names, BridgeInfo, HostPortKey, HostPortTarget, IpKey,
+    MasqPolicy, FAMILY_V4, FAMILY_V6,
+};
 use ipnet::IpNet;
 
 use super::{
-    loader::DatapathError,
+    links::ensure_tc,
+    loader::{DatapathError, Hook},
     pins::{open_pinned, PinLayout},
 };
-use crate::state::record::Entry;
+use crate::{
+    netlink::Netlink,
+    state::record::{Entry, Protocol},
+};
 
 /// An address as the datapath keys it (network byte order words).
 pub fn addr_words(ip: IpAddr) -> ([u32; 4], u8) {
@@ -60,24 +71,69 @@ pub fn masq_policy(subnet: IpNet) -> MasqPolicy {
     }
 }
 
+fn hostport_key(host_ip: Option<IpAddr>, host_port: u16, protocol: Protocol, v6: bool) -> HostPortKey {
+    let (addr, family) = match host_ip {
+        Some(ip) => addr_words(ip),
+        None => ([0; 4], if v6 { FAMILY_V6 } else { FAMILY_V4 }),
+    };
+    HostPortKey {
+        addr,
+        port: host_port.to_be(),
+        proto: protocol.number(),
+        family,
+    }
+}
+
+fn hostport_target(pod_ip: IpAddr, container_port: u16, snat: bool) -> HostPortTarget {
+    let (addr, family) = addr_words(pod_ip);
+    HostPortTarget {
+        addr,
+        port: container_port.to_be(),
+        flags: if snat { hostport_flags::SNAT } else { 0 },
+        family,
+    }
+}
+
 /// The maps that hold per-attachment entries, opened from their pins.
 pub struct EntryMaps {
+    layout: PinLayout,
     masq: HashMap<MapData, IpKey, MasqPolicy>,
+    hostports: HashMap<MapData, HostPortKey, HostPortTarget>,
+    bridges: HashMap<MapData, u32, BridgeInfo>,
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
 }
 
+fn hash<K: aya::Pod, V: aya::Pod>(
+    layout: &PinLayout,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, DatapathError> {
+    let data = open_pinned(layout, name)?;
+    HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err(name))
+}
+
+fn ignore_missing(name: &'static str, r: Result<(), MapError>) -> Result<(), DatapathError> {
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(source) => Err(DatapathError::Map { name, source }),
+    }
+}
+
 impl EntryMaps {
     pub fn open(layout: &PinLayout) -> Result<Self, DatapathError> {
-        let data = open_pinned(layout, map_names::MASQ_SOURCES)?;
-        let masq = HashMap::try_from(aya::maps::Map::HashMap(data))
-            .map_err(map_err(map_names::MASQ_SOURCES))?;
-        Ok(Self { masq })
+        Ok(Self {
+            layout: layout.clone(),
+            masq: hash(layout, map_names::MASQ_SOURCES)?,
+            hostports: hash(layout, map_names::HOSTPORTS)?,
+            bridges: hash(layout, map_names::BRIDGES)?,
+        })
     }
 
-    /// Writes one map entry (links are the plugins' business) (overwriting: re-applying a record is idempotent).
+    /// Writes one entry (overwriting: re-applying a record is idempotent).
+    /// Links are the plugins' business and are skipped.
     pub fn apply(&mut self, entry: &Entry) -> Result<(), DatapathError> {
         match entry {
             Entry::Link { .. } => Ok(()),
@@ -85,24 +141,83 @@ impl EntryMaps {
                 .masq
                 .insert(ip_key(*ip), masq_policy(*subnet), 0)
                 .map_err(map_err(map_names::MASQ_SOURCES)),
+            Entry::HostPort {
+                host_ip,
+                host_port,
+                protocol,
+                pod_ip,
+                container_port,
+                snat,
+            } => self
+                .hostports
+                .insert(
+                    hostport_key(*host_ip, *host_port, *protocol, pod_ip.is_ipv6()),
+                    hostport_target(*pod_ip, *container_port, *snat),
+                    0,
+                )
+                .map_err(map_err(map_names::HOSTPORTS)),
+            Entry::BridgeHook { bridge } => self.hook_bridge(bridge),
         }
+    }
+
+    /// Attaches the bridge program to `bridge` (once) and records the
+    /// bridge's IPv4 address for hairpin masquerading.
+    fn hook_bridge(&mut self, bridge: &str) -> Result<(), DatapathError> {
+        let name = bridge.to_string();
+        let (index, addr) = std::thread::scope(|s| {
+            s.spawn(|| -> Result<(u32, u32), crate::netlink::NetlinkError> {
+                let nl = Netlink::connect()?;
+                let link = nl.link_by_name(&name)?;
+                let addr = nl
+                    .addresses(Some(link.index))?
+                    .into_iter()
+                    .find_map(|a| match a.addr.addr() {
+                        IpAddr::V4(v4) => Some(u32::from_ne_bytes(v4.octets())),
+                        IpAddr::V6(_) => None,
+                    })
+                    .unwrap_or(0);
+                Ok((link.index, addr))
+            })
+            .join()
+            .unwrap_or_else(|_| Err(crate::netlink::NetlinkError::LinkNotFound(name.clone())))
+        })
+        .map_err(|e| DatapathError::Link(format!("bridge {bridge}: {e}")))?;
+        self.bridges
+            .insert(index, BridgeInfo { addr_v4: addr, _pad: 0 }, 0)
+            .map_err(map_err(map_names::BRIDGES))?;
+        let prog_name = prog_names::BRIDGE_FROM_PODS;
+        let mut prog = SchedClassifier::from_pin(self.layout.progs_dir().join(prog_name)).map_err(|source| {
+            DatapathError::Program {
+                name: prog_name.to_string(),
+                source,
+            }
+        })?;
+        ensure_tc(&mut prog, &self.layout, prog_name, Hook::Ingress, bridge, index)?;
+        Ok(())
     }
 
     /// Removes one entry; an entry that is already gone is not an error.
     pub fn revoke(&mut self, entry: &Entry) -> Result<(), DatapathError> {
-        let res = match entry {
-            Entry::Link { .. } => return Ok(()),
-            Entry::MasqSource { ip, .. } => self.masq.remove(&ip_key(*ip)),
-        };
-        match res {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+        match entry {
+            Entry::Link { .. } | Entry::BridgeHook { .. } => Ok(()),
+            Entry::MasqSource { ip, .. } => {
+                ignore_missing(map_names::MASQ_SOURCES, self.masq.remove(&ip_key(*ip)))
+            }
+            Entry::HostPort {
+                host_ip,
+                host_port,
+                protocol,
+                pod_ip,
+                container_port,
+                snat,
+            } => {
+                let key = hostport_key(*host_ip, *host_port, *protocol, pod_ip.is_ipv6());
+                // Only if it is still ours: never another attachment's.
+                if self.hostports.get(&key, 0).ok() == Some(hostport_target(*pod_ip, *container_port, *snat)) {
+                    ignore_missing(map_names::HOSTPORTS, self.hostports.remove(&key))?;
+                }
                 Ok(())
             }
-            Err(source) => Err(DatapathError::Map {
-                name: map_names::MASQ_SOURCES,
-                source,
-            }),
         }
     }
 
@@ -115,11 +230,29 @@ impl EntryMaps {
                 .get(&ip_key(*ip), 0)
                 .map(|v| v == masq_policy(*subnet))
                 .unwrap_or(false),
+            Entry::HostPort {
+                host_ip,
+                host_port,
+                protocol,
+                pod_ip,
+                container_port,
+                snat,
+            } => self
+                .hostports
+                .get(&hostport_key(*host_ip, *host_port, *protocol, pod_ip.is_ipv6()), 0)
+                .map(|v| v == hostport_target(*pod_ip, *container_port, *snat))
+                .unwrap_or(false),
+            Entry::BridgeHook { .. } => self.bridges.keys().any(|k| k.is_ok()),
         }
     }
 
     /// Number of masquerade sources (occupancy reporting).
     pub fn masq_len(&self) -> usize {
         self.masq.keys().filter(|k| k.is_ok()).count()
+    }
+
+    /// Number of hostPort mappings (occupancy reporting).
+    pub fn hostports_len(&self) -> usize {
+        self.hostports.keys().filter(|k| k.is_ok()).count()
     }
 }

@@ -3,10 +3,7 @@
 //! Programs attach through tcx (rather than a clsact qdisc + cls_bpf filter)
 //! so that programs of other agents on the same device keep running next to
 //! ours, in an order the kernel keeps for each of them.
-use aya::{
-    programs::{ProgramError, TcAttachType},
-    EbpfError,
-};
+use aya::{programs::ProgramError, EbpfError};
 
 /// What can go wrong while loading or attaching.
 #[derive(Debug, thiserror::Error)]
@@ -14,12 +11,12 @@ pub enum DatapathError {
     #[error("loading the eBPF object: {0}")]
     Load(#[from] EbpfError),
     #[error("program {0} is not in the eBPF object")]
-    MissingProgram(&'static str),
+    MissingProgram(String),
     #[error("map {0} is not in the eBPF object")]
     MissingMap(&'static str),
     #[error("program {name}: {source}")]
     Program {
-        name: &'static str,
+        name: String,
         #[source]
         source: ProgramError,
     },
@@ -47,18 +44,13 @@ pub enum DatapathError {
     },
 }
 
-/// Direction of a TC hook, named from the device's point of view.
+/// Where a program hooks in: TC ingress/egress of a device (named from the
+/// device's point of view), XDP, or a cgroup's socket-address hooks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
     Ingress,
     Egress,
-}
-
-impl From<Hook> for TcAttachType {
-    fn from(h: Hook) -> Self {
-        match h {
-            Hook::Ingress => TcAttachType::Ingress,
-            Hook::Egress => TcAttachType::Egress,
-        }
-    }
+    Xdp,
+    Connect4,
+    Sendmsg4,
 }

@@ -2,7 +2,9 @@
 //! layout, attaching programs, and the maps the agent and plugins write.
 pub mod conntrack;
 pub mod entries;
+pub mod links;
 pub mod loader;
+pub mod node;
 pub mod object;
 pub mod pins;
 pub mod uplink;

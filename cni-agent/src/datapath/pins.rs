@@ -3,7 +3,9 @@
 //!
 //! Layout under the configured root (default /sys/fs/bpf/cni-ebpf):
 //!   v<MAP_LAYOUT_VERSION>/maps/<MAP>          pinned maps
-//!   v<MAP_LAYOUT_VERSION>/links/<ifindex>-<hook>-<program>   pinned tcx links
+//!   v<MAP_LAYOUT_VERSION>/progs/<program>      pinned programs (for attaching
+//!                                              from outside the loader)
+//!   v<MAP_LAYOUT_VERSION>/links/<target>-<hook>-<program>   pinned links
 //! A new layout version gets new directories, so an old agent's maps are
 //! never read with a new layout. Within a version, aya reuses a pinned map
 //! by name without comparing its definition; [`check_pinned_maps`] does that
@@ -19,8 +21,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use cni_ebpf_common::{
-    map_names, CtKey, IpKey, MasqPolicy, NatEntry, UplinkConfig,
-    MAP_LAYOUT_VERSION,
+    map_names, BridgeInfo, CtKey, HostPortKey, HostPortTarget, HpReply, IpKey, MasqPolicy,
+    NatEntry, UplinkConfig, MAP_LAYOUT_VERSION,
 };
 
 use super::{loader::DatapathError, object::EBPF_OBJECT};
@@ -49,6 +51,9 @@ impl PinLayout {
     pub fn links_dir(&self) -> PathBuf {
         self.versioned().join("links")
     }
+    pub fn progs_dir(&self) -> PathBuf {
+        self.versioned().join("progs")
+    }
     pub fn map_path(&self, name: &str) -> PathBuf {
         self.maps_dir().join(name)
     }
@@ -57,6 +62,7 @@ impl PinLayout {
     pub fn create(&self) -> Result<(), DatapathError> {
         fs::create_dir_all(self.maps_dir())
             .and_then(|()| fs::create_dir_all(self.links_dir()))
+            .and_then(|()| fs::create_dir_all(self.progs_dir()))
             .map_err(|source| DatapathError::Pins {
                 path: self.root.clone(),
                 source,
@@ -81,7 +87,7 @@ pub struct MapSpec {
 }
 
 /// Every pinned map of the object with its expected layout.
-pub fn map_specs() -> [MapSpec; 5] {
+pub fn map_specs() -> [MapSpec; 10] {
     fn spec<K, V>(name: &'static str, map_type: MapType) -> MapSpec {
         MapSpec {
             name,
@@ -96,6 +102,11 @@ pub fn map_specs() -> [MapSpec; 5] {
         spec::<CtKey, NatEntry>(map_names::SNAT_ORIG, MapType::LruHash),
         spec::<CtKey, NatEntry>(map_names::SNAT_REPLY, MapType::LruHash),
         spec::<u32, u64>(map_names::STATS, MapType::PerCpuArray),
+        spec::<HostPortKey, HostPortTarget>(map_names::HOSTPORTS, MapType::Hash),
+        spec::<IpKey, u32>(map_names::NODE_ADDRS, MapType::Hash),
+        spec::<u32, BridgeInfo>(map_names::BRIDGES, MapType::Hash),
+        spec::<CtKey, NatEntry>(map_names::HP_ORIG, MapType::LruHash),
+        spec::<CtKey, HpReply>(map_names::HP_REPLY, MapType::LruHash),
     ]
 }
 
@@ -164,6 +175,8 @@ pub fn load_pinned(layout: &PinLayout, sizes: MapSizes) -> Result<Ebpf, Datapath
         .default_map_pin_directory(&maps_dir)
         .map_max_entries(map_names::SNAT_ORIG, sizes.conntrack)
         .map_max_entries(map_names::SNAT_REPLY, sizes.conntrack)
+        .map_max_entries(map_names::HP_ORIG, sizes.conntrack)
+        .map_max_entries(map_names::HP_REPLY, sizes.conntrack)
         .map_max_entries(map_names::MASQ_SOURCES, sizes.masq_sources);
     Ok(loader.load(EBPF_OBJECT)?)
 }

@@ -29,7 +29,7 @@ use crate::netlink::{
 };
 use crate::plugins::datapath::DatapathConf;
 use crate::spec::delegate;
-use crate::state::record::{AttachmentKey, Entry};
+use crate::state::record::{AttachmentKey, Entry, Owner};
 use crate::spec::{CmdArgs, CniError, CniResult, ErrorCode, Interface, NetConf, Plugin, Route};
 
 /// The plugin behind the `ebpf-bridge` binary.
@@ -356,6 +356,7 @@ fn setup_veth(
         }
         let entry = Entry::Link { name: name.clone() };
         conf.datapath.record(key, entry.clone())?;
+        crate::crash::point("bridge-after-record");
         let spec = VethSpec {
             name: name.clone(),
             peer_name: ifname.to_string(),
@@ -367,6 +368,7 @@ fn setup_veth(
             tx_queue_len: Some(0),
         };
         let outcome = host.create_veth(&spec);
+        crate::crash::point("bridge-after-veth");
         if outcome.is_err() {
             // Not created (or not ours): the name must not stay recorded.
             conf.datapath.forget(key, &entry)?;
@@ -625,6 +627,7 @@ impl Attachment<'_> {
         if let Some(ipam) = &conf.ipam {
             let ipam_result = delegate::delegate_add(&ipam.ipam_type, &args.stdin, args)?;
             self.ipam_allocated = true;
+            crate::crash::point("bridge-after-ipam");
             result.ips = ipam_result.ips;
             result.routes = ipam_result.routes;
             result.dns = ipam_result.dns;
@@ -657,6 +660,7 @@ impl Attachment<'_> {
                 opts.datapath
                     .add(self.key.clone(), masq_entries(&result))
                     .map_err(|e| e.context("ipMasq"))?;
+                crate::crash::point("bridge-after-masq");
             }
         } else {
             cont.set_up(cont_link.index).map_err(|e| {
@@ -691,7 +695,7 @@ impl Attachment<'_> {
                 }
             }
         }
-        if let Err(e) = self.opts.datapath.del(&self.key) {
+        if let Err(e) = self.opts.datapath.del(&self.key, Owner::Bridge) {
             log::warn!("cleanup after failed ADD: {e}");
         }
     }
@@ -718,7 +722,7 @@ impl Plugin for BridgePlugin {
             Ok(v) => v,
             Err(e) => {
                 // Drops a record that setup_veth may have created empty.
-                let _ = opts.datapath.del(&key);
+                let _ = opts.datapath.del(&key, Owner::Bridge);
                 return Err(e);
             }
         };
@@ -751,7 +755,7 @@ impl Plugin for BridgePlugin {
             if let Some(ipam) = &conf.ipam {
                 delegate::delegate_del(&ipam.ipam_type, &args.stdin, args)?;
             }
-            opts.datapath.del(&key)
+            opts.datapath.del(&key, Owner::Bridge)
         };
         let Some(path) = args.netns.as_deref() else {
             return ipam_del();
@@ -942,18 +946,7 @@ impl Plugin for BridgePlugin {
 
     fn gc(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
         let opts = BridgeConfig::from_conf(conf, args.arg("MAC"))?;
-        // Without a valid list nothing is known to be stale: remove nothing.
-        if let Some(valid) = conf.valid_attachments() {
-            let valid = valid
-                .into_iter()
-                .map(|a| AttachmentKey {
-                    network: conf.name.clone(),
-                    container_id: a.container_id,
-                    ifname: a.ifname,
-                })
-                .collect();
-            opts.datapath.gc(&conf.name, valid)?;
-        }
+        opts.datapath.gc(conf)?;
         match &conf.ipam {
             Some(ipam) => delegate::delegate_gc(&ipam.ipam_type, &args.stdin, args),
             None => Ok(()),

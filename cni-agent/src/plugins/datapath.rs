@@ -19,8 +19,9 @@ use crate::{
     spec::{
         env::CmdArgs,
         error::{CniError, ErrorCode},
+        NetConf,
     },
-    state::record::{AttachmentKey, Entry, Record},
+    state::record::{AttachmentKey, Entry, Owner, Record},
 };
 
 /// The operator-facing path keys, the same in every plugin's config.
@@ -90,20 +91,25 @@ impl DatapathConf {
         Ok(())
     }
 
-    /// DEL: through the agent, or directly when it is unreachable. Does
-    /// nothing (and touches nothing) when the attachment has no record.
-    pub fn del(&self, key: &AttachmentKey) -> Result<(), CniError> {
+    /// DEL of `owner`'s entries: through the agent, or directly when it is
+    /// unreachable. Does nothing (and touches nothing) when the attachment
+    /// has no record.
+    pub fn del(&self, key: &AttachmentKey, owner: Owner) -> Result<(), CniError> {
         let paths = self.paths();
         // No record: never added, or already deleted. (An unreadable one
         // still goes the full way, where the error is reported.)
         if let Ok(None) = paths.records().read(key) {
             return Ok(());
         }
-        match client::call(&self.agent_socket, &Request::Del { key: key.clone() }) {
+        let req = Request::Del {
+            key: key.clone(),
+            owner: Some(owner),
+        };
+        match client::call(&self.agent_socket, &req) {
             Ok(_) => Ok(()),
             Err(ClientError::Unreachable { .. }) => {
                 log::info!("cni-agent unreachable; removing {key} directly");
-                ops::del(&paths, key).map_err(Into::into)
+                ops::del(&paths, key, Some(owner)).map_err(Into::into)
             }
             Err(e) => Err(e.into()),
         }
@@ -120,8 +126,22 @@ impl DatapathConf {
         }
     }
 
-    /// GC: every record of `network` not in `valid` goes.
-    pub fn gc(&self, network: &str, valid: Vec<AttachmentKey>) -> Result<(), CniError> {
+    /// GC: every record of the network not in the config's
+    /// `cni.dev/valid-attachments` goes. Without a (well-formed) list
+    /// nothing is known to be stale, and nothing is removed.
+    pub fn gc(&self, conf: &NetConf) -> Result<(), CniError> {
+        let Some(valid) = conf.valid_attachments() else {
+            return Ok(());
+        };
+        let network = conf.name.as_str();
+        let valid: Vec<AttachmentKey> = valid
+            .into_iter()
+            .map(|a| AttachmentKey {
+                network: network.to_string(),
+                container_id: a.container_id,
+                ifname: a.ifname,
+            })
+            .collect();
         let req = Request::Gc {
             network: network.to_string(),
             valid: valid.clone(),

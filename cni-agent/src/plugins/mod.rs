@@ -2,3 +2,4 @@
 pub mod bridge;
 pub mod host_local;
 pub mod datapath;
+pub mod portmap;

@@ -30,6 +30,24 @@ impl std::fmt::Display for AttachmentKey {
     }
 }
 
+/// Transport protocol of a hostPort mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// IPPROTO_* number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+}
+
 /// One datapath object an attachment owns.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
@@ -38,13 +56,73 @@ pub enum Entry {
     Link { name: String },
     /// MASQ_SOURCES[ip]: masquerade traffic from `ip` except to `subnet`.
     MasqSource { ip: IpAddr, subnet: IpNet },
+    /// HOSTPORTS[(hostIP or any, hostPort, protocol)] -> (pod_ip, containerPort).
+    #[serde(rename_all = "camelCase")]
+    HostPort {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        host_ip: Option<IpAddr>,
+        host_port: u16,
+        protocol: Protocol,
+        pod_ip: IpAddr,
+        container_port: u16,
+        snat: bool,
+    },
+    /// The hostPort program on a bridge (reply and hairpin translation).
+    /// Shared by every attachment on that bridge: removing it is a no-op,
+    /// the agent drops it with the bridge.
+    BridgeHook { bridge: String },
+}
+
+/// The plugin an entry belongs to: each plugin's DEL removes its own
+/// entries, and the record goes with the last one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Owner {
+    Bridge,
+    Portmap,
 }
 
 impl Entry {
-    /// Whether this entry lives in the eBPF maps (as opposed to the kernel's
-    /// link table).
+    /// Whether this entry lives in the eBPF datapath (as opposed to the
+    /// kernel's link table, which the plugins manage themselves).
     pub fn is_map_entry(&self) -> bool {
         !matches!(self, Entry::Link { .. })
+    }
+
+    pub fn owner(&self) -> Owner {
+        match self {
+            Entry::Link { .. } | Entry::MasqSource { .. } => Owner::Bridge,
+            Entry::HostPort { .. } | Entry::BridgeHook { .. } => Owner::Portmap,
+        }
+    }
+
+    /// Whether two hostPort entries claim the same (address, port,
+    /// protocol): an any-address mapping overlaps every address.
+    pub fn conflicts_with(&self, other: &Entry) -> bool {
+        match (self, other) {
+            (
+                Entry::HostPort {
+                    host_ip: a,
+                    host_port: pa,
+                    protocol: qa,
+                    pod_ip: ia,
+                    ..
+                },
+                Entry::HostPort {
+                    host_ip: b,
+                    host_port: pb,
+                    protocol: qb,
+                    pod_ip: ib,
+                    ..
+                },
+            ) => {
+                pa == pb
+                    && qa == qb
+                    && ia.is_ipv4() == ib.is_ipv4()
+                    && (a.is_none() || b.is_none() || a == b)
+            }
+            _ => false,
+        }
     }
 }
 

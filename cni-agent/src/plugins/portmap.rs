@@ -1,0 +1,305 @@
+//! ebpf-portmap: the reference portmap's interface (capability
+//! `portMappings`, options `snat`), with the translation done by the
+//! agent's eBPF programs: uplink DNAT (TC or XDP), reply translation on the
+//! uplink's egress, hairpin on the bridge, node-local clients at the socket
+//! layer. An ADD writes map entries; it never creates a rule or a chain.
+use std::net::IpAddr;
+
+use serde::Deserialize;
+
+use crate::{
+    netlink::Netlink,
+    plugins::datapath::DatapathConf,
+    spec::{CmdArgs, CniError, CniResult, NetConf, Plugin},
+    state::record::{Entry, Owner, Protocol},
+};
+
+pub struct PortmapPlugin;
+
+/// One `portMappings` element as runtimes send it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawMapping {
+    host_port: Option<i64>,
+    container_port: Option<i64>,
+    #[serde(default)]
+    protocol: Option<String>,
+    #[serde(default, rename = "hostIP")]
+    host_ip: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawRuntimeConfig {
+    #[serde(default)]
+    port_mappings: Vec<RawMapping>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawOptions {
+    snat: Option<bool>,
+    masq_all: Option<bool>,
+    #[serde(default, rename = "conditionsV4")]
+    conditions_v4: Option<Vec<String>>,
+    #[serde(default, rename = "conditionsV6")]
+    conditions_v6: Option<Vec<String>>,
+    #[serde(default)]
+    runtime_config: Option<RawRuntimeConfig>,
+}
+
+/// A validated mapping.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub host_port: u16,
+    pub container_port: u16,
+    pub protocol: Protocol,
+    pub host_ip: Option<IpAddr>,
+}
+
+/// The validated options of one invocation.
+#[derive(Clone, Debug)]
+pub struct PortmapConfig {
+    pub snat: bool,
+    pub mappings: Vec<Mapping>,
+    pub datapath: DatapathConf,
+}
+
+fn invalid(msg: String) -> CniError {
+    CniError::invalid_config(msg)
+}
+
+fn port(v: Option<i64>, field: &str) -> Result<u16, CniError> {
+    match v {
+        Some(p) if (1..=65535).contains(&p) => Ok(p as u16),
+        Some(p) => Err(invalid(format!("{field}: invalid port number {p} (must be 1-65535)"))),
+        None => Err(invalid(format!("{field}: missing"))),
+    }
+}
+
+impl PortmapConfig {
+    pub fn from_conf(conf: &NetConf) -> Result<Self, CniError> {
+        let raw: RawOptions = conf.plugin_options()?;
+        if raw.masq_all == Some(true) {
+            return Err(invalid(
+                "field `masqAll` is not supported by ebpf-portmap: hostPort clients keep their address"
+                    .into(),
+            ));
+        }
+        for (field, c) in [("conditionsV4", &raw.conditions_v4), ("conditionsV6", &raw.conditions_v6)] {
+            if c.as_ref().is_some_and(|c| !c.is_empty()) {
+                return Err(invalid(format!(
+                    "field `{field}` (iptables match conditions) is not supported by ebpf-portmap"
+                )));
+            }
+        }
+        let mut mappings = Vec::new();
+        for (i, m) in raw
+            .runtime_config
+            .unwrap_or_default()
+            .port_mappings
+            .into_iter()
+            .enumerate()
+        {
+            let at = format!("runtimeConfig.portMappings[{i}]");
+            let protocol = match m.protocol.as_deref().map(str::to_ascii_lowercase).as_deref() {
+                None | Some("") | Some("tcp") => Protocol::Tcp,
+                Some("udp") => Protocol::Udp,
+                Some("sctp") => {
+                    return Err(invalid(format!(
+                        "{at}.protocol: sctp is not supported by the eBPF datapath"
+                    )))
+                }
+                Some(other) => {
+                    return Err(invalid(format!(
+                        "{at}.protocol: unknown protocol {other:?} (tcp or udp)"
+                    )))
+                }
+            };
+            let host_ip = match m.host_ip.as_deref() {
+                None | Some("") => None,
+                Some(text) => Some(text.parse::<IpAddr>().map_err(|_| {
+                    invalid(format!("{at}.hostIP: invalid IP address {text:?}"))
+                })?),
+            };
+            let host_ip = host_ip.filter(|ip| !ip.is_unspecified());
+            mappings.push(Mapping {
+                host_port: port(m.host_port, &format!("{at}.hostPort"))?,
+                container_port: port(m.container_port, &format!("{at}.containerPort"))?,
+                protocol,
+                host_ip,
+            });
+        }
+        Ok(Self {
+            snat: raw.snat.unwrap_or(true),
+            mappings,
+            datapath: conf.plugin_options()?,
+        })
+    }
+
+    /// The datapath entries for `prev`: one hostPort per mapping and pod
+    /// address of the mapping's family (IPv4: the datapath's family), and
+    /// the bridge hook when the pod sits on a bridge of this node.
+    fn entries(&self, prev: &CniResult) -> Result<Vec<Entry>, CniError> {
+        let sandboxed: Vec<usize> = prev
+            .interfaces
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| i.sandbox.as_deref().is_some_and(|s| !s.is_empty()))
+            .map(|(n, _)| n)
+            .collect();
+        let pod_ip = prev
+            .ips
+            .iter()
+            .filter(|ip| ip.interface.is_none_or(|i| sandboxed.is_empty() || sandboxed.contains(&i)))
+            .map(|ip| ip.address.addr())
+            .find(IpAddr::is_ipv4)
+            .ok_or_else(|| CniError::internal("prevResult has no IPv4 address of the container to map ports to"))?;
+        let mut entries: Vec<Entry> = self
+            .mappings
+            .iter()
+            .filter(|m| m.host_ip.is_none_or(|h| h.is_ipv4()))
+            .map(|m| Entry::HostPort {
+                host_ip: m.host_ip,
+                host_port: m.host_port,
+                protocol: m.protocol,
+                pod_ip,
+                container_port: m.container_port,
+                snat: self.snat,
+            })
+            .collect();
+        if let Some(bridge) = host_bridge(prev)? {
+            entries.push(Entry::BridgeHook { bridge });
+        }
+        Ok(entries)
+    }
+}
+
+/// The bridge of the pod, if the previous plugin put it on one: the first
+/// host-side interface of prevResult that is a bridge here.
+fn host_bridge(prev: &CniResult) -> Result<Option<String>, CniError> {
+    let host_side: Vec<&str> = prev
+        .interfaces
+        .iter()
+        .filter(|i| i.sandbox.as_deref().is_none_or(str::is_empty))
+        .map(|i| i.name.as_str())
+        .collect();
+    if host_side.is_empty() {
+        return Ok(None);
+    }
+    let nl = Netlink::connect()?;
+    for name in host_side {
+        if nl.find_link(name)?.is_some_and(|l| l.is_bridge()) {
+            return Ok(Some(name.to_string()));
+        }
+    }
+    Ok(None)
+}
+
+fn required_prev(conf: &NetConf) -> Result<CniResult, CniError> {
+    conf.prev_result()?
+        .ok_or_else(|| CniError::invalid_config("must be called as a chained plugin: prevResult is missing".to_string()))
+}
+
+impl Plugin for PortmapPlugin {
+    fn add(&self, args: &CmdArgs, conf: &NetConf) -> Result<CniResult, CniError> {
+        let opts = PortmapConfig::from_conf(conf)?;
+        let prev = required_prev(conf)?;
+        if opts.mappings.is_empty() {
+            return Ok(prev);
+        }
+        let entries = opts.entries(&prev)?;
+        opts.datapath
+            .add(DatapathConf::key(&conf.name, args), entries)
+            .map_err(|e| e.context("portMappings"))?;
+        Ok(prev)
+    }
+
+    fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
+        // Everything this plugin recorded for the attachment goes, whatever
+        // the DEL's own portMappings say: nothing is left behind.
+        let opts = PortmapConfig::from_conf(conf)?;
+        opts.datapath
+            .del(&DatapathConf::key(&conf.name, args), Owner::Portmap)
+    }
+
+    fn check(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
+        let opts = PortmapConfig::from_conf(conf)?;
+        let prev = required_prev(conf)?;
+        if opts.mappings.is_empty() {
+            return Ok(());
+        }
+        let entries = opts.entries(&prev)?;
+        opts.datapath
+            .check(DatapathConf::key(&conf.name, args), entries)
+    }
+
+    fn status(&self, _args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
+        PortmapConfig::from_conf(conf)?.datapath.status()
+    }
+
+    fn gc(&self, _args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
+        PortmapConfig::from_conf(conf)?.datapath.gc(conf)
+    }
+
+    fn about(&self) -> &'static str {
+        "ebpf-portmap: hostPort mappings in eBPF (CNI spec 0.1.0 - 1.1.0)"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conf(extra: &str) -> NetConf {
+        NetConf::parse(
+            format!(r#"{{"cniVersion":"1.0.0","name":"n","type":"ebpf-portmap"{extra}}}"#).as_bytes(),
+        )
+        .unwrap()
+    }
+
+    fn err(extra: &str) -> CniError {
+        PortmapConfig::from_conf(&conf(extra)).unwrap_err()
+    }
+
+    #[test]
+    fn mappings_are_read_with_reference_defaults() {
+        let c = PortmapConfig::from_conf(&conf(
+            r#","runtimeConfig":{"portMappings":[
+                {"hostPort":8080,"containerPort":80,"protocol":"tcp"},
+                {"hostPort":5353,"containerPort":53,"protocol":"UDP","hostIP":"198.18.0.1"},
+                {"hostPort":9090,"containerPort":90,"hostIP":"0.0.0.0"}]}"#,
+        ))
+        .unwrap();
+        assert!(c.snat, "snat defaults to true");
+        assert_eq!(c.mappings.len(), 3);
+        assert_eq!(c.mappings[1].protocol, Protocol::Udp);
+        assert_eq!(c.mappings[1].host_ip, Some("198.18.0.1".parse().unwrap()));
+        assert_eq!(c.mappings[2].protocol, Protocol::Tcp);
+        assert_eq!(c.mappings[2].host_ip, None, "0.0.0.0 means every address");
+    }
+
+    #[test]
+    fn bad_mappings_name_the_field() {
+        for (extra, field) in [
+            (r#","runtimeConfig":{"portMappings":[{"hostPort":0,"containerPort":80}]}"#, "portMappings[0].hostPort"),
+            (r#","runtimeConfig":{"portMappings":[{"hostPort":70000,"containerPort":80}]}"#, "portMappings[0].hostPort"),
+            (r#","runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":-1}]}"#, "portMappings[0].containerPort"),
+            (r#","runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"icmp"}]}"#, "portMappings[0].protocol"),
+            (r#","runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"sctp"}]}"#, "portMappings[0].protocol"),
+            (r#","runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"hostIP":"x"}]}"#, "portMappings[0].hostIP"),
+            (r#","masqAll":true"#, "masqAll"),
+            (r#","conditionsV4":["-s","1.2.3.4"]"#, "conditionsV4"),
+        ] {
+            let e = err(extra);
+            assert_eq!(e.code, 7, "{extra}: {e:?}");
+            assert!(e.msg.contains(field), "{extra}: {} should name {field}", e.msg);
+        }
+    }
+
+    #[test]
+    fn unknown_options_are_ignored_like_the_reference() {
+        let c = PortmapConfig::from_conf(&conf(r#","markMasqBit":13,"externalSetMarkChain":"X""#)).unwrap();
+        assert!(c.mappings.is_empty());
+    }
+}

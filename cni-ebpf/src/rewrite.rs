@@ -1,0 +1,56 @@
+//! Rewriting addresses and ports in place with incremental checksum
+//! updates (bpf_l3_csum_replace / bpf_l4_csum_replace): no full recompute
+//! over variable-length data, and the L4 helper with BPF_F_PSEUDO_HDR keeps
+//! CHECKSUM_PARTIAL skbs (veth) right as well.
+use aya_ebpf::programs::TcContext;
+
+use crate::parsing::{Ipv4Packet, IPPROTO_TCP, IPPROTO_UDP, IP_CSUM};
+
+const BPF_F_PSEUDO_HDR: u64 = 0x10;
+const BPF_F_MARK_MANGLED_0: u64 = 0x20;
+
+/// Rewrites one address and one port (ICMP: the echo id) with incremental
+/// checksum updates. The L4 helper with BPF_F_PSEUDO_HDR keeps the checksum
+/// right for CHECKSUM_PARTIAL skbs from veths as well.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub fn rewrite(
+    ctx: &TcContext,
+    pkt: &Ipv4Packet,
+    addr_field: usize,
+    old_addr: u32,
+    new_addr: u32,
+    port_off: usize,
+    old_port: u16,
+    new_port: u16,
+) -> Result<(), ()> {
+    let csum_off = pkt.l4_csum_off();
+    match pkt.proto {
+        IPPROTO_TCP => {
+            ctx.l4_csum_replace(csum_off, old_addr as u64, new_addr as u64, BPF_F_PSEUDO_HDR | 4)
+                .map_err(|_| ())?;
+            ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, 2)
+                .map_err(|_| ())?;
+        }
+        IPPROTO_UDP => {
+            if pkt.l4_csum != 0 {
+                let f = BPF_F_MARK_MANGLED_0;
+                ctx.l4_csum_replace(csum_off, old_addr as u64, new_addr as u64, f | BPF_F_PSEUDO_HDR | 4)
+                    .map_err(|_| ())?;
+                ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, f | 2)
+                    .map_err(|_| ())?;
+            }
+        }
+        _ => {
+            // ICMP: no pseudo-header, only the identifier is covered.
+            ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, 2)
+                .map_err(|_| ())?;
+        }
+    }
+    ctx.l3_csum_replace(pkt.l3 + IP_CSUM, old_addr as u64, new_addr as u64, 4)
+        .map_err(|_| ())?;
+    ctx.store(pkt.l3 + addr_field, &new_addr, 0).map_err(|_| ())?;
+    ctx.store(port_off, &new_port, 0).map_err(|_| ())?;
+    Ok(())
+}
+

@@ -1,0 +1,307 @@
+//! Real traffic between test namespaces, driven from the test process.
+//!
+//! A socket belongs to the network namespace of the thread that created it
+//! and keeps it for life, whichever thread then uses it. So [`in_netns`] runs
+//! a closure on a fresh thread that has joined a namespace (`setns` only
+//! affects the calling thread), and servers and clients create their sockets
+//! there. The test thread itself never changes namespace.
+//!
+//! The echo servers answer every line (TCP) or datagram (UDP) with
+//! `<peer address as the server saw it> <line>`: one round trip proves the
+//! reply path and shows the source address the far side observed.
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::sched::{setns, CloneFlags};
+
+use crate::netns::NetNs;
+
+/// Runs `f` on a new thread inside `ns` and returns its result (panics in
+/// `f` propagate).
+pub fn in_netns<T: Send>(ns: &NetNs, f: impl FnOnce() -> T + Send) -> T {
+    let path = ns.path().to_path_buf();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            enter(&path);
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    })
+}
+
+/// Spawns a detached thread inside `ns` (for long-running work).
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &NetNs,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let path = ns.path().to_path_buf();
+    std::thread::Builder::new()
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            enter(&path);
+            f()
+        })
+        .expect("spawn thread")
+}
+
+/// Moves the calling thread into the namespace at `path`.
+fn enter(path: &std::path::Path) {
+    let f = std::fs::File::open(path)
+        .unwrap_or_else(|e| panic!("cannot open netns {}: {e}", path.display()));
+    setns(&f, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
+}
+
+/// A TCP listener on 0.0.0.0:`port` with a large backlog (many clients
+/// connect at once), created in the current thread's namespace.
+fn listen_tcp(port: u16) -> TcpListener {
+    use nix::sys::socket::{
+        bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+        SockaddrIn,
+    };
+    let fd: OwnedFd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    setsockopt(&fd, sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)),
+    )
+    .unwrap_or_else(|e| panic!("bind tcp port {port}: {e}"));
+    listen(&fd, Backlog::new(4096).expect("backlog")).expect("listen");
+    // SAFETY: `fd` is a listening TCP socket we own; ownership moves.
+    unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) }
+}
+
+/// A TCP echo server in a namespace; stopped (listener and every open
+/// connection shut down, threads joined) on drop.
+pub struct TcpEchoServer {
+    pub port: u16,
+    listener: Arc<TcpListener>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+    acceptor: Option<JoinHandle<Vec<JoinHandle<()>>>>,
+}
+
+impl TcpEchoServer {
+    /// Listens on 0.0.0.0:`port` in `ns`.
+    pub fn start(ns: &NetNs, port: u16) -> TcpEchoServer {
+        let listener = Arc::new(in_netns(ns, || listen_tcp(port)));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let peers: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
+        let acceptor = {
+            let (listener, conns, peers) = (listener.clone(), conns.clone(), peers.clone());
+            std::thread::spawn(move || {
+                let mut handlers = Vec::new();
+                // Ends when drop shuts the listener down (accept: EINVAL).
+                while let Ok((stream, peer)) = listener.accept() {
+                    peers.lock().unwrap().push(peer);
+                    if let Ok(c) = stream.try_clone() {
+                        conns.lock().unwrap().push(c);
+                    }
+                    let h = std::thread::Builder::new()
+                        .stack_size(64 * 1024)
+                        .spawn(move || echo_lines(stream, peer))
+                        .expect("spawn echo handler");
+                    handlers.push(h);
+                }
+                handlers
+            })
+        };
+        TcpEchoServer {
+            port,
+            listener,
+            conns,
+            peers,
+            acceptor: Some(acceptor),
+        }
+    }
+
+    /// Every peer address accepted so far, in order.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().unwrap().clone()
+    }
+}
+
+/// Echoes lines until the client closes, then closes its side too, with
+/// shutdown(2): the server keeps a clone of every stream (for its drop), so
+/// dropping this one alone would never send a FIN.
+fn echo_lines(stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let Ok(w) = stream.try_clone() else {
+        return;
+    };
+    echo_until_eof(BufReader::new(stream), &w, peer);
+    let _ = w.shutdown(Shutdown::Both);
+}
+
+fn echo_until_eof(mut r: BufReader<TcpStream>, mut w: &TcpStream, peer: SocketAddr) {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                if w.write_all(format!("{peer} {}\n", line.trim_end()).as_bytes())
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TcpEchoServer {
+    fn drop(&mut self) {
+        // SAFETY: shutdown(2) on a socket we own; on Linux it wakes a
+        // blocked accept() on a listening socket.
+        unsafe {
+            libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR);
+        }
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+        if let Some(a) = self.acceptor.take() {
+            if let Ok(handlers) = a.join() {
+                for h in handlers {
+                    let _ = h.join();
+                }
+            }
+        }
+    }
+}
+
+/// A UDP echo server in a namespace; stopped on drop.
+pub struct UdpEchoServer {
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpEchoServer {
+    pub fn start(ns: &NetNs, port: u16) -> UdpEchoServer {
+        let sock = in_netns(ns, || {
+            UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
+                .unwrap_or_else(|e| panic!("bind udp port {port}: {e}"))
+        });
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("udp timeout");
+        let stop = Arc::new(AtomicBool::new(false));
+        let peers: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
+        let thread = {
+            let (stop, peers) = (stop.clone(), peers.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    match sock.recv_from(&mut buf) {
+                        Ok((n, peer)) => {
+                            peers.lock().unwrap().push(peer);
+                            let text = String::from_utf8_lossy(&buf[..n]);
+                            let _ = sock.send_to(format!("{peer} {text}").as_bytes(), peer);
+                        }
+                        Err(e)
+                            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                        Err(_) => return,
+                    }
+                }
+            })
+        };
+        UdpEchoServer {
+            port,
+            stop,
+            peers,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().unwrap().clone()
+    }
+}
+
+impl Drop for UdpEchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What one echo round trip showed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Echo {
+    /// The client's address as the server saw it.
+    pub seen_as: SocketAddr,
+    /// The client's own socket address.
+    pub local: SocketAddr,
+    /// The echoed text.
+    pub text: String,
+}
+
+fn parse_echo(reply: &str, local: SocketAddr) -> Result<Echo, String> {
+    let reply = reply.trim_end();
+    let (peer, text) = reply
+        .split_once(' ')
+        .ok_or_else(|| format!("malformed echo {reply:?}"))?;
+    Ok(Echo {
+        seen_as: peer
+            .parse()
+            .map_err(|e| format!("malformed peer in echo {reply:?}: {e}"))?,
+        local,
+        text: text.to_string(),
+    })
+}
+
+/// One TCP line round trip from inside `ns` to `server`.
+pub fn tcp_echo(ns: &NetNs, server: SocketAddr, line: &str) -> Result<Echo, String> {
+    let line = line.to_string();
+    in_netns(ns, move || {
+        let s = TcpStream::connect_timeout(&server, Duration::from_secs(5))
+            .map_err(|e| format!("connect {server}: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        let local = s.local_addr().map_err(|e| e.to_string())?;
+        (&s).write_all(format!("{line}\n").as_bytes())
+            .map_err(|e| format!("send to {server}: {e}"))?;
+        let mut reply = String::new();
+        BufReader::new(&s)
+            .read_line(&mut reply)
+            .map_err(|e| format!("echo from {server}: {e}"))?;
+        parse_echo(&reply, local)
+    })
+}
+
+/// One UDP datagram round trip from inside `ns` to `server` (three tries,
+/// one second each).
+pub fn udp_echo(ns: &NetNs, server: SocketAddr, payload: &str) -> Result<Echo, String> {
+    let payload = payload.to_string();
+    in_netns(ns, move || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| e.to_string())?;
+        s.connect(server).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))
+            .map_err(|e| e.to_string())?;
+        let local = s.local_addr().map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 2048];
+        let mut last = String::new();
+        for _ in 0..3 {
+            s.send(payload.as_bytes()).map_err(|e| e.to_string())?;
+            match s.recv(&mut buf) {
+                Ok(n) => return parse_echo(&String::from_utf8_lossy(&buf[..n]), local),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(format!("no UDP echo from {server}: {last}"))
+    })
+}

@@ -1,0 +1,415 @@
+//! The agent is not in the datapath: its programs, maps and links are
+//! pinned, so flows keep running while it restarts (SIGTERM, as an upgrade
+//! does) or after it crashes (SIGKILL), and a new agent on the same paths
+//! takes over. DEL never needs it; ADD does, and fails cleanly without it.
+use std::net::{IpAddr, SocketAddr};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use cni_tests::agentctl::{admin, nat_occupancy, record_of, recorded_masq_ips, AgentProc};
+use cni_tests::prelude::*;
+use cni_tests::traffic::{tcp_echo, TcpEchoServer};
+use cni_tests::uplink::{masq_conf, result_ipv4, External};
+
+const NET: &str = "rstnet";
+const BRIDGE_NAME: &str = "cnirst0";
+const IPERF_PORT: &str = "5201";
+const ECHO_PORT: u16 = 7000;
+
+/// The node, its uplink and pod, in drop order (pods are declared by the
+/// tests after the fixture, so they go first).
+struct Fixture {
+    ext: External,
+    node: Node,
+}
+
+fn fixture(tag: &str) -> Fixture {
+    let node = Node::new(tag);
+    let ext = External::direct(&node);
+    Fixture { ext, node }
+}
+
+impl Fixture {
+    /// The single-plugin config (a conflist of one).
+    fn conf(&self) -> Value {
+        masq_conf(&self.node, NET, BRIDGE_NAME, &self.ext.pod_subnet())
+    }
+    fn list(&self) -> Value {
+        conflist_of(&self.conf())
+    }
+}
+
+/// A child process killed on drop (iperf3), unless taken back.
+struct Proc(Option<Child>);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The pod's TCP bindings to `remote`, as `(pod, nat)` endpoint strings.
+fn tcp_bindings_to(node: &Node, pod_ip: std::net::Ipv4Addr, remote: &str) -> Vec<(String, String)> {
+    let nat = admin(node, "nat");
+    let mut v: Vec<(String, String)> = nat
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| {
+            b["proto"] == "tcp"
+                && b["remote"] == remote
+                && b["pod"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with(&format!("{pod_ip}:")))
+        })
+        .map(|b| {
+            (
+                b["pod"].as_str().unwrap_or("").to_string(),
+                b["nat"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// An iperf3 upload from a pod to the external side keeps running, without
+/// a reset or a stalled interval, while the agent is stopped with `signal`
+/// and a new one started on the same paths; the new agent sees the same
+/// bindings (same ports) and serves new flows.
+fn stream_survives(tag: &str, signal: i32) {
+    let fx = fixture(tag);
+    let mut agent = AgentProc::start(&fx.node, &[]);
+    let pod = fx.node.pod(&format!("{tag}pod"));
+    let rt = fx.node.runtime(Impl::Ours);
+    let list = fx.list();
+    let att = Attachment::new(&format!("{tag}-ctr"), &pod, "eth0");
+    let result = rt
+        .add_list(&list, &att)
+        .unwrap_or_else(|o| panic!("ADD: {o}"));
+    let pod_ip = result_ipv4(&result);
+    let far = fx.ext.ext_addr.to_string();
+    let remote = format!("{far}:{IPERF_PORT}");
+
+    let _server = Proc(Some(
+        fx.ext
+            .ns
+            .command("iperf3")
+            .args(["-s", "-1", "-p", IPERF_PORT, "-B", &far])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start iperf3 -s"),
+    ));
+    eventually("iperf3 to listen", SETTLE, || {
+        let out = fx
+            .ext
+            .ns
+            .run("ss", &["-Hltn", &format!("sport = :{IPERF_PORT}")]);
+        !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+    });
+    // 8 s at a modest rate (2 cores shared with the agent and the build),
+    // reported every 0.5 s.
+    let mut client = Proc(Some(
+        pod.command("iperf3")
+            .args([
+                "-c",
+                &far,
+                "-p",
+                IPERF_PORT,
+                "-t",
+                "8",
+                "-i",
+                "0.5",
+                "-b",
+                "100M",
+                "--json",
+                "--connect-timeout",
+                "3000",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start iperf3 -c"),
+    ));
+    // Control and data connections are both translated and flowing.
+    let before = wait_until("iperf3's two connections in the NAT table", SETTLE, || {
+        let b = tcp_bindings_to(&fx.node, pod_ip, &remote);
+        (b.len() >= 2).then_some(b)
+    });
+
+    let t0 = Instant::now();
+    let status = agent.signal_and_wait(signal);
+    let stopped = t0.elapsed();
+    drop(agent);
+    // With no agent at all, the pinned programs keep translating: the
+    // upload keeps being acknowledged (another 2 MB, i.e. well past what
+    // was in flight).
+    let acked = acked_bytes(&pod, &remote);
+    let resumed = wait_until(
+        "the upload to progress with no agent running",
+        SETTLE,
+        || (acked_bytes(&pod, &remote) > acked + (2 << 20)).then(|| t0.elapsed()),
+    );
+    let agent = AgentProc::start(&fx.node, &[]);
+    let restarted = t0.elapsed();
+    eprintln!(
+        "agent {}: stopped in {stopped:?} ({status}); upload progressed by 2 MB with no agent \
+         {resumed:?} after the signal; new agent serving after {restarted:?}",
+        if signal == libc::SIGKILL {
+            "SIGKILL"
+        } else {
+            "SIGTERM"
+        }
+    );
+    for line in agent
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("pinned") || l.contains("uplink"))
+    {
+        eprintln!("  new agent: {line}");
+    }
+    let after = tcp_bindings_to(&fx.node, pod_ip, &remote);
+    assert_eq!(
+        after, before,
+        "the flows must keep their bindings across the restart"
+    );
+
+    // The run completes without error and no interval was empty.
+    let child = client.0.take().expect("iperf3 client");
+    let out = wait_child(child, Duration::from_secs(30));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "iperf3 printed no JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(
+        out.status.success(),
+        "iperf3 client failed: {}",
+        report["error"]
+    );
+    assert!(report.get("error").is_none(), "iperf3: {}", report["error"]);
+    let intervals: Vec<u64> = report["intervals"]
+        .as_array()
+        .expect("intervals")
+        .iter()
+        .map(|i| i["sum"]["bytes"].as_u64().unwrap_or(0))
+        .collect();
+    assert!(intervals.len() >= 15, "iperf3 ran short: {intervals:?}");
+    assert!(
+        intervals.iter().all(|&b| b > 0),
+        "a 0.5 s interval moved no data (flow stalled across the restart): {intervals:?}"
+    );
+    let retransmits: Vec<u64> = report["intervals"]
+        .as_array()
+        .expect("intervals")
+        .iter()
+        .map(|i| i["sum"]["retransmits"].as_u64().unwrap_or(0))
+        .collect();
+    eprintln!("iperf3 retransmits per 0.5 s interval: {retransmits:?}");
+    let sent = report["end"]["sum_sent"]["bytes"].as_u64().unwrap_or(0);
+    let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    eprintln!(
+        "iperf3: {sent} bytes sent, {received} received, retransmits {}, intervals {intervals:?}",
+        report["end"]["sum_sent"]["retransmits"]
+    );
+    assert!(
+        received > 0 && received * 10 >= sent * 9,
+        "sent {sent}, received {received}"
+    );
+
+    // The new agent serves: new flows are translated and DEL goes through it.
+    let _echo = TcpEchoServer::start(&fx.ext.ns, ECHO_PORT);
+    let e = tcp_echo(
+        &pod,
+        SocketAddr::from((fx.ext.ext_addr, ECHO_PORT)),
+        "after restart",
+    )
+    .expect("new connection after the restart");
+    assert_eq!(e.seen_as.ip(), IpAddr::V4(fx.ext.node_addr));
+    rt.del_list(&list, &att, Some(&result))
+        .unwrap_or_else(|o| panic!("DEL: {o}"));
+    assert_eq!(admin(&fx.node, "status")["masqSources"], 0);
+    drop(agent);
+}
+
+/// The largest `bytes_acked` of the pod's TCP connections to `remote`
+/// (`ss -ti`, inside the pod).
+fn acked_bytes(pod: &NetNs, remote: &str) -> u64 {
+    let out = pod.run("ss", &["-Htin", "state", "established", "dst", remote]);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("bytes_acked:")?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+fn wait_child(mut child: Child, timeout: Duration) -> std::process::Output {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if child.try_wait().expect("wait iperf3").is_some() {
+            return child.wait_with_output().expect("iperf3 output");
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("iperf3 output");
+            panic!(
+                "iperf3 client still running after {timeout:?}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn stream_survives_agent_restart() {
+    require_e2e!();
+    stream_survives("rsterm", libc::SIGTERM);
+}
+
+#[test]
+fn stream_survives_agent_sigkill() {
+    require_e2e!();
+    stream_survives("rskill", libc::SIGKILL);
+}
+
+/// DEL while the agent is down (killed: stale socket; stopped: no socket)
+/// succeeds, and once an agent is back nothing of the attachment is left:
+/// record, masquerade entry, NAT bindings, IP reservation, veth. The other
+/// pod is untouched and still masqueraded.
+#[test]
+fn del_while_agent_down() {
+    require_e2e!();
+    let fx = fixture("deldown");
+    let mut agent = AgentProc::start(&fx.node, &[]);
+    let pod_a = fx.node.pod("ddowna");
+    let pod_b = fx.node.pod("ddownb");
+    let rt = fx.node.runtime(Impl::Ours);
+    let list = fx.list();
+    let att_a = Attachment::new("deldown-a", &pod_a, "eth0");
+    let att_b = Attachment::new("deldown-b", &pod_b, "eth0");
+    let res_a = rt
+        .add_list(&list, &att_a)
+        .unwrap_or_else(|o| panic!("ADD a: {o}"));
+    let res_b = rt
+        .add_list(&list, &att_b)
+        .unwrap_or_else(|o| panic!("ADD b: {o}"));
+    let (ip_a, ip_b) = (result_ipv4(&res_a), result_ipv4(&res_b));
+    let veth = |r: &Value| -> String {
+        r["interfaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|i| i["sandbox"].is_null() && i["name"] != BRIDGE_NAME)
+            .and_then(|i| i["name"].as_str())
+            .unwrap_or_else(|| panic!("no host veth in {r}"))
+            .to_string()
+    };
+    let (veth_a, veth_b) = (veth(&res_a), veth(&res_b));
+    let echo = TcpEchoServer::start(&fx.ext.ns, ECHO_PORT);
+    let server = SocketAddr::from((fx.ext.ext_addr, ECHO_PORT));
+    tcp_echo(&pod_a, server, "a").expect("pod a out");
+    tcp_echo(&pod_b, server, "b").expect("pod b out");
+
+    for (signal, (att, res, ip, veth, pod)) in [
+        (libc::SIGKILL, (&att_a, &res_a, ip_a, &veth_a, &pod_a)),
+        (libc::SIGTERM, (&att_b, &res_b, ip_b, &veth_b, &pod_b)),
+    ] {
+        agent.signal_and_wait(signal);
+        rt.del_list(&list, att, Some(res))
+            .unwrap_or_else(|o| panic!("DEL with the agent down ({signal}): {o}"));
+        assert!(!fx.node.ns.has_link(veth), "host veth {veth} left");
+        assert!(!pod.has_link("eth0"), "pod eth0 left");
+        assert!(
+            !fx.node.reservations(NET).contains_key(&ip.to_string()),
+            "reservation of {ip} left: {:?}",
+            fx.node.reservations(NET)
+        );
+        agent = AgentProc::start(&fx.node, &[]);
+        let records = admin(&fx.node, "records");
+        assert!(
+            record_of(&records, NET, &att.container_id, "eth0").is_none(),
+            "record left: {records:#}"
+        );
+        assert!(
+            !recorded_masq_ips(&records).contains(&ip.to_string()),
+            "{records:#}"
+        );
+        let nat = admin(&fx.node, "nat");
+        assert!(
+            !nat.as_array().unwrap().iter().any(|b| b["pod"]
+                .as_str()
+                .is_some_and(|p| p.starts_with(&format!("{ip}:")))),
+            "NAT bindings of the deleted pod left: {nat:#}"
+        );
+        // The map itself, not just the records: the only masquerade
+        // source left is that of a pod still attached.
+        let status = admin(&fx.node, "status");
+        let still = usize::from(signal == libc::SIGKILL);
+        assert_eq!(status["masqSources"], still, "{status}");
+        assert_eq!(status["records"], still, "{status}");
+        if still == 1 {
+            let e = tcp_echo(&pod_b, server, "b again").expect("the other pod still works");
+            assert_eq!(e.seen_as.ip(), IpAddr::V4(fx.ext.node_addr));
+        }
+    }
+    assert!(fx.node.reservations(NET).is_empty());
+    drop(echo);
+}
+
+/// ADD while the agent is down (stopped: no socket; killed: stale socket)
+/// fails with code 11 ("try again later") and undoes itself: the node is
+/// exactly as before, with no runtime DEL needed. With the agent back, the
+/// same ADD succeeds.
+#[test]
+fn add_while_agent_down_fails_cleanly() {
+    require_e2e!();
+    let fx = fixture("adddown");
+    let mut agent = AgentProc::start(&fx.node, &[]);
+    let warm = fx.node.pod("adwarm");
+    let pod = fx.node.pod("adpod");
+    let rt = fx.node.runtime(Impl::Ours);
+    let conf = fx.conf();
+    // A first pod creates the bridge, its address and forwarding.
+    let warm_att = Attachment::new("adddown-warm", &warm, "eth0");
+    let warm_res = rt.add(&conf, &warm_att);
+    let att = Attachment::new("adddown-ctr", &pod, "eth0");
+
+    for signal in [libc::SIGTERM, libc::SIGKILL] {
+        agent.signal_and_wait(signal);
+        drop(agent);
+        let before = fx
+            .node
+            .snapshot(&[&warm, &pod])
+            .without_files(&["last_reserved_ip."]);
+        let out = rt.exec("ADD", &att, &conf);
+        let err = out.expect_error();
+        assert_eq!(err.code, 11, "ADD with the agent down ({signal}): {out}");
+        fx.node
+            .snapshot(&[&warm, &pod])
+            .without_files(&["last_reserved_ip."])
+            .assert_unchanged_from(
+                &before,
+                &format!("failed ADD (agent down, signal {signal})"),
+            );
+        agent = AgentProc::start(&fx.node, &[]);
+    }
+    let status = admin(&fx.node, "status");
+    assert_eq!(status["masqSources"], 1, "only the warm-up pod: {status}");
+    assert_eq!(nat_occupancy(&status), (0, 0));
+
+    let res = rt.add(&conf, &att);
+    assert_eq!(admin(&fx.node, "status")["masqSources"], 2);
+    rt.del(&conf, &att, Some(&res)).expect_success();
+    rt.del(&conf, &warm_att, Some(&warm_res)).expect_success();
+    assert_eq!(admin(&fx.node, "status")["masqSources"], 0);
+    drop(agent);
+}
