@@ -232,6 +232,24 @@ pub mod stat {
     pub const HOSTPORT_SOCK: u32 = 9;
     /// Hairpin packets dropped for lack of a free source port.
     pub const HOSTPORT_NO_PORT: u32 = 10;
+    /// Of HOSTPORT_DNAT, those translated by the XDP program.
+    pub const HOSTPORT_DNAT_XDP: u32 = 11;
+
+    /// Names of the slots, as the agent reports them.
+    pub const NAMES: [(u32, &str); 12] = [
+        (SNAT_NEW, "snatNew"),
+        (SNAT_NO_PORT, "snatNoPort"),
+        (SNAT_XLATE, "snatTranslated"),
+        (SNAT_REPLY_XLATE, "snatRepliesTranslated"),
+        (SNAT_REPAIRED, "snatRepaired"),
+        (SNAT_ICMP_ERROR_XLATE, "snatIcmpErrorsTranslated"),
+        (HOSTPORT_DNAT, "hostPortDnat"),
+        (HOSTPORT_REPLY, "hostPortReplies"),
+        (HOSTPORT_HAIRPIN, "hostPortHairpin"),
+        (HOSTPORT_SOCK, "hostPortSocket"),
+        (HOSTPORT_NO_PORT, "hostPortNoPort"),
+        (HOSTPORT_DNAT_XDP, "hostPortDnatXdp"),
+    ];
     /// Number of slots in the array.
     pub const COUNT: u32 = 16;
 }

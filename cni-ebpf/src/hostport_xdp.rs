@@ -125,5 +125,6 @@ fn try_hostport_xdp(ctx: &XdpContext) -> Option<u32> {
         *dport_p = new_port;
     }
     bump(stat::HOSTPORT_DNAT);
+    bump(stat::HOSTPORT_DNAT_XDP);
     Some(xdp_action::XDP_PASS)
 }

@@ -248,7 +248,11 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                 };
                 let mut nat = NatTable::open(&layout).ok();
                 while !stop.load(Ordering::Relaxed) {
-                    thread::sleep(interval);
+                    // Woken early by `unpark` when the agent stops.
+                    thread::park_timeout(interval);
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
                     if let Some(l) = ebpf_log.as_mut() {
                         l.flush();
                     }
@@ -274,6 +278,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         .map_err(AgentError::Runtime)?;
     let res = rt.block_on(server::serve(cfg.socket.clone(), cfg.paths.clone()));
     stop.store(true, Ordering::Relaxed);
+    worker.thread().unpark();
     let _ = worker.join();
     log::info!("agent stopped; datapath left attached");
     res

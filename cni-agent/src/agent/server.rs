@@ -138,12 +138,18 @@ fn status(paths: &Paths) -> Result<serde_json::Value, CniError> {
     let uplinks = UplinkMap::open(&layout).map_err(internal)?;
     let (orig, reply) = nat.occupancy();
     let records = paths.records().list(None).map(|r| r.len()).unwrap_or(0);
+    let stats: serde_json::Map<String, serde_json::Value> = crate::datapath::pins::read_stats(&layout)
+        .map_err(internal)?
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
     Ok(json!({
         "uplinks": uplinks.list().into_iter().map(|(i, a)| json!({"ifindex": i, "address": a.to_string()})).collect::<Vec<_>>(),
         "nat": {"originalHalves": orig, "replyHalves": reply},
         "masqSources": entries.masq_len(),
         "hostPorts": entries.hostports_len(),
         "records": records,
+        "stats": stats,
         "bpffsRoot": paths.bpffs_root,
         "stateDir": paths.state_dir,
     }))

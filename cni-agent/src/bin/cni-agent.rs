@@ -142,6 +142,9 @@ fn print_text(req: &Request, data: &serde_json::Value) {
             println!("masquerade sources: {}", data["masqSources"]);
             println!("hostPort mappings: {}", data["hostPorts"]);
             println!("attachment records: {}", data["records"]);
+            for (k, v) in data["stats"].as_object().into_iter().flatten() {
+                println!("counter {k}: {v}");
+            }
         }
     }
 }

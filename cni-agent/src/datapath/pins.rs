@@ -190,3 +190,19 @@ pub fn open_pinned(layout: &PinLayout, name: &'static str) -> Result<MapData, Da
 
 
 
+
+/// The per-CPU datapath counters, summed over CPUs, by name.
+pub fn read_stats(layout: &PinLayout) -> Result<Vec<(&'static str, u64)>, DatapathError> {
+    use aya::maps::PerCpuArray;
+    use cni_ebpf_common::stat;
+    let data = open_pinned(layout, map_names::STATS)?;
+    let arr: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(|source| DatapathError::Map {
+            name: map_names::STATS,
+            source,
+        })?;
+    Ok(stat::NAMES
+        .iter()
+        .map(|(i, name)| (*name, arr.get(i, 0).map(|v| v.iter().sum()).unwrap_or(0)))
+        .collect())
+}
