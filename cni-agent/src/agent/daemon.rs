@@ -166,10 +166,12 @@ impl Manager {
                 self.uplink_map.remove(index);
             }
         }
-        for index in pinned_ifindexes(&self.layout, &[prog_names::BRIDGE_FROM_PODS]) {
+        // Links of devices that are gone (a bridge deleted, a pod's veth
+        // gone with its netns): the kernel destroyed them, drop the pins.
+        for index in pinned_ifindexes(&self.layout, &[]) {
             if !ifindex_exists(index) {
-                remove_links(&self.layout, &index.to_string(), &[prog_names::BRIDGE_FROM_PODS]);
-                log::info!("bridge ifindex {index} gone: its link unpinned");
+                remove_links(&self.layout, &index.to_string(), &[]);
+                log::info!("ifindex {index} gone: its links unpinned");
             }
         }
         Ok(())

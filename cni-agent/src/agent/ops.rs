@@ -13,8 +13,13 @@ use std::{
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::{
-    datapath::{conntrack::NatTable, entries::EntryMaps, loader::DatapathError, pins::PinLayout},
-    netlink::{Netlink, NetlinkError},
+    datapath::{
+        conntrack::NatTable,
+        entries::{with_netlink, EntryMaps},
+        loader::DatapathError,
+        pins::PinLayout,
+    },
+    netlink::NetlinkError,
     spec::error::{CniError, ErrorCode},
     state::record::{AttachmentKey, Entry, Owner, Record, RecordError, RecordStore},
 };
@@ -205,17 +210,9 @@ pub fn del(paths: &Paths, key: &AttachmentKey, owner: Option<Owner>) -> Result<(
     del_locked(paths, key, owner)
 }
 
-/// Deletes a link of the current network namespace by name, on a thread of
-/// its own: the blocking netlink handle runs its own runtime, which must not
-/// nest inside the agent's.
+/// Deletes a link of the current network namespace by name.
 fn delete_link(name: &str) -> Result<(), OpsError> {
-    let name = name.to_string();
-    std::thread::scope(|s| {
-        s.spawn(|| Netlink::connect()?.delete_link_by_name(&name).map(|_| ()))
-            .join()
-            .unwrap_or_else(|_| Err(NetlinkError::LinkNotFound(name.clone())))
-    })
-    .map_err(Into::into)
+    with_netlink(|nl| nl.delete_link_by_name(name).map(|_| ())).map_err(Into::into)
 }
 
 fn del_locked(paths: &Paths, key: &AttachmentKey, owner: Option<Owner>) -> Result<(), OpsError> {

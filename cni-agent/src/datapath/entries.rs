@@ -15,13 +15,13 @@ use cni_ebpf_common::{
 use ipnet::IpNet;
 
 use super::{
-    links::ensure_tc,
+    links::{ensure_tc, link_pin, remove_links},
     loader::{DatapathError, Hook},
     pins::{open_pinned, PinLayout},
 };
 use crate::{
     netlink::Netlink,
-    state::record::{Entry, Protocol},
+    state::record::{Entry, Protocol, VethHook},
 };
 
 /// An address as the datapath keys it (network byte order words).
@@ -68,6 +68,32 @@ pub fn masq_policy(subnet: IpNet) -> MasqPolicy {
         exclude_prefix_len: subnet.prefix_len(),
         family,
         _pad: [0; 2],
+    }
+}
+
+/// Runs `f` with a netlink handle of the current network namespace, on a
+/// thread of its own: the blocking handle runs its own runtime, which must
+/// not nest inside the agent's.
+pub fn with_netlink<T: Send>(
+    f: impl FnOnce(&Netlink) -> Result<T, crate::netlink::NetlinkError> + Send,
+) -> Result<T, crate::netlink::NetlinkError> {
+    std::thread::scope(|s| {
+        s.spawn(|| f(&Netlink::connect()?))
+            .join()
+            .unwrap_or_else(|_| Err(crate::netlink::NetlinkError::LinkNotFound("(netlink thread panicked)".into())))
+    })
+}
+
+/// The ifindex of a link of the node's namespace.
+pub fn link_index(ifname: &str) -> Result<u32, DatapathError> {
+    with_netlink(|nl| nl.link_by_name(ifname).map(|l| l.index))
+        .map_err(|e| DatapathError::Link(format!("{ifname}: {e}")))
+}
+
+fn veth_hook(h: VethHook) -> Hook {
+    match h {
+        VethHook::FromPod => Hook::Ingress,
+        VethHook::ToPod => Hook::Egress,
     }
 }
 
@@ -157,29 +183,38 @@ impl EntryMaps {
                 )
                 .map_err(map_err(map_names::HOSTPORTS)),
             Entry::BridgeHook { bridge } => self.hook_bridge(bridge),
+            Entry::VethProgram {
+                ifname,
+                program,
+                hook,
+                ..
+            } => {
+                let index = link_index(ifname)?;
+                let mut prog = SchedClassifier::from_pin(self.layout.progs_dir().join(program))
+                    .map_err(|source| DatapathError::Program {
+                        name: program.clone(),
+                        source,
+                    })?;
+                ensure_tc(&mut prog, &self.layout, program, veth_hook(*hook), ifname, index)?;
+                Ok(())
+            }
         }
     }
 
     /// Attaches the bridge program to `bridge` (once) and records the
     /// bridge's IPv4 address for hairpin masquerading.
     fn hook_bridge(&mut self, bridge: &str) -> Result<(), DatapathError> {
-        let name = bridge.to_string();
-        let (index, addr) = std::thread::scope(|s| {
-            s.spawn(|| -> Result<(u32, u32), crate::netlink::NetlinkError> {
-                let nl = Netlink::connect()?;
-                let link = nl.link_by_name(&name)?;
-                let addr = nl
-                    .addresses(Some(link.index))?
-                    .into_iter()
-                    .find_map(|a| match a.addr.addr() {
-                        IpAddr::V4(v4) => Some(u32::from_ne_bytes(v4.octets())),
-                        IpAddr::V6(_) => None,
-                    })
-                    .unwrap_or(0);
-                Ok((link.index, addr))
-            })
-            .join()
-            .unwrap_or_else(|_| Err(crate::netlink::NetlinkError::LinkNotFound(name.clone())))
+        let (index, addr) = with_netlink(|nl| {
+            let link = nl.link_by_name(bridge)?;
+            let addr = nl
+                .addresses(Some(link.index))?
+                .into_iter()
+                .find_map(|a| match a.addr.addr() {
+                    IpAddr::V4(v4) => Some(u32::from_ne_bytes(v4.octets())),
+                    IpAddr::V6(_) => None,
+                })
+                .unwrap_or(0);
+            Ok((link.index, addr))
         })
         .map_err(|e| DatapathError::Link(format!("bridge {bridge}: {e}")))?;
         self.bridges
@@ -200,6 +235,18 @@ impl EntryMaps {
     pub fn revoke(&mut self, entry: &Entry) -> Result<(), DatapathError> {
         match entry {
             Entry::Link { .. } | Entry::BridgeHook { .. } => Ok(()),
+            Entry::VethProgram {
+                ifname,
+                program,
+                ..
+            } => {
+                // A veth that is gone took its link with it; the agent
+                // drops such dead pins on its own.
+                if let Ok(index) = link_index(ifname) {
+                    remove_links(&self.layout, &index.to_string(), &[program.as_str()]);
+                }
+                Ok(())
+            }
             Entry::MasqSource { ip, .. } => {
                 ignore_missing(map_names::MASQ_SOURCES, self.masq.remove(&ip_key(*ip)))
             }
@@ -243,6 +290,14 @@ impl EntryMaps {
                 .map(|v| v == hostport_target(*pod_ip, *container_port, *snat))
                 .unwrap_or(false),
             Entry::BridgeHook { .. } => self.bridges.keys().any(|k| k.is_ok()),
+            Entry::VethProgram {
+                ifname,
+                program,
+                hook,
+                ..
+            } => link_index(ifname)
+                .map(|i| link_pin(&self.layout, &i.to_string(), program, veth_hook(*hook)).exists())
+                .unwrap_or(false),
         }
     }
 

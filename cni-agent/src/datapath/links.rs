@@ -285,14 +285,14 @@ fn pin_link(link: FdLink, pin: &Path) -> Result<(), DatapathError> {
         .map_err(|e| link_err(format!("pin {}: {e}", pin.display())))
 }
 
-/// Detaches and unpins the links of `programs` on `target` (an ifindex as
-/// text).
+/// Detaches and unpins the links of `programs` (all if empty) on `target`
+/// (an ifindex as text).
 pub fn remove_links(layout: &PinLayout, target: &str, programs: &[&str]) {
     let prefix = format!("{target}-");
     for ent in fs::read_dir(layout.links_dir()).into_iter().flatten().flatten() {
         let name = ent.file_name().to_string_lossy().into_owned();
         let program = name.splitn(3, '-').nth(2).unwrap_or_default();
-        if !name.starts_with(&prefix) || !programs.contains(&program) {
+        if !name.starts_with(&prefix) || !(programs.is_empty() || programs.contains(&program)) {
             continue;
         }
         let path = ent.path();
@@ -306,7 +306,8 @@ pub fn remove_links(layout: &PinLayout, target: &str, programs: &[&str]) {
     }
 }
 
-/// The ifindexes that have pinned links for any of `programs`.
+/// The ifindexes that have pinned links for any of `programs` (any
+/// program if empty).
 pub fn pinned_ifindexes(layout: &PinLayout, programs: &[&str]) -> Vec<u32> {
     let mut v: Vec<u32> = fs::read_dir(layout.links_dir())
         .into_iter()
@@ -317,7 +318,7 @@ pub fn pinned_ifindexes(layout: &PinLayout, programs: &[&str]) -> Vec<u32> {
             let mut parts = name.splitn(3, '-');
             let index = parts.next()?.parse().ok()?;
             let prog = parts.nth(1)?;
-            programs.contains(&prog).then_some(index)
+            (programs.is_empty() || programs.contains(&prog)).then_some(index)
         })
         .collect();
     v.sort_unstable();

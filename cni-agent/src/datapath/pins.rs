@@ -87,7 +87,7 @@ pub struct MapSpec {
 }
 
 /// Every pinned map of the object with its expected layout.
-pub fn map_specs() -> [MapSpec; 10] {
+pub fn map_specs() -> Vec<MapSpec> {
     fn spec<K, V>(name: &'static str, map_type: MapType) -> MapSpec {
         MapSpec {
             name,
@@ -96,7 +96,7 @@ pub fn map_specs() -> [MapSpec; 10] {
             value_size: size_of::<V>() as u32,
         }
     }
-    [
+    vec![
         spec::<IpKey, MasqPolicy>(map_names::MASQ_SOURCES, MapType::Hash),
         spec::<u32, UplinkConfig>(map_names::UPLINKS, MapType::Hash),
         spec::<CtKey, NatEntry>(map_names::SNAT_ORIG, MapType::LruHash),

@@ -67,10 +67,28 @@ pub enum Entry {
         container_port: u16,
         snat: bool,
     },
+    /// A datapath program on the host end of the pod's veth: `from-pod`
+    /// (TC ingress of the host end: what the pod sends) or `to-pod` (TC
+    /// egress: what the pod receives). Its link is pinned; removing the
+    /// entry detaches it.
+    VethProgram {
+        ifname: String,
+        program: String,
+        hook: VethHook,
+        owner: Owner,
+    },
     /// The hostPort program on a bridge (reply and hairpin translation).
     /// Shared by every attachment on that bridge: removing it is a no-op,
     /// the agent drops it with the bridge.
     BridgeHook { bridge: String },
+}
+
+/// Which side of a pod's traffic a veth program sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VethHook {
+    FromPod,
+    ToPod,
 }
 
 /// The plugin an entry belongs to: each plugin's DEL removes its own
@@ -80,6 +98,8 @@ pub enum Entry {
 pub enum Owner {
     Bridge,
     Portmap,
+    Bandwidth,
+    Firewall,
 }
 
 impl Entry {
@@ -93,6 +113,7 @@ impl Entry {
         match self {
             Entry::Link { .. } | Entry::MasqSource { .. } => Owner::Bridge,
             Entry::HostPort { .. } | Entry::BridgeHook { .. } => Owner::Portmap,
+            Entry::VethProgram { owner, .. } => *owner,
         }
     }
 
