@@ -20,8 +20,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use cni_ebpf_common::{
-    hostport_flags, stat, BridgeInfo, CtKey, HostPortKey, HostPortTarget, HpReply, IpKey,
-    NatEntry, FAMILY_V4,
+    hostport_flags, stat, BridgeInfo, CtKey, HostPortKey, HostPortTarget, HpReply, IpKey, NatEntry,
+    FAMILY_V4,
 };
 
 use crate::{
@@ -82,8 +82,8 @@ pub fn lookup(addr: u32, port_be: u16, proto: u8, allow_loopback: bool) -> Optio
     if let Some(t) = unsafe { HOSTPORTS.get(&key) } {
         return Some(*t);
     }
-    let local = unsafe { NODE_ADDRS.get(&v4_ip(addr)) }.is_some()
-        || (allow_loopback && is_loopback(addr));
+    let local =
+        unsafe { NODE_ADDRS.get(&v4_ip(addr)) }.is_some() || (allow_loopback && is_loopback(addr));
     if !local {
         return None;
     }
@@ -133,7 +133,18 @@ pub fn hostport_ingress(ctx: TcContext) -> i32 {
         return NEXT;
     };
     note_reply(&pkt, &t, (pkt.saddr, pkt.sport), 0);
-    if rewrite(&ctx, &pkt, IP_DADDR, pkt.daddr, t.addr[0], pkt.dport_off(), pkt.dport, t.port).is_err() {
+    if rewrite(
+        &ctx,
+        &pkt,
+        IP_DADDR,
+        pkt.daddr,
+        t.addr[0],
+        pkt.dport_off(),
+        pkt.dport,
+        t.port,
+    )
+    .is_err()
+    {
         return TC_ACT_SHOT;
     }
     bump(stat::HOSTPORT_DNAT);
@@ -158,7 +169,18 @@ pub fn hostport_egress(ctx: TcContext) -> i32 {
     if hairpin != 0 {
         return NEXT;
     }
-    if rewrite(&ctx, &pkt, IP_SADDR, pkt.saddr, src, pkt.sport_off(), pkt.sport, sport).is_err() {
+    if rewrite(
+        &ctx,
+        &pkt,
+        IP_SADDR,
+        pkt.saddr,
+        src,
+        pkt.sport_off(),
+        pkt.sport,
+        sport,
+    )
+    .is_err()
+    {
         return TC_ACT_SHOT;
     }
     bump(stat::HOSTPORT_REPLY);
@@ -193,8 +215,26 @@ fn try_bridge_from_pods(ctx: &TcContext) -> Result<i32, ()> {
         if r.hairpin == 0 {
             return Ok(NEXT);
         }
-        rewrite(ctx, &pkt, IP_SADDR, pkt.saddr, r.src_addr[0], pkt.sport_off(), pkt.sport, r.src_port)?;
-        rewrite(ctx, &pkt, IP_DADDR, pkt.daddr, r.dst_addr[0], pkt.dport_off(), pkt.dport, r.dst_port)?;
+        rewrite(
+            ctx,
+            &pkt,
+            IP_SADDR,
+            pkt.saddr,
+            r.src_addr[0],
+            pkt.sport_off(),
+            pkt.sport,
+            r.src_port,
+        )?;
+        rewrite(
+            ctx,
+            &pkt,
+            IP_DADDR,
+            pkt.daddr,
+            r.dst_addr[0],
+            pkt.dport_off(),
+            pkt.dport,
+            r.dst_port,
+        )?;
         bump(stat::HOSTPORT_HAIRPIN);
         return Ok(redirect(ifindex));
     }
@@ -218,9 +258,27 @@ fn try_bridge_from_pods(ctx: &TcContext) -> Result<i32, ()> {
             }
         },
     };
-    rewrite(ctx, &pkt, IP_DADDR, pkt.daddr, t.addr[0], pkt.dport_off(), pkt.dport, t.port)?;
+    rewrite(
+        ctx,
+        &pkt,
+        IP_DADDR,
+        pkt.daddr,
+        t.addr[0],
+        pkt.dport_off(),
+        pkt.dport,
+        t.port,
+    )?;
     if src != pkt.saddr || sport != pkt.sport {
-        rewrite(ctx, &pkt, IP_SADDR, pkt.saddr, src, pkt.sport_off(), pkt.sport, sport)?;
+        rewrite(
+            ctx,
+            &pkt,
+            IP_SADDR,
+            pkt.saddr,
+            src,
+            pkt.sport_off(),
+            pkt.sport,
+            sport,
+        )?;
     }
     bump(stat::HOSTPORT_HAIRPIN);
     Ok(redirect(ifindex))
@@ -230,10 +288,17 @@ fn try_bridge_from_pods(ctx: &TcContext) -> Result<i32, ()> {
 /// address and a port free for this target (the pod's own port if
 /// possible); without, the pod's own address and port. Writes both halves.
 #[inline(always)]
-fn hairpin_bind(pkt: &Ipv4Packet, t: &HostPortTarget, ifindex: u32, okey: &CtKey) -> Option<(u32, u16)> {
+fn hairpin_bind(
+    pkt: &Ipv4Packet,
+    t: &HostPortTarget,
+    ifindex: u32,
+    okey: &CtKey,
+) -> Option<(u32, u16)> {
     let snat_addr = if t.flags & hostport_flags::SNAT != 0 {
         // SAFETY: read-only use of a map value during this run.
-        unsafe { BRIDGES.get(&ifindex) }.map(|b| b.addr_v4).filter(|a| *a != 0)
+        unsafe { BRIDGES.get(&ifindex) }
+            .map(|b| b.addr_v4)
+            .filter(|a| *a != 0)
     } else {
         None
     };

@@ -53,7 +53,10 @@ fn csum_update(csum: u16, old: &[u16], new: &[u16]) -> u16 {
 #[inline(always)]
 fn halves(v: u32) -> [u16; 2] {
     let b = v.to_ne_bytes();
-    [u16::from_ne_bytes([b[0], b[1]]), u16::from_ne_bytes([b[2], b[3]])]
+    [
+        u16::from_ne_bytes([b[0], b[1]]),
+        u16::from_ne_bytes([b[2], b[3]]),
+    ]
 }
 
 fn try_hostport_xdp(ctx: &XdpContext) -> Option<u32> {
@@ -115,7 +118,11 @@ fn try_hostport_xdp(ctx: &XdpContext) -> Option<u32> {
         *ip_csum = csum_update(*ip_csum, &old_a, &new_a);
         // UDP checksum 0 means "none": leave it.
         if proto == IPPROTO_TCP || l4_csum != 0 {
-            let mut c = csum_update(l4_csum, &[old_a[0], old_a[1], dport], &[new_a[0], new_a[1], new_port]);
+            let mut c = csum_update(
+                l4_csum,
+                &[old_a[0], old_a[1], dport],
+                &[new_a[0], new_a[1], new_port],
+            );
             if proto == IPPROTO_UDP && c == 0 {
                 c = 0xffff;
             }

@@ -14,8 +14,8 @@ use cni_ebpf_common::{ct_state, stat, IpKey, MasqPolicy, NatEntry, UplinkConfig,
 use crate::{
     conntrack::{now, state_bits, touch, v4_key, SNAT_ORIG, SNAT_REPLY},
     parsing::{
-        parse_icmp_error, parse_ipv4, Ipv4Packet, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
-        IPPROTO_ICMP, IP_CSUM, IP_DADDR, IP_SADDR,
+        parse_icmp_error, parse_ipv4, Ipv4Packet, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPPROTO_ICMP,
+        IP_CSUM, IP_DADDR, IP_SADDR,
     },
     rewrite::rewrite,
     stats::bump,
@@ -120,7 +120,16 @@ fn try_snat_egress(ctx: &TcContext) -> Result<i32, ()> {
             }
         },
     };
-    rewrite(ctx, &pkt, IP_SADDR, pkt.saddr, nat_addr, pkt.sport_off(), pkt.sport, nat_port)?;
+    rewrite(
+        ctx,
+        &pkt,
+        IP_SADDR,
+        pkt.saddr,
+        nat_addr,
+        pkt.sport_off(),
+        pkt.sport,
+        nat_port,
+    )?;
     bump(stat::SNAT_XLATE);
     Ok(NEXT)
 }
@@ -214,7 +223,16 @@ fn try_snat_ingress(ctx: &TcContext) -> Result<i32, ()> {
             bump(stat::SNAT_REPAIRED);
         }
     }
-    rewrite(ctx, &pkt, IP_DADDR, pkt.daddr, pod_addr, pkt.dport_off(), pkt.dport, pod_port)?;
+    rewrite(
+        ctx,
+        &pkt,
+        IP_DADDR,
+        pkt.daddr,
+        pod_addr,
+        pkt.dport_off(),
+        pkt.dport,
+        pod_port,
+    )?;
     bump(stat::SNAT_REPLY_XLATE);
     Ok(NEXT)
 }
@@ -231,7 +249,13 @@ fn icmp_error_ingress(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, ()> {
     let rkey = if inner.proto == IPPROTO_ICMP {
         v4_key(inner.daddr, inner.saddr, 0, inner.sport, inner.proto)
     } else {
-        v4_key(inner.daddr, inner.saddr, inner.dport, inner.sport, inner.proto)
+        v4_key(
+            inner.daddr,
+            inner.saddr,
+            inner.dport,
+            inner.sport,
+            inner.proto,
+        )
     };
     // SAFETY: read-only use of a map value during this run.
     let rev = unsafe { SNAT_REPLY.get(&rkey) }.ok_or(())?;
@@ -254,7 +278,8 @@ fn icmp_error_ingress(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, ()> {
         .map_err(|_| ())?;
     ctx.l4_csum_replace(icmp_csum, inner.sport as u64, pod_port as u64, 2)
         .map_err(|_| ())?;
-    ctx.store(inner.l3 + IP_SADDR, &pod_addr, 0).map_err(|_| ())?;
+    ctx.store(inner.l3 + IP_SADDR, &pod_addr, 0)
+        .map_err(|_| ())?;
     ctx.store(inner.sport_off(), &pod_port, 0).map_err(|_| ())?;
 
     // Outer destination: the uplink address becomes the pod's.

@@ -27,16 +27,26 @@ pub fn rewrite(
     let csum_off = pkt.l4_csum_off();
     match pkt.proto {
         IPPROTO_TCP => {
-            ctx.l4_csum_replace(csum_off, old_addr as u64, new_addr as u64, BPF_F_PSEUDO_HDR | 4)
-                .map_err(|_| ())?;
+            ctx.l4_csum_replace(
+                csum_off,
+                old_addr as u64,
+                new_addr as u64,
+                BPF_F_PSEUDO_HDR | 4,
+            )
+            .map_err(|_| ())?;
             ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, 2)
                 .map_err(|_| ())?;
         }
         IPPROTO_UDP => {
             if pkt.l4_csum != 0 {
                 let f = BPF_F_MARK_MANGLED_0;
-                ctx.l4_csum_replace(csum_off, old_addr as u64, new_addr as u64, f | BPF_F_PSEUDO_HDR | 4)
-                    .map_err(|_| ())?;
+                ctx.l4_csum_replace(
+                    csum_off,
+                    old_addr as u64,
+                    new_addr as u64,
+                    f | BPF_F_PSEUDO_HDR | 4,
+                )
+                .map_err(|_| ())?;
                 ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, f | 2)
                     .map_err(|_| ())?;
             }
@@ -49,8 +59,8 @@ pub fn rewrite(
     }
     ctx.l3_csum_replace(pkt.l3 + IP_CSUM, old_addr as u64, new_addr as u64, 4)
         .map_err(|_| ())?;
-    ctx.store(pkt.l3 + addr_field, &new_addr, 0).map_err(|_| ())?;
+    ctx.store(pkt.l3 + addr_field, &new_addr, 0)
+        .map_err(|_| ())?;
     ctx.store(port_off, &new_port, 0).map_err(|_| ())?;
     Ok(())
 }
-

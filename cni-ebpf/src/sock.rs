@@ -2,10 +2,7 @@
 //! nodeIP:hostPort or 127.0.0.1:hostPort): the cgroup connect4/sendmsg4
 //! hooks rewrite the socket's destination to the pod before any packet
 //! exists, so no packet translation and no route_localnet are needed.
-use aya_ebpf::{
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
-};
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use cni_ebpf_common::stat;
 
 use crate::{

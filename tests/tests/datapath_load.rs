@@ -27,7 +27,19 @@ fn tc_program_attaches_via_tcx_and_counts_packets() {
     let bpffs = BpfFs::mount(&dir.path().join("bpf"));
     // Two namespaces joined by a veth: the client pings from `peer`, the
     // program sits on vb's ingress in `ns`.
-    peer.ip(&["link", "add", "name", "va", "type", "veth", "peer", "name", "vb", "netns", ns.name()]);
+    peer.ip(&[
+        "link",
+        "add",
+        "name",
+        "va",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "vb",
+        "netns",
+        ns.name(),
+    ]);
     peer.ip(&["addr", "add", "198.18.7.1/30", "dev", "va"]);
     peer.ip(&["link", "set", "va", "up"]);
     ns.ip(&["addr", "add", "198.18.7.2/30", "dev", "vb"]);
@@ -49,22 +61,53 @@ fn tc_program_attaches_via_tcx_and_counts_packets() {
         // load with its own bpffs root and maps); ours attaches after it and
         // both keep seeing every packet.
         let foreign_layout = PinLayout::new(root.join("foreign"));
-        let mut foreign = load_pinned(&foreign_layout, MapSizes::default()).expect("load foreign copy");
-        let prog: &mut SchedClassifier = program(&mut foreign, prog_names::TC_COUNT).expect("program");
+        let mut foreign =
+            load_pinned(&foreign_layout, MapSizes::default()).expect("load foreign copy");
+        let prog: &mut SchedClassifier =
+            program(&mut foreign, prog_names::TC_COUNT).expect("program");
         prog.load().expect("verifier accepts tc_count");
-        ensure_tc(prog, &foreign_layout, prog_names::TC_COUNT, Hook::Ingress, "vb", ifindex)
-            .expect("foreign attach");
+        ensure_tc(
+            prog,
+            &foreign_layout,
+            prog_names::TC_COUNT,
+            Hook::Ingress,
+            "vb",
+            ifindex,
+        )
+        .expect("foreign attach");
         let layout = PinLayout::new(root.join("ours"));
         let mut ours = load_pinned(&layout, MapSizes::default()).expect("load the embedded object");
         let prog: &mut SchedClassifier = program(&mut ours, prog_names::TC_COUNT).expect("program");
         prog.load().expect("verifier accepts tc_count");
-        let created = ensure_tc(prog, &layout, prog_names::TC_COUNT, Hook::Ingress, "vb", ifindex)
-            .expect("tcx attach");
+        let created = ensure_tc(
+            prog,
+            &layout,
+            prog_names::TC_COUNT,
+            Hook::Ingress,
+            "vb",
+            ifindex,
+        )
+        .expect("tcx attach");
         assert!(created, "a new link is created and pinned");
-        assert!(layout.maps_dir().join(map_names::SNAT_ORIG).exists(), "maps pinned");
+        assert!(
+            layout.maps_dir().join(map_names::SNAT_ORIG).exists(),
+            "maps pinned"
+        );
 
         let ping = std::process::Command::new("ip")
-            .args(["netns", "exec", &peer_name, "ping", "-c", "3", "-i", "0.2", "-W", "1", "198.18.7.2"])
+            .args([
+                "netns",
+                "exec",
+                &peer_name,
+                "ping",
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                "198.18.7.2",
+            ])
             .output()
             .expect("ping");
         assert!(ping.status.success(), "ping through the programs: {ping:?}");
@@ -73,23 +116,31 @@ fn tc_program_attaches_via_tcx_and_counts_packets() {
             let counters: HashMap<_, u32, TrafficCounters> =
                 HashMap::try_from(obj.map(map_names::IF_COUNTERS).expect("map in object"))
                     .expect("map type");
-            let c = wait_until(&format!("{who} counts 3 pings"), Duration::from_secs(5), || {
-                counters.get(&ifindex, 0).ok().filter(|c| c.packets >= 3)
-            });
+            let c = wait_until(
+                &format!("{who} counts 3 pings"),
+                Duration::from_secs(5),
+                || counters.get(&ifindex, 0).ok().filter(|c| c.packets >= 3),
+            );
             // 3 echo requests of 84 bytes each at least.
             assert!(c.bytes >= 3 * 84, "{who}: bytes counted: {c:?}");
         }
         // The kernel lists both programs on the tcx ingress hook of vb.
-        let (_, progs) = SchedClassifier::query_tcx("vb", TcAttachType::Ingress).expect("query tcx");
+        let (_, progs) =
+            SchedClassifier::query_tcx("vb", TcAttachType::Ingress).expect("query tcx");
         let names: Vec<String> = progs
             .iter()
             .map(|p| p.name_as_str().unwrap_or_default().to_string())
             .collect();
-        assert_eq!(names, ["tc_count", "tc_count"], "tcx programs on vb ingress");
+        assert_eq!(
+            names,
+            ["tc_count", "tc_count"],
+            "tcx programs on vb ingress"
+        );
 
         // The link is pinned: it outlives the loader that created it.
         drop(ours);
-        let (_, progs) = SchedClassifier::query_tcx("vb", TcAttachType::Ingress).expect("query tcx");
+        let (_, progs) =
+            SchedClassifier::query_tcx("vb", TcAttachType::Ingress).expect("query tcx");
         assert_eq!(progs.len(), 2, "pinned link survives the loader");
     })
     .join()

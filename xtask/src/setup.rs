@@ -33,6 +33,9 @@ const REQUIRED: &[(&str, &str)] = &[
     ("tcpdump", "packet captures while debugging"),
     ("iputils-ping", "ping for tests and the demo"),
     ("conntrack", "shows the reference plugins' NAT state"),
+    ("ethtool", "checksum offload settings in XDP tests"),
+    ("socat", "simple servers and clients in tests and the demo"),
+    ("util-linux", "nsenter for running plugins inside a node netns"),
 ];
 
 /// Installed when the distribution has it (checked with apt-cache policy).

@@ -46,7 +46,9 @@ impl From<ClientError> for CniError {
                 details: String::new(),
             },
             // The agent being down is transient from the runtime's view.
-            ClientError::Unreachable { .. } => CniError::new(ErrorCode::TryAgainLater, e.to_string()),
+            ClientError::Unreachable { .. } => {
+                CniError::new(ErrorCode::TryAgainLater, e.to_string())
+            }
             _ => CniError::new(ErrorCode::Io, e.to_string()),
         }
     }
@@ -71,23 +73,28 @@ pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, ClientErr
     line.push(b'\n');
     (&stream).write_all(&line).map_err(io)?;
     let mut reply = String::new();
-    let n = BufReader::new(&stream).read_line(&mut reply).map_err(|source| {
-        // A reset mid-request: the agent died under us.
-        if source.kind() == std::io::ErrorKind::ConnectionReset {
-            ClientError::Unreachable {
-                path: socket.to_path_buf(),
-                source,
+    let n = BufReader::new(&stream)
+        .read_line(&mut reply)
+        .map_err(|source| {
+            // A reset mid-request: the agent died under us.
+            if source.kind() == std::io::ErrorKind::ConnectionReset {
+                ClientError::Unreachable {
+                    path: socket.to_path_buf(),
+                    source,
+                }
+            } else {
+                io(source)
             }
-        } else {
-            io(source)
-        }
-    })?;
+        })?;
     if n == 0 {
         // The agent closed without answering (it died, or is stopping):
         // like an unreachable agent, worth a retry.
         return Err(ClientError::Unreachable {
             path: socket.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed without a response"),
+            source: std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed without a response",
+            ),
         });
     }
     match serde_json::from_str(&reply).map_err(|source| ClientError::Protocol {

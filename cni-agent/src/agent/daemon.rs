@@ -19,7 +19,10 @@ use super::{ops::Paths, server};
 use crate::{
     datapath::{
         conntrack::{NatTable, Timeouts},
-        links::{ensure_cgroup, ifindex_exists, load_and_pin_programs, pinned_ifindexes, remove_links, take_over},
+        links::{
+            ensure_cgroup, ifindex_exists, load_and_pin_programs, pinned_ifindexes, remove_links,
+            take_over,
+        },
         loader::{DatapathError, Hook},
         node::NodeAddrMap,
         pins::{load_pinned, MapSizes, PinLayout},
@@ -134,7 +137,8 @@ impl Manager {
                 continue;
             }
             self.uplink_map.set(up.index, up.addr, self.ports)?;
-            let attached = attach_uplink(&mut self.ebpf, &self.layout, self.mode, &up.name, up.index)?;
+            let attached =
+                attach_uplink(&mut self.ebpf, &self.layout, self.mode, &up.name, up.index)?;
             log::info!(
                 "uplink {} (ifindex {}, {}): {}",
                 up.name,
@@ -179,7 +183,11 @@ impl Manager {
 }
 
 /// Attaches the socket hooks for node-local hostPort clients.
-fn attach_cgroup(ebpf: &mut Ebpf, layout: &PinLayout, cgroup: &std::path::Path) -> Result<(), DatapathError> {
+fn attach_cgroup(
+    ebpf: &mut Ebpf,
+    layout: &PinLayout,
+    cgroup: &std::path::Path,
+) -> Result<(), DatapathError> {
     for (name, hook) in [
         (prog_names::HOSTPORT_CONNECT4, Hook::Connect4),
         (prog_names::HOSTPORT_SENDMSG4, Hook::Sendmsg4),
@@ -230,7 +238,9 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     };
     mgr.sync(&nl)?;
     if mgr.current.is_empty() {
-        log::warn!("no uplink found yet (no default route with an IPv4 address); will keep looking");
+        log::warn!(
+            "no uplink found yet (no default route with an IPv4 address); will keep looking"
+        );
     }
     drop(nl);
 

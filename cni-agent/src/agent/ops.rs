@@ -95,35 +95,33 @@ fn lock(state_dir: &Path) -> Result<Flock<File>, OpsError> {
     })
 }
 
-/// Adds `entries` to the attachment's record (creating it), durably, and
-/// returns the entries that were not recorded before.
-fn record_locked(paths: &Paths, key: &AttachmentKey, entries: &[Entry]) -> Result<Vec<Entry>, OpsError> {
+/// Adds `entries` to the attachment's record (creating it), durably; a
+/// record that already lists them all is not rewritten.
+fn record_locked(paths: &Paths, key: &AttachmentKey, entries: &[Entry]) -> Result<(), OpsError> {
     let store = paths.records();
-    let mut record = store.read(key)?.unwrap_or_else(|| Record {
+    let existing = store.read(key)?;
+    let existed = existing.is_some();
+    let mut record = existing.unwrap_or_else(|| Record {
         key: key.clone(),
         entries: Vec::new(),
     });
-    let new: Vec<Entry> = entries
-        .iter()
-        .filter(|e| !record.entries.contains(e))
-        .cloned()
-        .collect();
-    if !new.is_empty() || !store_has(&store, key)? {
-        record.entries.extend(new.iter().cloned());
+    let before = record.entries.len();
+    for e in entries {
+        if !record.entries.contains(e) {
+            record.entries.push(e.clone());
+        }
+    }
+    if !existed || record.entries.len() != before {
         store.write(&record)?;
     }
-    Ok(new)
-}
-
-fn store_has(store: &RecordStore, key: &AttachmentKey) -> Result<bool, OpsError> {
-    Ok(store.read(key)?.is_some())
+    Ok(())
 }
 
 /// Records `entries` for the attachment before the caller creates them
 /// (used by plugins for the links they create themselves).
 pub fn record(paths: &Paths, key: &AttachmentKey, entries: &[Entry]) -> Result<(), OpsError> {
     let _guard = lock(&paths.state_dir)?;
-    record_locked(paths, key, entries).map(|_| ())
+    record_locked(paths, key, entries)
 }
 
 /// Takes `entry` out of the attachment's record without touching what it
@@ -139,43 +137,60 @@ pub fn forget(paths: &Paths, key: &AttachmentKey, entry: &Entry) -> Result<(), O
     Ok(())
 }
 
-/// Refuses hostPort entries that overlap one of another attachment (or
-/// each other): an ADD that would steal a mapping changes nothing.
-fn check_conflicts(paths: &Paths, key: &AttachmentKey, entries: &[Entry]) -> Result<(), OpsError> {
-    let describe = |e: &Entry| match e {
-        Entry::HostPort {
-            host_ip,
-            host_port,
-            protocol,
-            ..
-        } => format!(
-            "hostPort {host_port}/{protocol:?} on {}",
-            host_ip.map_or("every node address".to_string(), |ip| ip.to_string())
-        )
-        .to_lowercase(),
-        other => format!("{other:?}"),
+/// Refuses hostPort entries that overlap a mapping in force for another
+/// pod (or each other): an ADD that would steal a mapping changes nothing.
+/// The maps answer in O(node addresses); the records are read only to name
+/// the owner of a conflict.
+fn check_conflicts(
+    paths: &Paths,
+    maps: &EntryMaps,
+    key: &AttachmentKey,
+    entries: &[Entry],
+) -> Result<(), OpsError> {
+    let conflict = |what: &Entry, owner: AttachmentKey| OpsError::Conflict {
+        what: match what {
+            Entry::HostPort {
+                host_ip,
+                host_port,
+                protocol,
+                ..
+            } => format!(
+                "hostPort {host_port}/{} on {}",
+                format!("{protocol:?}").to_lowercase(),
+                host_ip.map_or("every node address".to_string(), |ip| ip.to_string())
+            ),
+            other => format!("{other:?}"),
+        },
+        owner,
     };
     for (i, e) in entries.iter().enumerate() {
         if entries[..i].iter().any(|o| o.conflicts_with(e)) {
-            return Err(OpsError::Conflict {
-                what: describe(e),
-                owner: key.clone(),
-            });
+            return Err(conflict(e, key.clone()));
         }
-    }
-    if !entries.iter().any(|e| matches!(e, Entry::HostPort { .. })) {
-        return Ok(());
-    }
-    for r in paths.records().list(None)? {
-        if r.key == *key {
+        if !maps.hostport_taken(e)? {
             continue;
         }
-        for e in entries {
-            if r.entries.iter().any(|o| o.conflicts_with(e)) {
-                return Err(OpsError::Conflict {
-                    what: describe(e),
-                    owner: r.key.clone(),
-                });
+        // Whose is it? (Not ours: re-adding our own entry is no conflict.)
+        let owner = paths
+            .records()
+            .list(None)?
+            .into_iter()
+            .find(|r| r.key != *key && r.entries.iter().any(|o| o.conflicts_with(e)));
+        match owner {
+            Some(r) => return Err(conflict(e, r.key)),
+            None if paths
+                .records()
+                .read(key)?
+                .is_some_and(|r| r.entries.iter().any(|o| o.conflicts_with(e))) => {}
+            None => {
+                return Err(conflict(
+                    e,
+                    AttachmentKey {
+                        network: "(unrecorded)".into(),
+                        container_id: "-".into(),
+                        ifname: "-".into(),
+                    },
+                ))
             }
         }
     }
@@ -187,12 +202,17 @@ fn check_conflicts(paths: &Paths, key: &AttachmentKey, entries: &[Entry]) -> Res
 /// there is a no-op.
 pub fn add(paths: &Paths, key: &AttachmentKey, entries: &[Entry]) -> Result<(), OpsError> {
     let _guard = lock(&paths.state_dir)?;
-    check_conflicts(paths, key, entries)?;
+    let map_entries: Vec<&Entry> = entries.iter().filter(|e| e.is_map_entry()).collect();
+    let mut maps = if map_entries.is_empty() {
+        None
+    } else {
+        let maps = EntryMaps::open(&paths.layout())?;
+        check_conflicts(paths, &maps, key, entries)?;
+        Some(maps)
+    };
     record_locked(paths, key, entries)?;
     crate::crash::point("agent-after-record");
-    let map_entries: Vec<&Entry> = entries.iter().filter(|e| e.is_map_entry()).collect();
-    if !map_entries.is_empty() {
-        let mut maps = EntryMaps::open(&paths.layout())?;
+    if let Some(maps) = maps.as_mut() {
         for e in map_entries {
             maps.apply(e)?;
             crate::crash::point("agent-after-first-entry");
@@ -228,7 +248,10 @@ fn del_locked(paths: &Paths, key: &AttachmentKey, owner: Option<Owner>) -> Resul
     let has_map_entries = gone.iter().any(Entry::is_map_entry);
     // Maps that were never created (no agent ever ran) hold nothing.
     let (mut maps, mut nat) = if has_map_entries && layout.maps_dir().exists() {
-        (Some(EntryMaps::open(&layout)?), NatTable::open(&layout).ok())
+        (
+            Some(EntryMaps::open(&layout)?),
+            NatTable::open(&layout).ok(),
+        )
     } else {
         (None, None)
     };
@@ -247,7 +270,9 @@ fn del_locked(paths: &Paths, key: &AttachmentKey, owner: Option<Owner>) -> Resul
             }
             (
                 Entry::HostPort {
-                    host_port, protocol, ..
+                    host_port,
+                    protocol,
+                    ..
                 },
                 Some(nat),
             ) => {
@@ -296,7 +321,11 @@ pub fn check(paths: &Paths, key: &AttachmentKey, expected: &[Entry]) -> Result<(
 
 /// GC: every record of `network` not in `valid` is deleted like a DEL.
 /// Returns the attachments removed.
-pub fn gc(paths: &Paths, network: &str, valid: &[AttachmentKey]) -> Result<Vec<AttachmentKey>, OpsError> {
+pub fn gc(
+    paths: &Paths,
+    network: &str,
+    valid: &[AttachmentKey],
+) -> Result<Vec<AttachmentKey>, OpsError> {
     let _guard = lock(&paths.state_dir)?;
     let valid: BTreeSet<(&str, &str)> = valid
         .iter()

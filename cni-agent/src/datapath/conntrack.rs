@@ -100,7 +100,10 @@ pub struct NatTable {
     hp_reply: HashMap<MapData, CtKey, HpReply>,
 }
 
-fn open_lru<V: aya::Pod>(layout: &PinLayout, name: &'static str) -> Result<HashMap<MapData, CtKey, V>, DatapathError> {
+fn open_lru<V: aya::Pod>(
+    layout: &PinLayout,
+    name: &'static str,
+) -> Result<HashMap<MapData, CtKey, V>, DatapathError> {
     let data = open_pinned(layout, name)?;
     HashMap::try_from(Map::LruHashMap(data)).map_err(|source| DatapathError::Map { name, source })
 }
@@ -267,7 +270,10 @@ impl NatTable {
             .hp_reply
             .iter()
             .filter_map(Result::ok)
-            .filter(|(k, v)| now.saturating_sub(v.last_seen_ns) >= timeout_of(k.proto, v.state, t).as_nanos() as u64)
+            .filter(|(k, v)| {
+                now.saturating_sub(v.last_seen_ns)
+                    >= timeout_of(k.proto, v.state, t).as_nanos() as u64
+            })
             .map(|(k, _)| k)
             .collect();
         for k in &stale {
@@ -277,7 +283,10 @@ impl NatTable {
             .hp_orig
             .iter()
             .filter_map(Result::ok)
-            .filter(|(k, v)| now.saturating_sub(v.last_seen_ns) >= timeout_of(k.proto, v.state, t).as_nanos() as u64)
+            .filter(|(k, v)| {
+                now.saturating_sub(v.last_seen_ns)
+                    >= timeout_of(k.proto, v.state, t).as_nanos() as u64
+            })
             .map(|(k, _)| k)
             .collect();
         for k in &orig {

@@ -301,6 +301,35 @@ impl EntryMaps {
         }
     }
 
+    /// Whether a hostPort entry's (address, port, protocol) is already
+    /// mapped in the datapath: its own key, the any-address key, and — for
+    /// an any-address entry — the key of each node address.
+    pub fn hostport_taken(&self, entry: &Entry) -> Result<bool, DatapathError> {
+        let Entry::HostPort {
+            host_ip,
+            host_port,
+            protocol,
+            pod_ip,
+            ..
+        } = entry
+        else {
+            return Ok(false);
+        };
+        let v6 = pod_ip.is_ipv6();
+        let mut keys = vec![
+            hostport_key(*host_ip, *host_port, *protocol, v6),
+            hostport_key(None, *host_port, *protocol, v6),
+        ];
+        if host_ip.is_none() {
+            let node: HashMap<MapData, IpKey, u32> = hash(&self.layout, map_names::NODE_ADDRS)?;
+            for k in node.keys().filter_map(Result::ok) {
+                let ip = words_addr(k.addr, k.family);
+                keys.push(hostport_key(Some(ip), *host_port, *protocol, v6));
+            }
+        }
+        Ok(keys.iter().any(|k| self.hostports.get(k, 0).is_ok()))
+    }
+
     /// Number of masquerade sources (occupancy reporting).
     pub fn masq_len(&self) -> usize {
         self.masq.keys().filter(|k| k.is_ok()).count()

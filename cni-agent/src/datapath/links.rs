@@ -160,7 +160,11 @@ fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
 /// links that died with their device). Returns how many were taken over.
 pub fn take_over(ebpf: &Ebpf, layout: &PinLayout) -> usize {
     let mut n = 0;
-    for ent in fs::read_dir(layout.links_dir()).into_iter().flatten().flatten() {
+    for ent in fs::read_dir(layout.links_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let path = ent.path();
         let name = ent.file_name().to_string_lossy().into_owned();
         let Some(program) = name.splitn(3, '-').nth(2) else {
@@ -219,10 +223,16 @@ pub fn ensure_tc(
         _ => return Err(link_err(format!("{name}: {hook:?} is not a TC hook"))),
     };
     let id = prog
-        .attach_with_options(ifname, attach, TcAttachOptions::TcxOrder(LinkOrder::default()))
+        .attach_with_options(
+            ifname,
+            attach,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
         .map_err(prog_err(name))?;
     let link = prog.take_link(id).map_err(prog_err(name))?;
-    let fd_link: FdLink = link.try_into().map_err(|e| link_err(format!("{ifname}: {e}")))?;
+    let fd_link: FdLink = link
+        .try_into()
+        .map_err(|e| link_err(format!("{ifname}: {e}")))?;
     pin_link(fd_link, &pin)?;
     Ok(true)
 }
@@ -248,7 +258,9 @@ pub fn ensure_xdp(
         }
     };
     let link = prog.take_link(id).map_err(prog_err(name))?;
-    let fd_link: FdLink = link.try_into().map_err(|e| link_err(format!("{ifname}: {e}")))?;
+    let fd_link: FdLink = link
+        .try_into()
+        .map_err(|e| link_err(format!("{ifname}: {e}")))?;
     pin_link(fd_link, &pin)?;
     Ok(true)
 }
@@ -262,19 +274,23 @@ pub fn ensure_cgroup(
     cgroup: &Path,
 ) -> Result<bool, DatapathError> {
     use std::os::unix::fs::MetadataExt;
-    let meta = fs::metadata(cgroup).map_err(|e| link_err(format!("cgroup {}: {e}", cgroup.display())))?;
+    let meta =
+        fs::metadata(cgroup).map_err(|e| link_err(format!("cgroup {}: {e}", cgroup.display())))?;
     let pin = link_pin(layout, &format!("cg{}", meta.ino()), name, hook);
     if pin.exists() {
         return Ok(false);
     }
-    let dir = fs::File::open(cgroup).map_err(|e| link_err(format!("cgroup {}: {e}", cgroup.display())))?;
+    let dir = fs::File::open(cgroup)
+        .map_err(|e| link_err(format!("cgroup {}: {e}", cgroup.display())))?;
     // Through bpf_link_create, a cgroup link always coexists with other
     // programs; the kernel wants no multi-attach flag for it.
     let id = prog
         .attach(&dir, CgroupAttachMode::Single)
         .map_err(prog_err(name))?;
     let link = prog.take_link(id).map_err(prog_err(name))?;
-    let fd_link: FdLink = link.try_into().map_err(|e| link_err(format!("cgroup link: {e}")))?;
+    let fd_link: FdLink = link
+        .try_into()
+        .map_err(|e| link_err(format!("cgroup link: {e}")))?;
     pin_link(fd_link, &pin)?;
     Ok(true)
 }
@@ -289,7 +305,11 @@ fn pin_link(link: FdLink, pin: &Path) -> Result<(), DatapathError> {
 /// (an ifindex as text).
 pub fn remove_links(layout: &PinLayout, target: &str, programs: &[&str]) {
     let prefix = format!("{target}-");
-    for ent in fs::read_dir(layout.links_dir()).into_iter().flatten().flatten() {
+    for ent in fs::read_dir(layout.links_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let name = ent.file_name().to_string_lossy().into_owned();
         let program = name.splitn(3, '-').nth(2).unwrap_or_default();
         if !name.starts_with(&prefix) || !(programs.is_empty() || programs.contains(&program)) {

@@ -26,16 +26,22 @@ impl NodeAddrMap {
 
     /// Makes the map hold exactly `addrs` (IPv4 only: the datapath is).
     pub fn sync(&mut self, addrs: &[IpAddr]) -> Result<(), DatapathError> {
-        let want: Vec<IpKey> = addrs.iter().filter(|a| a.is_ipv4()).map(|a| ip_key(*a)).collect();
+        let want: Vec<IpKey> = addrs
+            .iter()
+            .filter(|a| a.is_ipv4())
+            .map(|a| ip_key(*a))
+            .collect();
         let have: Vec<IpKey> = self.0.keys().filter_map(Result::ok).collect();
         for k in have.iter().filter(|k| !want.contains(k)) {
             let _ = self.0.remove(k);
         }
         for k in want.iter().filter(|k| !have.contains(k)) {
-            self.0.insert(k, 1, 0).map_err(|source| DatapathError::Map {
-                name: map_names::NODE_ADDRS,
-                source,
-            })?;
+            self.0
+                .insert(k, 1, 0)
+                .map_err(|source| DatapathError::Map {
+                    name: map_names::NODE_ADDRS,
+                    source,
+                })?;
         }
         Ok(())
     }

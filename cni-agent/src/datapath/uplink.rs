@@ -87,7 +87,12 @@ impl UplinkMap {
             })
     }
 
-    pub fn set(&mut self, ifindex: u32, addr: Ipv4Addr, ports: (u16, u16)) -> Result<(), DatapathError> {
+    pub fn set(
+        &mut self,
+        ifindex: u32,
+        addr: Ipv4Addr,
+        ports: (u16, u16),
+    ) -> Result<(), DatapathError> {
         let cfg = UplinkConfig {
             addr_v4: u32::from_ne_bytes(addr.octets()),
             addr_v6: [0; 4],
@@ -97,10 +102,12 @@ impl UplinkMap {
         if self.0.get(&ifindex, 0).ok() == Some(cfg) {
             return Ok(());
         }
-        self.0.insert(ifindex, cfg, 0).map_err(|source| DatapathError::Map {
-            name: map_names::UPLINKS,
-            source,
-        })
+        self.0
+            .insert(ifindex, cfg, 0)
+            .map_err(|source| DatapathError::Map {
+                name: map_names::UPLINKS,
+                source,
+            })
     }
 
     pub fn remove(&mut self, ifindex: u32) {

@@ -72,7 +72,9 @@ fn invalid(msg: String) -> CniError {
 fn port(v: Option<i64>, field: &str) -> Result<u16, CniError> {
     match v {
         Some(p) if (1..=65535).contains(&p) => Ok(p as u16),
-        Some(p) => Err(invalid(format!("{field}: invalid port number {p} (must be 1-65535)"))),
+        Some(p) => Err(invalid(format!(
+            "{field}: invalid port number {p} (must be 1-65535)"
+        ))),
         None => Err(invalid(format!("{field}: missing"))),
     }
 }
@@ -86,7 +88,10 @@ impl PortmapConfig {
                     .into(),
             ));
         }
-        for (field, c) in [("conditionsV4", &raw.conditions_v4), ("conditionsV6", &raw.conditions_v6)] {
+        for (field, c) in [
+            ("conditionsV4", &raw.conditions_v4),
+            ("conditionsV6", &raw.conditions_v6),
+        ] {
             if c.as_ref().is_some_and(|c| !c.is_empty()) {
                 return Err(invalid(format!(
                     "field `{field}` (iptables match conditions) is not supported by ebpf-portmap"
@@ -102,7 +107,12 @@ impl PortmapConfig {
             .enumerate()
         {
             let at = format!("runtimeConfig.portMappings[{i}]");
-            let protocol = match m.protocol.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            let protocol = match m
+                .protocol
+                .as_deref()
+                .map(str::to_ascii_lowercase)
+                .as_deref()
+            {
                 None | Some("") | Some("tcp") => Protocol::Tcp,
                 Some("udp") => Protocol::Udp,
                 Some("sctp") => {
@@ -116,12 +126,13 @@ impl PortmapConfig {
                     )))
                 }
             };
-            let host_ip = match m.host_ip.as_deref() {
-                None | Some("") => None,
-                Some(text) => Some(text.parse::<IpAddr>().map_err(|_| {
-                    invalid(format!("{at}.hostIP: invalid IP address {text:?}"))
-                })?),
-            };
+            let host_ip =
+                match m.host_ip.as_deref() {
+                    None | Some("") => None,
+                    Some(text) => Some(text.parse::<IpAddr>().map_err(|_| {
+                        invalid(format!("{at}.hostIP: invalid IP address {text:?}"))
+                    })?),
+                };
             let host_ip = host_ip.filter(|ip| !ip.is_unspecified());
             mappings.push(Mapping {
                 host_port: port(m.host_port, &format!("{at}.hostPort"))?,
@@ -151,10 +162,17 @@ impl PortmapConfig {
         let pod_ip = prev
             .ips
             .iter()
-            .filter(|ip| ip.interface.is_none_or(|i| sandboxed.is_empty() || sandboxed.contains(&i)))
+            .filter(|ip| {
+                ip.interface
+                    .is_none_or(|i| sandboxed.is_empty() || sandboxed.contains(&i))
+            })
             .map(|ip| ip.address.addr())
             .find(IpAddr::is_ipv4)
-            .ok_or_else(|| CniError::internal("prevResult has no IPv4 address of the container to map ports to"))?;
+            .ok_or_else(|| {
+                CniError::internal(
+                    "prevResult has no IPv4 address of the container to map ports to",
+                )
+            })?;
         let mut entries: Vec<Entry> = self
             .mappings
             .iter()
@@ -197,8 +215,11 @@ fn host_bridge(prev: &CniResult) -> Result<Option<String>, CniError> {
 }
 
 fn required_prev(conf: &NetConf) -> Result<CniResult, CniError> {
-    conf.prev_result()?
-        .ok_or_else(|| CniError::invalid_config("must be called as a chained plugin: prevResult is missing".to_string()))
+    conf.prev_result()?.ok_or_else(|| {
+        CniError::invalid_config(
+            "must be called as a chained plugin: prevResult is missing".to_string(),
+        )
+    })
 }
 
 impl Plugin for PortmapPlugin {
@@ -253,7 +274,8 @@ mod tests {
 
     fn conf(extra: &str) -> NetConf {
         NetConf::parse(
-            format!(r#"{{"cniVersion":"1.0.0","name":"n","type":"ebpf-portmap"{extra}}}"#).as_bytes(),
+            format!(r#"{{"cniVersion":"1.0.0","name":"n","type":"ebpf-portmap"{extra}}}"#)
+                .as_bytes(),
         )
         .unwrap()
     }
@@ -282,24 +304,47 @@ mod tests {
     #[test]
     fn bad_mappings_name_the_field() {
         for (extra, field) in [
-            (r#","runtimeConfig":{"portMappings":[{"hostPort":0,"containerPort":80}]}"#, "portMappings[0].hostPort"),
-            (r#","runtimeConfig":{"portMappings":[{"hostPort":70000,"containerPort":80}]}"#, "portMappings[0].hostPort"),
-            (r#","runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":-1}]}"#, "portMappings[0].containerPort"),
-            (r#","runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"icmp"}]}"#, "portMappings[0].protocol"),
-            (r#","runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"sctp"}]}"#, "portMappings[0].protocol"),
-            (r#","runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"hostIP":"x"}]}"#, "portMappings[0].hostIP"),
+            (
+                r#","runtimeConfig":{"portMappings":[{"hostPort":0,"containerPort":80}]}"#,
+                "portMappings[0].hostPort",
+            ),
+            (
+                r#","runtimeConfig":{"portMappings":[{"hostPort":70000,"containerPort":80}]}"#,
+                "portMappings[0].hostPort",
+            ),
+            (
+                r#","runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":-1}]}"#,
+                "portMappings[0].containerPort",
+            ),
+            (
+                r#","runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"icmp"}]}"#,
+                "portMappings[0].protocol",
+            ),
+            (
+                r#","runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"sctp"}]}"#,
+                "portMappings[0].protocol",
+            ),
+            (
+                r#","runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"hostIP":"x"}]}"#,
+                "portMappings[0].hostIP",
+            ),
             (r#","masqAll":true"#, "masqAll"),
             (r#","conditionsV4":["-s","1.2.3.4"]"#, "conditionsV4"),
         ] {
             let e = err(extra);
             assert_eq!(e.code, 7, "{extra}: {e:?}");
-            assert!(e.msg.contains(field), "{extra}: {} should name {field}", e.msg);
+            assert!(
+                e.msg.contains(field),
+                "{extra}: {} should name {field}",
+                e.msg
+            );
         }
     }
 
     #[test]
     fn unknown_options_are_ignored_like_the_reference() {
-        let c = PortmapConfig::from_conf(&conf(r#","markMasqBit":13,"externalSetMarkChain":"X""#)).unwrap();
+        let c = PortmapConfig::from_conf(&conf(r#","markMasqBit":13,"externalSetMarkChain":"X""#))
+            .unwrap();
         assert!(c.mappings.is_empty());
     }
 }
