@@ -36,6 +36,30 @@ pub mod map_names {
     pub const HP_ORIG: &str = "HP_ORIG";
     /// Reply tuple as it leaves the target pod -> [`HpReply`](super::HpReply).
     pub const HP_REPLY: &str = "HP_REPLY";
+    /// [`SockRevKey`](super::SockRevKey) -> [`SockRevValue`](super::SockRevValue):
+    /// what a node-local socket redirected to a pod believes it talks to.
+    pub const SOCK_REVERSE: &str = "SOCK_REVERSE";
+    /// [`RateKey`](super::RateKey) -> [`RateBucket`](super::RateBucket):
+    /// the token buckets of ebpf-bandwidth.
+    pub const RATE_BUCKETS: &str = "RATE_BUCKETS";
+    /// ebpf-firewall: host veth ifindex -> [`FwAttach`](super::FwAttach).
+    pub const FW_ATTACH: &str = "FW_ATTACH";
+    /// ebpf-firewall: pod address -> [`FwEndpoint`](super::FwEndpoint).
+    pub const FW_ENDPOINTS: &str = "FW_ENDPOINTS";
+    /// ebpf-firewall: bridges hosting firewalled pods (ifindex -> 1).
+    pub const FW_BRIDGES: &str = "FW_BRIDGES";
+    /// ebpf-firewall: LPM trie [`FwCidrKey`](super::FwCidrKey) -> [`FwRegion`](super::FwRegion).
+    pub const FW_CIDRS: &str = "FW_CIDRS";
+    /// ebpf-firewall: LPM trie [`FwPortKey`](super::FwPortKey) -> [`FwVerdict`](super::FwVerdict).
+    pub const FW_PORTS: &str = "FW_PORTS";
+    /// ebpf-firewall: connection tracking [`FwCtKey`](super::FwCtKey) -> [`FwCtEntry`](super::FwCtEntry).
+    pub const FW_CT: &str = "FW_CT";
+    /// ebpf-firewall: verdicts of fragmented datagrams [`FwFragKey`](super::FwFragKey) -> action.
+    pub const FW_FRAGS: &str = "FW_FRAGS";
+    /// ebpf-firewall: per-CPU per-attachment counters (ifindex -> [`FwStats`](super::FwStats)).
+    pub const FW_STATS: &str = "FW_STATS";
+    /// ebpf-firewall: per-CPU rule hits [`FwRuleKey`](super::FwRuleKey) -> packets.
+    pub const FW_RULE_HITS: &str = "FW_RULE_HITS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -58,6 +82,26 @@ pub mod prog_names {
     pub const HOSTPORT_CONNECT4: &str = "hostport_connect4";
     /// cgroup sendmsg4: node-local unconnected UDP clients of a hostPort.
     pub const HOSTPORT_SENDMSG4: &str = "hostport_sendmsg4";
+    /// cgroup recvmsg4: replies to those clients come from node:hostPort.
+    pub const HOSTPORT_RECVMSG4: &str = "hostport_recvmsg4";
+    /// cgroup getpeername4: a redirected socket's peer is node:hostPort.
+    pub const HOSTPORT_GETPEERNAME4: &str = "hostport_getpeername4";
+    /// Host veth TC egress (what the pod receives): ingress rate limit.
+    pub const RATE_TO_POD: &str = "rate_to_pod";
+    /// Host veth TC ingress (what the pod sends): egress rate limit.
+    pub const RATE_FROM_POD: &str = "rate_from_pod";
+    /// Host veth TC ingress (what the pod sends): anti-spoofing and
+    /// ebpf-firewall egress rules.
+    pub const FW_FROM_POD: &str = "fw_from_pod";
+    /// Host veth TC egress (what the pod receives): ebpf-firewall ingress
+    /// rules and ingressPolicy.
+    pub const FW_TO_POD: &str = "fw_to_pod";
+    /// Bridge TC ingress: forwards firewalled pods' traffic past the host
+    /// stack (and its FORWARD chain).
+    pub const FW_BRIDGE_FORWARD: &str = "fw_bridge_forward";
+    /// Uplink TC ingress, after the NAT programs: forwards traffic for
+    /// firewalled pods past the host stack.
+    pub const FW_UPLINK_INGRESS: &str = "fw_uplink_ingress";
 }
 
 /// Address family tags used in keys (not the kernel's AF_* numbers, which
@@ -199,6 +243,295 @@ pub struct HpReply {
     pub last_seen_ns: u64,
 }
 
+/// Direction of a rate limit, as [`RateKey::direction`] holds it.
+pub mod rate_dir {
+    /// Traffic into the pod (host veth TC egress): `ingressRate`.
+    pub const TO_POD: u8 = 1;
+    /// Traffic out of the pod (host veth TC ingress): `egressRate`.
+    pub const FROM_POD: u8 = 2;
+}
+
+/// One rate limit: a pod's host-side veth and a direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RateKey {
+    pub ifindex: u32,
+    /// [`rate_dir`] value.
+    pub direction: u8,
+    pub _pad: [u8; 3],
+}
+
+/// A token bucket kept as a GCRA "theoretical arrival time": the bucket is
+/// full while `tat_ns <= now`, and a packet passes while `tat_ns - now`
+/// (the debt) is below `depth_ns`, adding its cost `bytes * 8e9 / rate` to
+/// `tat_ns`. One timestamp is the whole state, so the programs update it
+/// with atomic adds, and userspace writes the configuration and a full
+/// bucket in one map update.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateBucket {
+    /// Rate in bits per second (non-zero).
+    pub rate_bps: u64,
+    /// Bucket depth as the time the rate takes to earn it, in ns.
+    pub depth_ns: u64,
+    /// bpf_ktime_get_ns() at which the bucket is full again.
+    pub tat_ns: u64,
+    pub passed_packets: u64,
+    pub passed_bytes: u64,
+    pub dropped_packets: u64,
+    pub dropped_bytes: u64,
+    /// Name of the device (NUL-padded), so an entry whose device is gone
+    /// (and whose ifindex may be reused) is recognised as someone else's.
+    pub ifname: [u8; 16],
+}
+
+/// ebpf-firewall constants shared by both sides.
+pub mod fw {
+    /// `ingressPolicy` values ([`FwAttach::ingress_policy`](super::FwAttach)).
+    pub const POLICY_OPEN: u8 = 0;
+    pub const POLICY_SAME_BRIDGE: u8 = 1;
+    pub const POLICY_ISOLATED: u8 = 2;
+    /// Actions. `ACTION_NONE` in a verdict means "no rule matched": the
+    /// direction's default applies.
+    pub const ACTION_NONE: u8 = 0;
+    pub const ACTION_ALLOW: u8 = 1;
+    pub const ACTION_DENY: u8 = 2;
+    /// Directions, from the pod's point of view: `INGRESS` = what it
+    /// receives (host veth TC egress), `EGRESS` = what it sends.
+    pub const DIR_INGRESS: u8 = 1;
+    pub const DIR_EGRESS: u8 = 2;
+    /// Rule index that stands for "the default action" in rule counters.
+    pub const RULE_DEFAULT: u16 = 0xffff;
+    /// Upper bound on rules per direction (the plugin refuses more).
+    pub const MAX_RULES: usize = 4096;
+    /// Bits of [`FwAttach::flags`](super::FwAttach).
+    pub const FLAG_BYPASS: u8 = 1;
+    /// Bits of [`FwCtEntry::state`](super::FwCtEntry).
+    pub const CT_REPLIED: u8 = 1;
+    pub const CT_FIN_EGRESS: u8 = 2;
+    pub const CT_FIN_INGRESS: u8 = 4;
+    pub const CT_RST: u8 = 8;
+    /// Slots of [`FwStats::counters`](super::FwStats).
+    pub const STAT_INGRESS_ALLOWED: usize = 0;
+    pub const STAT_INGRESS_DROPPED: usize = 1;
+    pub const STAT_EGRESS_ALLOWED: usize = 2;
+    pub const STAT_EGRESS_DROPPED: usize = 3;
+    /// Of the allowed packets, those of an already tracked connection.
+    pub const STAT_INGRESS_ESTABLISHED: usize = 4;
+    pub const STAT_EGRESS_ESTABLISHED: usize = 5;
+    /// New connections refused by `ingressPolicy`.
+    pub const STAT_POLICY_DROPPED: usize = 6;
+    pub const STAT_SPOOFED_IP: usize = 7;
+    pub const STAT_SPOOFED_MAC: usize = 8;
+    pub const STAT_SPOOFED_ARP: usize = 9;
+    /// Frames from the pod that are neither IPv4, IPv6 nor ARP (or tagged).
+    pub const STAT_OTHER_DROPPED: usize = 10;
+    /// Packets to or from the pod forwarded past the host stack.
+    pub const STAT_FORWARDED: usize = 11;
+    pub const STAT_SLOTS: usize = 16;
+    /// Names of the used slots, as the agent reports them.
+    pub const STAT_NAMES: [(usize, &str); 12] = [
+        (STAT_INGRESS_ALLOWED, "ingressAllowed"),
+        (STAT_INGRESS_DROPPED, "ingressDropped"),
+        (STAT_EGRESS_ALLOWED, "egressAllowed"),
+        (STAT_EGRESS_DROPPED, "egressDropped"),
+        (STAT_INGRESS_ESTABLISHED, "ingressEstablished"),
+        (STAT_EGRESS_ESTABLISHED, "egressEstablished"),
+        (STAT_POLICY_DROPPED, "policyDropped"),
+        (STAT_SPOOFED_IP, "spoofedIp"),
+        (STAT_SPOOFED_MAC, "spoofedMac"),
+        (STAT_SPOOFED_ARP, "spoofedArp"),
+        (STAT_OTHER_DROPPED, "otherDropped"),
+        (STAT_FORWARDED, "forwarded"),
+    ];
+}
+
+/// One firewalled attachment, keyed by its host veth's ifindex.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FwAttach {
+    /// The pod's MAC: the only source MAC its frames (and ARP) may carry.
+    pub mac: [u8; 6],
+    /// `fw::POLICY_*`.
+    pub ingress_policy: u8,
+    /// Default `fw::ACTION_*` of each direction.
+    pub ingress_default: u8,
+    pub egress_default: u8,
+    /// `fw::FLAG_*`.
+    pub flags: u8,
+    pub _pad: [u8; 2],
+    /// The bridge the pod is on (for `ingressPolicy`).
+    pub bridge_ifindex: u32,
+    pub ingress_rules: u16,
+    pub egress_rules: u16,
+    /// Name of the host veth (NUL-padded): an entry whose device is gone
+    /// (and whose ifindex may be reused) is recognised as someone else's.
+    pub ifname: [u8; 16],
+}
+
+/// A firewalled pod's address: where it lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FwEndpoint {
+    /// Host veth of the pod.
+    pub ifindex: u32,
+    pub bridge_ifindex: u32,
+    /// `fw::FLAG_*` (the bypass applies per attachment).
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Data of an FW_CIDRS key (after the LPM prefix length): the remote
+/// address of a connection, per attachment and direction. The prefix
+/// length is 64 (ifindex..pad, always matched) + the CIDR's length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FwCidrKey {
+    pub ifindex: u32,
+    pub dir: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+    pub addr: [u32; 4],
+}
+
+/// What one rule decides: its index in the direction's list and action.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FwVerdict {
+    pub rule: u16,
+    /// `fw::ACTION_*`.
+    pub action: u8,
+    pub _pad: u8,
+}
+
+/// The compiled rules for remote addresses whose most specific rule CIDR
+/// is this entry's: the region whose port verdicts FW_PORTS holds, and the
+/// verdicts of the protocols without ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FwRegion {
+    pub region: u16,
+    pub _pad: u16,
+    pub icmp: FwVerdict,
+    /// Any protocol other than TCP, UDP and ICMP.
+    pub other: FwVerdict,
+}
+
+/// Data of an FW_PORTS key: prefix length 64 + the port prefix (0..16).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FwPortKey {
+    pub ifindex: u32,
+    pub dir: u8,
+    pub proto: u8,
+    pub region: u16,
+    /// Destination port of the connection's first packet, network order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// A connection of one firewalled attachment, the same key from both
+/// directions (pod side and remote side). Ports in network order; ICMP
+/// echo uses the identifier for both.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FwCtKey {
+    pub ifindex: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub pod_port: u16,
+    pub remote_port: u16,
+    pub _pad: u16,
+    pub pod: [u32; 4],
+    pub remote: [u32; 4],
+}
+
+/// A tracked connection: allowed when it was opened, so both directions
+/// pass until it expires.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FwCtEntry {
+    pub last_seen_ns: u64,
+    /// `fw::DIR_*` of the packet that opened it.
+    pub origin: u8,
+    /// `fw::CT_*` bits.
+    pub state: u8,
+    pub _pad: [u8; 6],
+}
+
+/// A fragmented datagram: non-first fragments carry no ports, so they
+/// get the verdict of their first fragment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FwFragKey {
+    pub ifindex: u32,
+    /// IP identification, network order.
+    pub id: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+}
+
+/// Per-attachment counters (`fw::STAT_*` slots), per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FwStats {
+    pub counters: [u64; fw::STAT_SLOTS],
+}
+
+/// One rule's hit counter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FwRuleKey {
+    pub ifindex: u32,
+    pub dir: u8,
+    pub _pad: u8,
+    /// Index in the direction's rule list, or `fw::RULE_DEFAULT`.
+    pub rule: u16,
+}
+
+/// A node-local socket redirected to a pod, and the pod endpoint.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    /// bpf_get_socket_cookie() of the client socket.
+    pub cookie: u64,
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u32,
+}
+
+/// The address and port the client socket asked for (node:hostPort).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevValue {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Handed from the XDP hostPort DNAT to the TC program behind it in the
+/// packet's XDP metadata: what XDP rewrote, so TC can update the transport
+/// checksum with the kernel's helper — XDP cannot tell a partial checksum
+/// (veth, locally generated) from a complete one, TC's helper can.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XdpDnatMeta {
+    /// [`XDP_DNAT_MAGIC`] when present.
+    pub magic: u32,
+    /// Destination address and port before the rewrite (network order).
+    pub old_daddr: u32,
+    pub old_dport: u16,
+    pub _pad: u16,
+}
+
+pub const XDP_DNAT_MAGIC: u32 = 0xd7a7_0001;
+
 /// Connection-state bits kept in [`NatEntry::state`].
 pub mod ct_state {
     pub const SYN: u8 = 1;
@@ -234,9 +567,18 @@ pub mod stat {
     pub const HOSTPORT_NO_PORT: u32 = 10;
     /// Of HOSTPORT_DNAT, those translated by the XDP program.
     pub const HOSTPORT_DNAT_XDP: u32 = 11;
+    /// Packets dropped by an ebpf-bandwidth rate limit (both directions).
+    pub const RATE_DROPPED: u32 = 12;
+    /// ebpf-firewall: packets forwarded past the host stack (bridge or
+    /// uplink to their next hop).
+    pub const FW_FORWARDED: u32 = 13;
+    /// ebpf-firewall: packets dropped by anti-spoofing (all attachments).
+    pub const FW_SPOOFED: u32 = 14;
+    /// ebpf-firewall: packets dropped by rules, defaults or ingressPolicy.
+    pub const FW_DROPPED: u32 = 15;
 
     /// Names of the slots, as the agent reports them.
-    pub const NAMES: [(u32, &str); 12] = [
+    pub const NAMES: [(u32, &str); 16] = [
         (SNAT_NEW, "snatNew"),
         (SNAT_NO_PORT, "snatNoPort"),
         (SNAT_XLATE, "snatTranslated"),
@@ -249,6 +591,10 @@ pub mod stat {
         (HOSTPORT_SOCK, "hostPortSocket"),
         (HOSTPORT_NO_PORT, "hostPortNoPort"),
         (HOSTPORT_DNAT_XDP, "hostPortDnatXdp"),
+        (RATE_DROPPED, "rateLimitDropped"),
+        (FW_FORWARDED, "firewallForwarded"),
+        (FW_SPOOFED, "firewallSpoofed"),
+        (FW_DROPPED, "firewallDropped"),
     ];
     /// Number of slots in the array.
     pub const COUNT: u32 = 16;
@@ -268,4 +614,19 @@ mod pod {
     unsafe impl aya::Pod for super::HostPortTarget {}
     unsafe impl aya::Pod for super::BridgeInfo {}
     unsafe impl aya::Pod for super::HpReply {}
+    unsafe impl aya::Pod for super::SockRevKey {}
+    unsafe impl aya::Pod for super::SockRevValue {}
+    unsafe impl aya::Pod for super::RateKey {}
+    unsafe impl aya::Pod for super::RateBucket {}
+    unsafe impl aya::Pod for super::FwAttach {}
+    unsafe impl aya::Pod for super::FwEndpoint {}
+    unsafe impl aya::Pod for super::FwCidrKey {}
+    unsafe impl aya::Pod for super::FwVerdict {}
+    unsafe impl aya::Pod for super::FwRegion {}
+    unsafe impl aya::Pod for super::FwPortKey {}
+    unsafe impl aya::Pod for super::FwCtKey {}
+    unsafe impl aya::Pod for super::FwCtEntry {}
+    unsafe impl aya::Pod for super::FwFragKey {}
+    unsafe impl aya::Pod for super::FwStats {}
+    unsafe impl aya::Pod for super::FwRuleKey {}
 }

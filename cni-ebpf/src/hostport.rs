@@ -21,13 +21,13 @@ use aya_ebpf::{
 };
 use cni_ebpf_common::{
     hostport_flags, stat, BridgeInfo, CtKey, HostPortKey, HostPortTarget, HpReply, IpKey, NatEntry,
-    FAMILY_V4,
+    XdpDnatMeta, FAMILY_V4, XDP_DNAT_MAGIC,
 };
 
 use crate::{
     conntrack::{now, state_bits, v4_key},
     parsing::{parse_ipv4, Ipv4Packet, IPPROTO_TCP, IPPROTO_UDP, IP_DADDR, IP_SADDR},
-    rewrite::rewrite,
+    rewrite::{fix_l4_csum, rewrite},
     stats::bump,
 };
 
@@ -124,11 +124,32 @@ fn tcp_or_udp(ctx: &TcContext) -> Option<Ipv4Packet> {
     (pkt.proto == IPPROTO_TCP || pkt.proto == IPPROTO_UDP).then_some(pkt)
 }
 
+/// The old destination the XDP program left in the metadata, if it
+/// translated this packet.
+#[inline(always)]
+fn xdp_dnat_meta(ctx: &TcContext) -> Option<XdpDnatMeta> {
+    // SAFETY: __sk_buff is valid for the program's run; the metadata is
+    // read only after the bounds check the verifier wants.
+    let (meta, data) = unsafe { ((*ctx.skb.skb).data_meta as usize, (*ctx.skb.skb).data as usize) };
+    if meta + core::mem::size_of::<XdpDnatMeta>() > data {
+        return None;
+    }
+    let m = unsafe { *(meta as *const XdpDnatMeta) };
+    (m.magic == XDP_DNAT_MAGIC).then_some(m)
+}
+
 #[classifier]
 pub fn hostport_ingress(ctx: TcContext) -> i32 {
     let Some(pkt) = tcp_or_udp(&ctx) else {
         return NEXT;
     };
+    // Already translated at XDP: only the transport checksum is left.
+    if let Some(m) = xdp_dnat_meta(&ctx) {
+        if fix_l4_csum(&ctx, &pkt, m.old_daddr, pkt.daddr, m.old_dport, pkt.dport).is_err() {
+            return TC_ACT_SHOT;
+        }
+        return NEXT;
+    }
     let Some(t) = lookup(pkt.daddr, pkt.dport, pkt.proto, false) else {
         return NEXT;
     };

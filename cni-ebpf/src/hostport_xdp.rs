@@ -1,10 +1,16 @@
-//! hostPort DNAT at XDP on the uplink: the same translation as
-//! `hostport::hostport_ingress`, before an skb exists. XDP has no checksum
-//! helpers, so the checksums are updated incrementally here (RFC 1624). The
-//! TC program stays attached behind it and catches what this one passes on
+//! hostPort DNAT at XDP on the uplink: the lookup and the rewrite of the
+//! destination happen here, before an skb exists; the IPv4 header checksum
+//! is updated incrementally (RFC 1624). The transport checksum is not: XDP
+//! cannot tell whether the frame carries a complete checksum (from a wire)
+//! or a partial one (from a veth peer's stack), and the two need different
+//! updates. The old destination goes to the TC program behind this one in
+//! the XDP metadata, and it updates the checksum with the kernel's helper,
+//! which knows. The TC program also catches what this one passes on
 //! untranslated (IPv4 options), so both modes give the same results.
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use cni_ebpf_common::stat;
+use aya_ebpf::{
+    bindings::xdp_action, helpers::bpf_xdp_adjust_meta, macros::xdp, programs::XdpContext,
+};
+use cni_ebpf_common::{stat, XdpDnatMeta, XDP_DNAT_MAGIC};
 
 use crate::{
     hostport::{lookup, note_reply},
@@ -28,14 +34,6 @@ fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
     Some((start + off) as *mut T)
 }
 
-/// Folds a 32-bit ones'-complement sum to 16 bits.
-#[inline(always)]
-fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
-}
-
 /// HC' = ~(~HC + ~m + m') over 16-bit words as they sit in memory (the
 /// ones'-complement sum does not care about byte order if all words agree).
 #[inline(always)]
@@ -47,16 +45,15 @@ fn csum_update(csum: u16, old: &[u16], new: &[u16]) -> u16 {
     for w in new {
         sum += u32::from(*w);
     }
-    !fold(sum)
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
 }
 
 #[inline(always)]
 fn halves(v: u32) -> [u16; 2] {
     let b = v.to_ne_bytes();
-    [
-        u16::from_ne_bytes([b[0], b[1]]),
-        u16::from_ne_bytes([b[2], b[3]]),
-    ]
+    [u16::from_ne_bytes([b[0], b[1]]), u16::from_ne_bytes([b[2], b[3]])]
 }
 
 fn try_hostport_xdp(ctx: &XdpContext) -> Option<u32> {
@@ -80,7 +77,6 @@ fn try_hostport_xdp(ctx: &XdpContext) -> Option<u32> {
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return None;
     }
-    let ip_csum: *mut u16 = ptr_at(ctx, l3 + 10)?;
     let saddr_p: *mut u32 = ptr_at(ctx, l3 + 12)?;
     let daddr_p: *mut u32 = ptr_at(ctx, l3 + 16)?;
     let l4 = l3 + 20;
@@ -111,25 +107,31 @@ fn try_hostport_xdp(ctx: &XdpContext) -> Option<u32> {
     };
     note_reply(&pkt, &t, (saddr, sport), 0);
 
-    let (new_addr, new_port) = (t.addr[0], t.port);
-    let old_a = halves(daddr);
-    let new_a = halves(new_addr);
+    // Room for the metadata first: the helper may move the packet, so
+    // every pointer is re-derived after it.
+    let meta_len = core::mem::size_of::<XdpDnatMeta>() as i32;
+    // SAFETY: helper call on our own context.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -meta_len) } != 0 {
+        return None;
+    }
+    let meta = ctx.metadata();
+    if meta + core::mem::size_of::<XdpDnatMeta>() > ctx.data() {
+        return None;
+    }
+    let ip_csum: *mut u16 = ptr_at(ctx, l3 + 10)?;
+    let daddr_p: *mut u32 = ptr_at(ctx, l3 + 16)?;
+    let dport_p: *mut u16 = ptr_at(ctx, l4 + 2)?;
+    // SAFETY: bounds checked above.
     unsafe {
-        *ip_csum = csum_update(*ip_csum, &old_a, &new_a);
-        // UDP checksum 0 means "none": leave it.
-        if proto == IPPROTO_TCP || l4_csum != 0 {
-            let mut c = csum_update(
-                l4_csum,
-                &[old_a[0], old_a[1], dport],
-                &[new_a[0], new_a[1], new_port],
-            );
-            if proto == IPPROTO_UDP && c == 0 {
-                c = 0xffff;
-            }
-            *l4_csum_p = c;
-        }
-        *daddr_p = new_addr;
-        *dport_p = new_port;
+        *(meta as *mut XdpDnatMeta) = XdpDnatMeta {
+            magic: XDP_DNAT_MAGIC,
+            old_daddr: daddr,
+            old_dport: dport,
+            _pad: 0,
+        };
+        *ip_csum = csum_update(*ip_csum, &halves(daddr), &halves(t.addr[0]));
+        *daddr_p = t.addr[0];
+        *dport_p = t.port;
     }
     bump(stat::HOSTPORT_DNAT);
     bump(stat::HOSTPORT_DNAT_XDP);

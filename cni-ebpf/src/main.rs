@@ -2,18 +2,26 @@
 //! `parsing` (headers), `rewrite` (checksummed rewrites), `conntrack` (NAT
 //! bindings), `nat` (masquerade), `hostport` (hostPort DNAT and hairpin),
 //! `sock` (node-local hostPort clients), `counters` (per-interface
-//! counters), `stats` (datapath counters).
+//! counters), `stats` (datapath counters); ebpf-firewall: `policy` (rules,
+//! ingressPolicy, connection tracking), `spoof` (anti-spoofing), `forward`
+//! (forwarding past the host stack).
 #![no_std]
 #![no_main]
+// BPF_ATOMIC read-modify-write (rate.rs) is only reachable through asm!.
+#![feature(asm_experimental_arch)]
 
 mod conntrack;
 mod counters;
+mod forward;
 mod hostport;
 mod hostport_xdp;
 mod nat;
 mod parsing;
+mod policy;
+mod rate;
 mod rewrite;
 mod sock;
+mod spoof;
 mod stats;
 
 #[cfg(not(test))]

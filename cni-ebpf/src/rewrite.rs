@@ -64,3 +64,35 @@ pub fn rewrite(
     ctx.store(port_off, &new_port, 0).map_err(|_| ())?;
     Ok(())
 }
+
+/// Updates only the transport checksum for an address and port that were
+/// already rewritten elsewhere (by the XDP program, which cannot do it
+/// right for partial checksums).
+#[inline(always)]
+pub fn fix_l4_csum(
+    ctx: &TcContext,
+    pkt: &Ipv4Packet,
+    old_addr: u32,
+    new_addr: u32,
+    old_port: u16,
+    new_port: u16,
+) -> Result<(), ()> {
+    let csum_off = pkt.l4_csum_off();
+    let mangled = if pkt.proto == IPPROTO_UDP {
+        if pkt.l4_csum == 0 {
+            return Ok(());
+        }
+        BPF_F_MARK_MANGLED_0
+    } else {
+        0
+    };
+    ctx.l4_csum_replace(
+        csum_off,
+        old_addr as u64,
+        new_addr as u64,
+        mangled | BPF_F_PSEUDO_HDR | 4,
+    )
+    .map_err(|_| ())?;
+    ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled | 2)
+        .map_err(|_| ())
+}

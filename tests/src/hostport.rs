@@ -4,7 +4,7 @@
 //! on a veth (what `ethtool -K <if> tx off` does, without needing ethtool),
 //! a client process that runs inside such a cgroup, and a fleet of UDP
 //! echo sockets in many pod namespaces served by one thread.
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -181,7 +181,7 @@ const ETHTOOL_STXCSUM: u32 = 0x17;
 fn ethtool_value(ns: &NetNs, ifname: &str, cmd: u32, data: u32) -> Result<u32, String> {
     let ifname = ifname.to_string();
     crate::traffic::in_netns(ns, move || {
-        let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|e| e.to_string())?;
+        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| e.to_string())?;
         let mut value = EthtoolValue { cmd, data };
         // SAFETY: an all-zero ifreq is valid; the name fits (IFNAMSIZ
         // checked) and stays NUL-terminated.
@@ -343,7 +343,7 @@ fn wait_output(mut child: std::process::Child, timeout: Duration) -> std::proces
 /// [`crate::traffic::UdpEchoServer`]. Stopped on drop.
 pub struct UdpEchoFleet {
     stop: Arc<AtomicBool>,
-    received: Arc<Mutex<Vec<u64>>>,
+    received: Arc<Mutex<Vec<Vec<String>>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -372,7 +372,7 @@ impl UdpEchoFleet {
         .join()
         .unwrap_or_else(|e| std::panic::resume_unwind(e));
         let stop = Arc::new(AtomicBool::new(false));
-        let received = Arc::new(Mutex::new(vec![0u64; sockets.len()]));
+        let received = Arc::new(Mutex::new(vec![Vec::new(); sockets.len()]));
         let thread = {
             let (stop, received) = (stop.clone(), received.clone());
             std::thread::spawn(move || serve_fleet(&sockets, &stop, &received))
@@ -384,13 +384,13 @@ impl UdpEchoFleet {
         }
     }
 
-    /// Datagrams received so far, per socket.
-    pub fn received(&self) -> Vec<u64> {
+    /// The payloads received so far, per socket.
+    pub fn received(&self) -> Vec<Vec<String>> {
         self.received.lock().unwrap().clone()
     }
 }
 
-fn serve_fleet(sockets: &[UdpSocket], stop: &AtomicBool, received: &Mutex<Vec<u64>>) {
+fn serve_fleet(sockets: &[UdpSocket], stop: &AtomicBool, received: &Mutex<Vec<Vec<String>>>) {
     let mut fds: Vec<libc::pollfd> = sockets
         .iter()
         .map(|s| libc::pollfd {
@@ -412,8 +412,8 @@ fn serve_fleet(sockets: &[UdpSocket], stop: &AtomicBool, received: &Mutex<Vec<u6
             }
             p.revents = 0;
             while let Ok((len, peer)) = sockets[i].recv_from(&mut buf) {
-                received.lock().unwrap()[i] += 1;
                 let text = String::from_utf8_lossy(&buf[..len]);
+                received.lock().unwrap()[i].push(text.to_string());
                 let _ = sockets[i].send_to(format!("{peer} {text}").as_bytes(), peer);
             }
         }
@@ -427,4 +427,91 @@ impl Drop for UdpEchoFleet {
             let _ = t.join();
         }
     }
+}
+
+/// A TCP server that echoes every byte back until the client closes (for
+/// bulk transfers both ways); stopped on drop.
+pub struct BulkEchoServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BulkEchoServer {
+    pub fn start(ns: &NetNs, port: u16) -> BulkEchoServer {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = crate::traffic::in_netns(ns, || {
+            TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind bulk server")
+        });
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut handlers = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((s, _)) => handlers.push(std::thread::spawn(move || {
+                            let _ = s.set_nonblocking(false);
+                            let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+                            if let Ok(mut r) = s.try_clone() {
+                                let mut w = &s;
+                                let _ = std::io::copy(&mut r, &mut w);
+                            }
+                            let _ = s.shutdown(std::net::Shutdown::Both);
+                        })),
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+                for h in handlers {
+                    let _ = h.join();
+                }
+            })
+        };
+        BulkEchoServer {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for BulkEchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends `len` patterned bytes to `server` from `ns` while reading the
+/// echo, and checks every byte came back.
+pub fn bulk_echo(ns: &NetNs, server: SocketAddr, len: usize) -> Result<(), String> {
+    use std::io::{Read, Write};
+    crate::traffic::in_netns(ns, move || {
+        let s = TcpStream::connect_timeout(&server, Duration::from_secs(5))
+            .map_err(|e| format!("connect {server}: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .map_err(|e| e.to_string())?;
+        s.set_write_timeout(Some(Duration::from_secs(20)))
+            .map_err(|e| e.to_string())?;
+        let pattern = |i: usize| (i % 251) as u8;
+        let mut w = s.try_clone().map_err(|e| e.to_string())?;
+        let writer = std::thread::spawn(move || -> std::io::Result<()> {
+            let data: Vec<u8> = (0..len).map(pattern).collect();
+            w.write_all(&data)?;
+            w.shutdown(std::net::Shutdown::Write)
+        });
+        let mut got = Vec::with_capacity(len);
+        let read = (&s).read_to_end(&mut got);
+        let wrote = writer.join().map_err(|_| "writer panicked".to_string())?;
+        wrote.map_err(|e| format!("send: {e} (echoed {} bytes so far)", got.len()))?;
+        read.map_err(|e| format!("receive: {e} after {} of {len} bytes", got.len()))?;
+        if got.len() != len {
+            return Err(format!("echoed {} of {len} bytes", got.len()));
+        }
+        if let Some(i) = (0..len).find(|&i| got[i] != pattern(i)) {
+            return Err(format!("byte {i} corrupted"));
+        }
+        Ok(())
+    })
 }

@@ -24,6 +24,8 @@ pub mod agent;
 pub mod agentctl;
 pub mod bpffs;
 pub mod diff;
+pub mod hostport;
+pub mod hostport_node;
 pub mod netns;
 pub mod plugin;
 pub mod poll;

@@ -55,6 +55,18 @@ impl Agent {
     /// Starts `cni-agent run` in `node` with everything under `dir`, and
     /// waits (30 s at most) for its socket.
     pub fn start(bin_dir: &Path, node: &Netns, dir: &Path, uplinks: &[&str]) -> Result<Agent> {
+        Agent::start_with(bin_dir, node, dir, uplinks, &[])
+    }
+
+    /// [`Agent::start`] with extra `cni-agent run` flags (e.g.
+    /// `--hostport-mode xdp`).
+    pub fn start_with(
+        bin_dir: &Path,
+        node: &Netns,
+        dir: &Path,
+        uplinks: &[&str],
+        extra_args: &[&str],
+    ) -> Result<Agent> {
         let bin = bin_dir.join("cni-agent");
         if !bin.is_file() {
             bail!("{} was not built", bin.display());
@@ -76,6 +88,7 @@ impl Agent {
         for u in uplinks {
             c.args(["--uplink", u]);
         }
+        c.args(extra_args);
         c.stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
@@ -140,6 +153,21 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// `cni-agent status --json`: uplinks, occupancy and datapath counters.
+    pub fn status_json(&self) -> Result<Value> {
+        let st = proc::stdout_of(
+            proc::cmd(&self.bin)
+                .args(["status", "--json", "--socket"])
+                .arg(&self.socket),
+        )?;
+        serde_json::from_str(&st).context("cni-agent status --json")
+    }
+
+    /// The bpffs instance the agent pins its maps, programs and links in.
+    pub fn bpffs_root(&self) -> &Path {
+        &self.bpffs.path
     }
 
     /// The path keys every plugin of our suite takes, pointing at this agent.

@@ -71,7 +71,7 @@ impl Conflist {
         self.raw["cniVersion"].as_str().unwrap_or_default()
     }
 
-    fn plugins(&self) -> &[Value] {
+    pub fn plugins(&self) -> &[Value] {
         self.raw["plugins"]
             .as_array()
             .map(Vec::as_slice)
@@ -118,14 +118,24 @@ impl Runtime {
 
     /// ADD through the chain; returns the final result (to be cached).
     pub fn add(&self, list: &Conflist, att: &Attachment) -> Result<Value> {
+        self.add_timed(list, att).map(|(v, _)| v)
+    }
+
+    /// ADD through the chain; the final result and each plugin's wall
+    /// time in ms, in conflist order (the benchmark's per-plugin split).
+    pub fn add_timed(&self, list: &Conflist, att: &Attachment) -> Result<(Value, Vec<f64>)> {
         let mut prev: Option<Value> = None;
+        let mut times = Vec::new();
         for plugin in list.plugins() {
             let conf = list.plugin_conf(plugin, att, prev.as_ref());
+            let t = std::time::Instant::now();
             let out = self.exec("ADD", plugin, att, &conf)?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
             prev =
                 Some(out.ok_or_else(|| anyhow!("{} ADD printed no result", plugin_type(plugin)))?);
         }
-        prev.ok_or_else(|| anyhow!("conflist has no plugins"))
+        let res = prev.ok_or_else(|| anyhow!("conflist has no plugins"))?;
+        Ok((res, times))
     }
 
     /// CHECK through the chain, with the cached ADD result.
@@ -139,11 +149,25 @@ impl Runtime {
 
     /// DEL through the chain in reverse, with the cached ADD result if any.
     pub fn del(&self, list: &Conflist, att: &Attachment, cached: Option<&Value>) -> Result<()> {
-        for plugin in list.plugins().iter().rev() {
+        self.del_timed(list, att, cached).map(|_| ())
+    }
+
+    /// DEL through the chain in reverse; each plugin's wall time in ms,
+    /// in conflist order (not call order).
+    pub fn del_timed(
+        &self,
+        list: &Conflist,
+        att: &Attachment,
+        cached: Option<&Value>,
+    ) -> Result<Vec<f64>> {
+        let mut times = vec![0.0; list.plugins().len()];
+        for (i, plugin) in list.plugins().iter().enumerate().rev() {
             let conf = list.plugin_conf(plugin, att, cached);
+            let t = std::time::Instant::now();
             self.exec("DEL", plugin, att, &conf)?;
+            times[i] = t.elapsed().as_secs_f64() * 1e3;
         }
-        Ok(())
+        Ok(times)
     }
 
     fn find(&self, ty: &str) -> Result<PathBuf> {

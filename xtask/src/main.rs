@@ -47,9 +47,10 @@ enum Cmd {
         #[arg(long)]
         reference: bool,
     },
-    /// Time ADD/DEL of many pods: ebpf-bridge + ebpf-host-local against
-    /// the reference bridge + host-local (root; release build).
-    BenchChurn(bench::Opts),
+    /// Benchmark our plugins against the reference ones, side by side:
+    /// pod churn, datapath, connection rate, bandwidth, cost (root;
+    /// release build). Writes target/bench/report.{md,json} and charts.
+    Bench(bench::Opts),
 }
 
 fn main() -> ExitCode {
@@ -63,7 +64,7 @@ fn main() -> ExitCode {
         } => setup::run(dry_run, &assume_missing),
         Cmd::Test { cargo_test_args } => test(&cargo_test_args),
         Cmd::Demo { reference } => demo::run(reference),
-        Cmd::BenchChurn(opts) => bench::run(&opts),
+        Cmd::Bench(opts) => bench::run(&opts),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

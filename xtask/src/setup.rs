@@ -35,11 +35,17 @@ const REQUIRED: &[(&str, &str)] = &[
     ("conntrack", "shows the reference plugins' NAT state"),
     ("ethtool", "checksum offload settings in XDP tests"),
     ("socat", "simple servers and clients in tests and the demo"),
-    ("util-linux", "nsenter for running plugins inside a node netns"),
+    (
+        "util-linux",
+        "nsenter for running plugins inside a node netns",
+    ),
 ];
 
 /// Installed when the distribution has it (checked with apt-cache policy).
-const OPTIONAL: &[(&str, &str)] = &[("sockperf", "latency tests")];
+const OPTIONAL: &[(&str, &str)] = &[
+    ("sockperf", "latency tests"),
+    ("fonts-dejavu-core", "text in the benchmark's PNG charts"),
+];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

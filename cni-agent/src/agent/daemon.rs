@@ -191,6 +191,8 @@ fn attach_cgroup(
     for (name, hook) in [
         (prog_names::HOSTPORT_CONNECT4, Hook::Connect4),
         (prog_names::HOSTPORT_SENDMSG4, Hook::Sendmsg4),
+        (prog_names::HOSTPORT_RECVMSG4, Hook::Recvmsg4),
+        (prog_names::HOSTPORT_GETPEERNAME4, Hook::Getpeername4),
     ] {
         let prog: &mut CgroupSockAddr = program(ebpf, name)?;
         if ensure_cgroup(prog, layout, name, hook, cgroup)? {

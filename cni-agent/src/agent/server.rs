@@ -150,6 +150,11 @@ fn status(paths: &Paths) -> Result<serde_json::Value, CniError> {
         "hostPorts": entries.hostports_len(),
         "records": records,
         "stats": stats,
+        "firewall": crate::datapath::policy::status_section(
+            &layout,
+            &paths.records().list(None).unwrap_or_default(),
+        ),
+        "rateLimits": crate::datapath::rate::status_json(&layout),
         "bpffsRoot": paths.bpffs_root,
         "stateDir": paths.state_dir,
     }))

@@ -72,6 +72,8 @@ enum Cmd {
     Nat(SocketArg),
     /// The per-attachment records.
     Records(SocketArg),
+    /// ebpf-firewall: per-attachment counters and rule hits (allowed/dropped).
+    Firewall(SocketArg),
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
@@ -149,6 +151,61 @@ fn print_text(req: &Request, data: &serde_json::Value) {
     }
 }
 
+/// `cni-agent firewall`: the firewall section of the agent's status.
+fn firewall(s: &SocketArg) -> ExitCode {
+    let data = match client::call(&s.socket, &Request::Status) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("cni-agent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let fw = &data["firewall"];
+    if s.json {
+        println!("{}", serde_json::to_string_pretty(fw).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    println!("tracked connections: {}", fw["trackedConnections"]);
+    for a in fw["attachments"].as_array().into_iter().flatten() {
+        println!(
+            "{}: veth {} (ifindex {}) bridge {} ingressPolicy {} bypass {} connections {}",
+            a["attachment"].as_str().unwrap_or(""),
+            a["ifname"].as_str().unwrap_or(""),
+            a["ifindex"],
+            a["bridge"].as_str().unwrap_or(""),
+            a["ingressPolicy"].as_str().unwrap_or(""),
+            a["bypass"],
+            a["connections"],
+        );
+        let counters: Vec<String> = a["counters"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!("  {}", counters.join(" "));
+        for dir in ["ingress", "egress"] {
+            let d = &a[dir];
+            println!(
+                "  {dir}: default {} ({} hits)",
+                d["default"].as_str().unwrap_or(""),
+                d["defaultHits"]
+            );
+            for r in d["rules"].as_array().into_iter().flatten() {
+                println!(
+                    "    [{}] {}: {} hits ({} allowed, {} dropped)",
+                    r["index"],
+                    r["rule"].as_str().unwrap_or(""),
+                    r["hits"],
+                    r["allowed"],
+                    r["dropped"]
+                );
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match Cli::parse().cmd {
@@ -198,5 +255,6 @@ fn main() -> ExitCode {
         Cmd::Status(s) => query(&s, Request::Status),
         Cmd::Nat(s) => query(&s, Request::Nat),
         Cmd::Records(s) => query(&s, Request::Records),
+        Cmd::Firewall(s) => firewall(&s),
     }
 }

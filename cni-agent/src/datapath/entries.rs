@@ -15,6 +15,7 @@ use cni_ebpf_common::{
 use ipnet::IpNet;
 
 use super::{
+    rate::RateMap,
     links::{ensure_tc, link_pin, remove_links},
     loader::{DatapathError, Hook},
     pins::{open_pinned, PinLayout},
@@ -183,6 +184,9 @@ impl EntryMaps {
                 )
                 .map_err(map_err(map_names::HOSTPORTS)),
             Entry::BridgeHook { bridge } => self.hook_bridge(bridge),
+            Entry::Firewall(spec) => super::policy::PolicyMaps::open(&self.layout)?.apply(spec),
+            Entry::FirewallForward { bridge } => super::policy::hook_forward(&self.layout, bridge),
+            Entry::RateLimit { ifname, hook, rate_bps, burst_bits } => RateMap::open(&self.layout)?.apply(ifname, *hook, *rate_bps, *burst_bits),
             Entry::VethProgram {
                 ifname,
                 program,
@@ -217,6 +221,13 @@ impl EntryMaps {
             Ok((link.index, addr))
         })
         .map_err(|e| DatapathError::Link(format!("bridge {bridge}: {e}")))?;
+        // The bridge address is a node address: hostPorts must answer on it
+        // now, not at the agent's next address scan.
+        if addr != 0 {
+            let mut node: HashMap<MapData, IpKey, u32> = hash(&self.layout, map_names::NODE_ADDRS)?;
+            let k = ip_key(IpAddr::from(addr.to_ne_bytes()));
+            node.insert(k, 1, 0).map_err(map_err(map_names::NODE_ADDRS))?;
+        }
         self.bridges
             .insert(index, BridgeInfo { addr_v4: addr, _pad: 0 }, 0)
             .map_err(map_err(map_names::BRIDGES))?;
@@ -235,6 +246,9 @@ impl EntryMaps {
     pub fn revoke(&mut self, entry: &Entry) -> Result<(), DatapathError> {
         match entry {
             Entry::Link { .. } | Entry::BridgeHook { .. } => Ok(()),
+            Entry::Firewall(spec) => super::policy::PolicyMaps::open(&self.layout)?.revoke(spec),
+            Entry::FirewallForward { .. } => Ok(()),
+            Entry::RateLimit { ifname, hook, .. } => RateMap::open(&self.layout)?.revoke(ifname, *hook),
             Entry::VethProgram {
                 ifname,
                 program,
@@ -290,6 +304,11 @@ impl EntryMaps {
                 .map(|v| v == hostport_target(*pod_ip, *container_port, *snat))
                 .unwrap_or(false),
             Entry::BridgeHook { .. } => self.bridges.keys().any(|k| k.is_ok()),
+            Entry::Firewall(spec) => super::policy::PolicyMaps::open(&self.layout)
+                .is_ok_and(|m| m.is_applied(spec)),
+            Entry::FirewallForward { bridge } => super::policy::forward_hooked(&self.layout, bridge),
+            Entry::RateLimit { ifname, hook, rate_bps, burst_bits } => RateMap::open(&self.layout)
+                .is_ok_and(|m| m.is_applied(ifname, *hook, *rate_bps, *burst_bits)),
             Entry::VethProgram {
                 ifname,
                 program,

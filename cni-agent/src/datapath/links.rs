@@ -36,6 +36,8 @@ fn hook_name(h: Hook) -> &'static str {
         Hook::Xdp => "xdp",
         Hook::Connect4 => "connect4",
         Hook::Sendmsg4 => "sendmsg4",
+        Hook::Recvmsg4 => "recvmsg4",
+        Hook::Getpeername4 => "getpeername4",
     }
 }
 

@@ -53,4 +53,6 @@ pub enum Hook {
     Xdp,
     Connect4,
     Sendmsg4,
+    Recvmsg4,
+    Getpeername4,
 }

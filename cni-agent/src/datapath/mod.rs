@@ -7,4 +7,6 @@ pub mod loader;
 pub mod node;
 pub mod object;
 pub mod pins;
+pub mod policy;
+pub mod rate;
 pub mod uplink;

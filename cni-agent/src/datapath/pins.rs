@@ -21,7 +21,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use cni_ebpf_common::{
-    map_names, BridgeInfo, CtKey, HostPortKey, HostPortTarget, HpReply, IpKey, MasqPolicy,
+    map_names, SockRevKey, SockRevValue, BridgeInfo, CtKey, HostPortKey, HostPortTarget, HpReply, IpKey, MasqPolicy,
     NatEntry, UplinkConfig, MAP_LAYOUT_VERSION,
 };
 
@@ -107,6 +107,17 @@ pub fn map_specs() -> Vec<MapSpec> {
         spec::<u32, BridgeInfo>(map_names::BRIDGES, MapType::Hash),
         spec::<CtKey, NatEntry>(map_names::HP_ORIG, MapType::LruHash),
         spec::<CtKey, HpReply>(map_names::HP_REPLY, MapType::LruHash),
+        spec::<SockRevKey, SockRevValue>(map_names::SOCK_REVERSE, MapType::LruHash),
+        spec::<cni_ebpf_common::RateKey, cni_ebpf_common::RateBucket>(map_names::RATE_BUCKETS, MapType::Hash),
+        spec::<u32, cni_ebpf_common::FwAttach>(map_names::FW_ATTACH, MapType::Hash),
+        spec::<IpKey, cni_ebpf_common::FwEndpoint>(map_names::FW_ENDPOINTS, MapType::Hash),
+        spec::<u32, u32>(map_names::FW_BRIDGES, MapType::Hash),
+        spec::<aya::maps::lpm_trie::Key<cni_ebpf_common::FwCidrKey>, cni_ebpf_common::FwRegion>(map_names::FW_CIDRS, MapType::LpmTrie),
+        spec::<aya::maps::lpm_trie::Key<cni_ebpf_common::FwPortKey>, cni_ebpf_common::FwVerdict>(map_names::FW_PORTS, MapType::LpmTrie),
+        spec::<cni_ebpf_common::FwCtKey, cni_ebpf_common::FwCtEntry>(map_names::FW_CT, MapType::LruHash),
+        spec::<cni_ebpf_common::FwFragKey, u32>(map_names::FW_FRAGS, MapType::LruHash),
+        spec::<u32, cni_ebpf_common::FwStats>(map_names::FW_STATS, MapType::PerCpuHash),
+        spec::<cni_ebpf_common::FwRuleKey, u64>(map_names::FW_RULE_HITS, MapType::PerCpuHash),
     ]
 }
 
@@ -177,7 +188,8 @@ pub fn load_pinned(layout: &PinLayout, sizes: MapSizes) -> Result<Ebpf, Datapath
         .map_max_entries(map_names::SNAT_REPLY, sizes.conntrack)
         .map_max_entries(map_names::HP_ORIG, sizes.conntrack)
         .map_max_entries(map_names::HP_REPLY, sizes.conntrack)
-        .map_max_entries(map_names::MASQ_SOURCES, sizes.masq_sources);
+        .map_max_entries(map_names::MASQ_SOURCES, sizes.masq_sources)
+        .map_max_entries(map_names::FW_CT, sizes.conntrack);
     Ok(loader.load(EBPF_OBJECT)?)
 }
 

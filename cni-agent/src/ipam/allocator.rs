@@ -71,8 +71,22 @@ impl<'a> Allocator<'a> {
         if let Some(ip) = requested {
             return self.get_requested(id, ifname, ip.to_canonical());
         }
+        let held = self.store.get_by_id(id, ifname)?;
+        self.get_next(id, ifname, &held)
+    }
 
-        for ip in self.store.get_by_id(id, ifname)? {
+    /// [`Allocator::get`] without a requested address, given what
+    /// [`Store::get_by_id`] returned for (id, ifname): an ADD over several
+    /// range sets reads the store once instead of once per set (range sets
+    /// do not overlap, so what this ADD reserved in one set never counts
+    /// as a duplicate in another, as with the reference's per-set look-up).
+    pub fn get_next(
+        &self,
+        id: &str,
+        ifname: &str,
+        held: &[IpAddr],
+    ) -> Result<Allocation, AllocError> {
+        for &ip in held {
             if self.set.contains(ip) {
                 return Err(AllocError::Duplicate {
                     ip,

@@ -66,9 +66,15 @@ fn address_message(index: u32, addr: IpNet) -> AddressMessage {
 
 impl Netlink {
     /// Addresses of one link (`Some(index)`) or of every link.
+    ///
+    /// For one link the index goes into the request header too, so that a
+    /// strict-checking socket (see [`Netlink::connect`]) has the kernel dump
+    /// only that link's addresses instead of every address of the namespace;
+    /// the filter on our side keeps the answer right where it does not.
     pub fn addresses(&self, index: Option<u32>) -> Result<Vec<Address>, NetlinkError> {
         let mut request = self.handle().address().get();
         if let Some(index) = index {
+            request.message_mut().header.index = index;
             request = request.set_link_index_filter(index);
         }
         let msgs: Vec<AddressMessage> = self

@@ -5,8 +5,8 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use futures::TryStreamExt;
 use netlink_packet_route::link::{
-    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo,
-    LinkMessage, State,
+    AfSpecInet, AfSpecInet6, AfSpecUnspec, InetDevConf, InfoBridgePort, InfoData, InfoKind,
+    InfoPortData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, State,
 };
 use rtnetlink::{LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec};
 
@@ -35,6 +35,9 @@ pub struct Link {
     /// `IFLA_LINK`: for a veth, the peer's index in the peer's namespace.
     pub peer_index: Option<u32>,
     pub tx_queue_len: Option<u32>,
+    /// `net.ipv6.conf.<link>.accept_ra`, from the link's IPv6 settings
+    /// (`None` when the link has no IPv6, e.g. IPv6 disabled).
+    pub ipv6_accept_ra: Option<i32>,
 }
 
 impl Link {
@@ -65,6 +68,7 @@ impl Link {
             hairpin: None,
             peer_index: None,
             tx_queue_len: None,
+            ipv6_accept_ra: None,
         };
         for attr in msg.attributes {
             match attr {
@@ -75,6 +79,17 @@ impl Link {
                 LinkAttribute::OperState(state) => link.oper_up = state == State::Up,
                 LinkAttribute::Link(peer) if peer != 0 => link.peer_index = Some(peer),
                 LinkAttribute::TxQueueLen(len) => link.tx_queue_len = Some(len),
+                LinkAttribute::AfSpecUnspec(specs) => {
+                    for spec in specs {
+                        if let AfSpecUnspec::Inet6(inet6) = spec {
+                            for attr in inet6 {
+                                if let AfSpecInet6::DevConf(conf) = attr {
+                                    link.ipv6_accept_ra = Some(conf.accept_ra);
+                                }
+                            }
+                        }
+                    }
+                }
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
                         match info {
@@ -187,23 +202,34 @@ impl Netlink {
     /// when asked, and returns it. An existing link of that name is reused
     /// only if it is a bridge. The bridge is *not* brought up, so the caller
     /// can set sysctls (accept_ra) first, as the reference does.
+    ///
+    /// The bridge exists on every ADD but the first, so it is looked up
+    /// first: one request instead of a refused create and two look-ups.
     pub fn ensure_bridge(&self, spec: &BridgeSpec) -> Result<Link, NetlinkError> {
-        let mut builder = LinkMessageBuilder::<LinkBridge>::new(&spec.name);
-        if let Some(mtu) = spec.mtu {
-            builder = builder.mtu(mtu);
-        }
-        if spec.vlan_filtering {
-            builder = builder.vlan_filtering(true);
-        }
-        let created = self.block_on(self.handle().link().add(builder.build()).execute());
-        match created {
-            Ok(()) => {}
-            Err(err) if errno_of(&err) == Some(libc::EEXIST) => {}
-            Err(err) => {
-                return Err(NetlinkError::request(format!("add bridge {:?}", spec.name))(err))
+        let link = match self.find_link(&spec.name)? {
+            Some(link) => link,
+            None => {
+                let mut builder = LinkMessageBuilder::<LinkBridge>::new(&spec.name);
+                if let Some(mtu) = spec.mtu {
+                    builder = builder.mtu(mtu);
+                }
+                if spec.vlan_filtering {
+                    builder = builder.vlan_filtering(true);
+                }
+                let created = self.block_on(self.handle().link().add(builder.build()).execute());
+                match created {
+                    Ok(()) => {}
+                    // Created concurrently by another ADD: use that one.
+                    Err(err) if errno_of(&err) == Some(libc::EEXIST) => {}
+                    Err(err) => {
+                        return Err(
+                            NetlinkError::request(format!("add bridge {:?}", spec.name))(err),
+                        )
+                    }
+                }
+                self.link_by_name(&spec.name)?
             }
-        }
-        let link = self.link_by_name(&spec.name)?;
+        };
         if !link.is_bridge() {
             return Err(NetlinkError::NotABridge {
                 name: spec.name.clone(),
@@ -212,8 +238,9 @@ impl Netlink {
         }
         if spec.promisc && !link.promisc {
             self.set_promisc(link.index, true)?;
+            return self.link_by_name(&spec.name);
         }
-        self.link_by_name(&spec.name)
+        Ok(link)
     }
 
     /// Creates a veth pair (see [`VethSpec`]). Fails with errno EEXIST if
@@ -277,9 +304,38 @@ impl Netlink {
         self.set_link(msg, index, "set MAC of")
     }
 
+    /// Turns on `net.ipv4.conf.<link>.arp_notify` (gratuitous ARP when the
+    /// link comes up or its address changes) through netlink
+    /// (`IFLA_AF_SPEC`/`AF_INET`/`IFLA_INET_CONF`), which sets the same
+    /// per-interface value as the /proc/sys file does. It spares a path
+    /// lookup under /proc/sys/net/ipv4, whose cost grows with the number of
+    /// network namespaces that ever looked there (their entries share one
+    /// dcache hash chain), i.e. with the number of pods on the node.
+    pub fn set_arp_notify(&self, index: u32) -> Result<(), NetlinkError> {
+        let mut conf = InetDevConf::default();
+        conf.arp_notify = 1;
+        let mut msg = LinkUnspec::new_with_index(index).build();
+        msg.attributes
+            .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![
+                AfSpecInet::DevConfRequest(conf),
+            ])]));
+        self.block_on(self.handle().link().set(msg).execute())
+            .map_err(NetlinkError::request(format!(
+                "set arp_notify of link #{index}"
+            )))
+    }
+
     /// Enslaves the link to `master` (a bridge).
     pub fn set_master(&self, index: u32, master: u32) -> Result<(), NetlinkError> {
         let msg = LinkUnspec::new_with_index(index).controller(master);
+        self.set_link(msg, index, "set master of")
+    }
+
+    /// Brings the link up and enslaves it to `master`, in one request
+    /// instead of [`Netlink::set_up`] and [`Netlink::set_master`] (the
+    /// kernel's `do_setlink` applies the flags, then the master).
+    pub fn set_master_up(&self, index: u32, master: u32) -> Result<(), NetlinkError> {
+        let msg = LinkUnspec::new_with_index(index).controller(master).up();
         self.set_link(msg, index, "set master of")
     }
 

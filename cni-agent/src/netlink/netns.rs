@@ -94,28 +94,61 @@ impl NetNs {
         F: FnOnce() -> T + Send,
         T: Send,
     {
-        std::thread::scope(|scope| {
-            let worker = std::thread::Builder::new()
-                .name("netns".into())
-                .spawn_scoped(scope, || {
-                    setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map(|()| f())
-                })
-                .map_err(|e| NetlinkError::Thread {
-                    path: self.path.clone(),
-                    reason: e.to_string(),
-                })?;
-            match worker.join() {
-                Ok(Ok(value)) => Ok(value),
-                Ok(Err(source)) => Err(NetlinkError::Setns {
-                    path: self.path.clone(),
-                    source,
-                }),
-                Err(_) => Err(NetlinkError::Thread {
-                    path: self.path.clone(),
-                    reason: "panicked".into(),
-                }),
-            }
-        })
+        std::thread::scope(|scope| self.spawn_scoped(scope, f)?.join())
+    }
+
+    /// Like [`NetNs::run`], but returns at once: `f` runs in this namespace
+    /// on a thread of `scope` while the caller goes on, and
+    /// [`NetNsTask::join`] collects its result. For work the caller need
+    /// not wait for, such as a link deletion whose last phase (an RCU
+    /// barrier in the kernel) takes a grace period.
+    pub fn spawn_scoped<'scope, 'env, F, T>(
+        &'env self,
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        f: F,
+    ) -> Result<NetNsTask<'scope, 'env, T>, NetlinkError>
+    where
+        F: FnOnce() -> T + Send + 'scope,
+        T: Send + 'scope,
+    {
+        let handle = std::thread::Builder::new()
+            .name("netns".into())
+            .spawn_scoped(scope, move || {
+                setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map(|()| f())
+            })
+            .map_err(|e| NetlinkError::Thread {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(NetNsTask { ns: self, handle })
+    }
+}
+
+/// Work running inside a namespace (see [`NetNs::spawn_scoped`]).
+pub struct NetNsTask<'scope, 'env, T> {
+    ns: &'env NetNs,
+    handle: std::thread::ScopedJoinHandle<'scope, nix::Result<T>>,
+}
+
+impl<T> NetNsTask<'_, '_, T> {
+    /// Whether the work is done (so [`NetNsTask::join`] will not block).
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    /// Waits for the work and returns its result.
+    pub fn join(self) -> Result<T, NetlinkError> {
+        match self.handle.join() {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(source)) => Err(NetlinkError::Setns {
+                path: self.ns.path.clone(),
+                source,
+            }),
+            Err(_) => Err(NetlinkError::Thread {
+                path: self.ns.path.clone(),
+                reason: "panicked".into(),
+            }),
+        }
     }
 }
 

@@ -29,8 +29,8 @@ use crate::netlink::{
 };
 use crate::plugins::datapath::DatapathConf;
 use crate::spec::delegate;
-use crate::state::record::{AttachmentKey, Entry, Owner};
 use crate::spec::{CmdArgs, CniError, CniResult, ErrorCode, Interface, NetConf, Plugin, Route};
+use crate::state::record::{AttachmentKey, Entry, Owner};
 
 /// The plugin behind the `ebpf-bridge` binary.
 pub struct BridgePlugin;
@@ -299,9 +299,12 @@ fn best_effort_sysctl(key: &str, value: &str) {
 }
 
 /// Waits (up to `timeout`) until no address of the link is tentative, so
-/// IPv6 routes via the gateway can be added.
+/// IPv6 routes via the gateway can be added. Polls the link's own addresses
+/// (a kernel-filtered dump) every few milliseconds, so the wait ends soon
+/// after DAD does.
 fn settle_addresses(nl: &Netlink, index: u32, timeout: Duration) {
     let deadline = Instant::now() + timeout;
+    let mut pause = Backoff::new();
     loop {
         match nl.addresses(Some(index)) {
             Ok(addrs) if addrs.iter().any(|a| a.is_unsettled()) => {}
@@ -311,7 +314,26 @@ fn settle_addresses(nl: &Netlink, index: u32, timeout: Duration) {
             log::warn!("link #{index} still has tentative addresses after {timeout:?}");
             return;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        pause.sleep();
+    }
+}
+
+/// Sleeps of a polling loop: short at first, since what is waited for
+/// (a link's operstate, its removal) usually follows within a millisecond,
+/// then longer, so a long wait does not spin.
+struct Backoff(Duration);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_micros(100);
+    const MAX: Duration = Duration::from_millis(10);
+
+    fn new() -> Self {
+        Self(Self::FIRST)
+    }
+
+    fn sleep(&mut self) {
+        std::thread::sleep(self.0);
+        self.0 = (self.0 * 2).min(Self::MAX);
     }
 }
 
@@ -328,8 +350,14 @@ fn setup_bridge(host: &Netlink, conf: &BridgeConfig) -> Result<Link, CniError> {
         CniError::from(e).context(format!("failed to create bridge {:?}", conf.bridge))
     };
     let br = host.ensure_bridge(&spec).map_err(fail)?;
-    best_effort_sysctl(&format!("net/ipv6/conf/{}/accept_ra", br.name), "0");
-    host.set_up(br.index).map_err(fail)?;
+    // Already 0 on every ADD but the first: the link message says so, and
+    // a /proc/sys/net/ipv6 look-up costs more the more pods there are.
+    if br.ipv6_accept_ra != Some(0) {
+        best_effort_sysctl(&format!("net/ipv6/conf/{}/accept_ra", br.name), "0");
+    }
+    if !br.up {
+        host.set_up(br.index).map_err(fail)?;
+    }
     Ok(br)
 }
 
@@ -350,10 +378,9 @@ fn setup_veth(
     let ifname = key.ifname.as_str();
     let mut created = None;
     for _ in 0..10 {
+        // A name already taken makes the create fail with EEXIST (handled
+        // below), so it is not looked up first.
         let name = random_veth_name()?;
-        if host.find_link(&name)?.is_some() {
-            continue;
-        }
         let entry = Entry::Link { name: name.clone() };
         conf.datapath.record(key, entry.clone())?;
         crate::crash::point("bridge-after-record");
@@ -393,13 +420,21 @@ fn setup_veth(
     let Some(name) = created else {
         return Err(CniError::internal("failed to find a unique veth name"));
     };
+    // The reference's order: up, accept_ra, master, hairpin mode. Up and
+    // master go in one request; a new bridge port starts with hairpin mode
+    // off, so only "on" needs a request. Enslaving changes neither the MAC
+    // nor the index, so the link as read after creation stays valid.
     let configure = || -> Result<Link, NetlinkError> {
-        let veth = host.link_by_name(&name)?;
-        host.set_up(veth.index)?;
+        let mut veth = host.link_by_name(&name)?;
+        host.set_master_up(veth.index, br.index)?;
         best_effort_sysctl(&format!("net/ipv6/conf/{name}/accept_ra"), "0");
-        host.set_master(veth.index, br.index)?;
-        host.set_hairpin(veth.index, conf.hairpin_mode)?;
-        host.link_by_name(&name)
+        if conf.hairpin_mode {
+            host.set_hairpin(veth.index, true)?;
+        }
+        veth.up = true;
+        veth.master = Some(br.index);
+        veth.hairpin = Some(conf.hairpin_mode);
+        Ok(veth)
     };
     configure().map_err(|e| {
         let _ = host.delete_link_by_name(&name);
@@ -410,31 +445,31 @@ fn setup_veth(
     })
 }
 
+/// The container interface's IPv6 sysctls, set before its addresses as the
+/// reference does (DAD off unless `enabledad`). Runs on a thread inside the
+/// container namespace. (`arp_notify`, the reference's other one, is set
+/// through netlink: see [`Netlink::set_arp_notify`].)
+fn container_ipv6_sysctls(ifname: &str, enable_dad: bool) {
+    if enable_dad {
+        best_effort_sysctl(&format!("net/ipv6/conf/{ifname}/enhanced_dad"), "1");
+        best_effort_sysctl(&format!("net/ipv6/conf/{ifname}/accept_dad"), "1");
+    } else {
+        best_effort_sysctl(&format!("net/ipv6/conf/{ifname}/accept_dad"), "0");
+    }
+}
+
 /// Applies the IPAM result inside the container namespace, like the reference
 /// `ipam.ConfigureIface`: addresses, link up, then routes (a route without
-/// its own gateway goes via the first gateway of its family).
+/// its own gateway goes via the first gateway of its family). The
+/// interface's sysctls ([`container_ipv6_sysctls`], `arp_notify`) must
+/// already be set.
 fn configure_container(
     cont: &Netlink,
     netns: &NetNs,
-    ifname: &str,
+    link: &Link,
     result: &CniResult,
-    conf: &BridgeConfig,
 ) -> Result<(), CniError> {
-    let ifname_owned = ifname.to_string();
-    let enable_dad = conf.enable_dad;
-    netns.run(move || {
-        if enable_dad {
-            best_effort_sysctl(&format!("net/ipv6/conf/{ifname_owned}/enhanced_dad"), "1");
-            best_effort_sysctl(&format!("net/ipv6/conf/{ifname_owned}/accept_dad"), "1");
-        } else {
-            best_effort_sysctl(&format!("net/ipv6/conf/{ifname_owned}/accept_dad"), "0");
-        }
-        best_effort_sysctl(&format!("net/ipv4/conf/{ifname_owned}/arp_notify"), "1");
-    })?;
-
-    let link = cont
-        .link_by_name(ifname)
-        .map_err(|e| CniError::from(e).context(format!("failed to lookup {ifname:?}")))?;
+    let ifname = link.name.as_str();
     let mut v4gw = None;
     let mut v6gw = None;
     let mut ipv6_enabled = false;
@@ -558,25 +593,85 @@ fn ensure_bridge_addr(host: &Netlink, br: &Link, gw: IpNet, force: bool) -> Resu
         .map_err(|e| CniError::from(e).context("could not set bridge's mac"))
 }
 
+/// How long the host veth may take to become operationally up: the sum of
+/// the reference's retry schedule (0, 50, 500, 1000, 1000 ms).
+const PORT_UP_TIMEOUT: Duration = Duration::from_millis(2550);
+
 /// Waits for the host veth to become operationally up (the bridge port
-/// leaves the disabled state), on the reference's schedule.
+/// leaves the disabled state). The kernel's link watcher usually gets there
+/// within a millisecond of the peer coming up, so this polls closely at
+/// first (see [`Backoff`]) rather than sleeping 50 ms after the first miss
+/// as the reference does; it gives up after the reference's total wait.
 fn wait_port_up(host: &Netlink, name: &str) -> Result<Link, CniError> {
-    let schedule = [0u64, 50, 500, 1000, 1000];
-    let mut last = None;
-    for delay in schedule {
-        std::thread::sleep(Duration::from_millis(delay));
+    let deadline = Instant::now() + PORT_UP_TIMEOUT;
+    let mut pause = Backoff::new();
+    loop {
         let link = host.link_by_name(name)?;
         if link.oper_up {
             return Ok(link);
         }
-        last = Some(link);
+        if Instant::now() >= deadline {
+            let state = if link.up { "down (no carrier)" } else { "down" };
+            return Err(CniError::internal(format!(
+                "bridge port in error state: {state}"
+            )));
+        }
+        pause.sleep();
     }
-    let state = last
-        .map(|l| if l.up { "down (no carrier)" } else { "down" })
-        .unwrap_or("unknown");
-    Err(CniError::internal(format!(
-        "bridge port in error state: {state}"
-    )))
+}
+
+/// Deletes `link` (in `netns`, reached through `cont`) and then runs `next`,
+/// as soon as the link has left the namespace rather than when the deletion
+/// request returns.
+///
+/// Deleting a device is quick up to its removal from the namespace; then
+/// the kernel waits for an RCU grace period (`rcu_barrier` in
+/// `netdev_run_todo`, after RTNL is released) before acknowledging, which
+/// is 10-20 ms of nothing to do. So the request runs on its own thread in
+/// the namespace, this thread polls until the link is gone (or the request
+/// finished, e.g. with an error), and `next` (IPAM and datapath release)
+/// overlaps the grace period. The order the reference keeps is kept: the
+/// address is released only once the interface is gone, and not at all if
+/// the deletion fails.
+fn delete_link_then(
+    netns: &NetNs,
+    cont: &Netlink,
+    link: &Link,
+    next: impl FnOnce() -> Result<(), CniError>,
+) -> Result<(), CniError> {
+    let fail =
+        |e: NetlinkError| CniError::from(e).context(format!("failed to delete {:?}", link.name));
+    let index = link.index;
+    std::thread::scope(|scope| {
+        let deletion = netns
+            .spawn_scoped(scope, move || {
+                match Netlink::connect().and_then(|nl| nl.delete_link(index)) {
+                    // Deleted meanwhile by someone else: just as good.
+                    Err(e) if e.errno() == Some(libc::ENODEV) => Ok(()),
+                    other => other,
+                }
+            })
+            .map_err(fail)?;
+        let mut pause = Backoff::new();
+        let gone_early = loop {
+            if deletion.is_finished() {
+                break false;
+            }
+            match cont.link_by_index(index) {
+                Ok(None) => break true,
+                Ok(Some(_)) => pause.sleep(),
+                // Cannot tell: wait for the request's own answer.
+                Err(_) => break false,
+            }
+        };
+        if !gone_early {
+            deletion.join().and_then(|r| r).map_err(fail)?;
+            return next();
+        }
+        let outcome = next();
+        deletion.join().and_then(|r| r).map_err(fail)?;
+        outcome
+    })
 }
 
 /// One ADD in progress once the veth pair exists: what it needs to finish,
@@ -600,7 +695,9 @@ impl Attachment<'_> {
     fn complete(&mut self) -> Result<CniResult, CniError> {
         let (args, conf, opts, host, cont) =
             (self.args, self.conf, self.opts, self.host, self.cont);
-        let cont_link = cont.link_by_name(&args.ifname)?;
+        let cont_link = cont.link_by_name(&args.ifname).map_err(|e| {
+            CniError::from(e).context(format!("failed to lookup {:?}", args.ifname))
+        })?;
         let mut result = CniResult {
             cni_version: conf.cni_version.clone(),
             interfaces: vec![
@@ -625,8 +722,26 @@ impl Attachment<'_> {
         };
 
         if let Some(ipam) = &conf.ipam {
-            let ipam_result = delegate::delegate_add(&ipam.ipam_type, &args.stdin, args)?;
+            // The container interface's sysctls are set while the IPAM
+            // plugin runs (the IPv6 ones on a thread in its namespace):
+            // neither depends on the other, and if IPAM fails the interface
+            // is deleted anyway. Like the sysctls, arp_notify is best effort.
+            let (ipam_result, sysctls) = std::thread::scope(|scope| {
+                let ifname = cont_link.name.as_str();
+                let sysctls = self.netns.spawn_scoped(scope, move || {
+                    container_ipv6_sysctls(ifname, opts.enable_dad)
+                });
+                let ipam_result = delegate::delegate_add(&ipam.ipam_type, &args.stdin, args);
+                if let Err(e) = cont.set_arp_notify(cont_link.index) {
+                    log::debug!("ignoring: {e}");
+                }
+                (ipam_result, sysctls.and_then(|task| task.join()))
+            });
+            let ipam_result = ipam_result?;
             self.ipam_allocated = true;
+            // Not entering the namespace is an error, as it would be for
+            // the addresses; the reservation is released by the rollback.
+            sysctls?;
             crate::crash::point("bridge-after-ipam");
             result.ips = ipam_result.ips;
             result.routes = ipam_result.routes;
@@ -635,8 +750,8 @@ impl Attachment<'_> {
                 return Err(CniError::internal("IPAM plugin returned missing IP config"));
             }
             let gws = calc_gateways(&mut result, opts);
-            configure_container(cont, self.netns, &args.ifname, &result, opts)?;
-            wait_port_up(host, &self.host_veth.name)?;
+            configure_container(cont, self.netns, &cont_link, &result)?;
+            self.host_veth = wait_port_up(host, &self.host_veth.name)?;
             if opts.is_gateway {
                 for (family_gws, forward_key) in [
                     (&gws.v4, "net/ipv4/ip_forward"),
@@ -666,13 +781,14 @@ impl Attachment<'_> {
             cont.set_up(cont_link.index).map_err(|e| {
                 CniError::from(e).context(format!("failed to set {:?} up", args.ifname))
             })?;
-            wait_port_up(host, &self.host_veth.name)?;
+            self.host_veth = wait_port_up(host, &self.host_veth.name)?;
         }
 
         // The bridge MAC may have changed when the port joined or the address
-        // was set; report the final ones.
+        // was set; report the final ones (the host veth as read once its port
+        // was up, as the reference does).
         result.interfaces[0].mac = Some(host.link_by_name(&self.br.name)?.mac_string());
-        result.interfaces[1].mac = Some(host.link_by_name(&self.host_veth.name)?.mac_string());
+        result.interfaces[1].mac = Some(self.host_veth.mac_string());
 
         // Configured DNS wins; otherwise whatever IPAM returned.
         if let Some(dns) = conf.dns.as_ref().filter(|d| !d.is_empty()) {
@@ -770,10 +886,13 @@ impl Plugin for BridgePlugin {
             Err(e) => return Err(e.into()),
         };
         let cont = Netlink::connect_in(&netns)?;
-        cont.delete_link_by_name(&args.ifname).map_err(|e| {
+        let link = cont.find_link(&args.ifname).map_err(|e| {
             CniError::from(e).context(format!("failed to delete {:?}", args.ifname))
         })?;
-        ipam_del()
+        match link {
+            Some(link) => delete_link_then(&netns, &cont, &link, ipam_del),
+            None => ipam_del(),
+        }
     }
 
     fn check(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {

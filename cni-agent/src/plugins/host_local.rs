@@ -135,13 +135,29 @@ impl HostLocal {
 
         let mut ips = Vec::new();
         let mut reserved = Vec::new();
+        // What (container, ifname) already holds, read once for all sets
+        // that allocate round-robin (a requested address skips the check).
+        let mut held: Option<Vec<IpAddr>> = None;
         for (index, set) in cfg.ranges.iter().enumerate() {
             // The first requested address inside this set, if any.
             let wanted = requested
                 .iter()
                 .position(|ip| set.contains(*ip))
                 .map(|i| requested.remove(i));
-            match Allocator::new(set, &store, index).get(&args.container_id, &args.ifname, wanted) {
+            let allocator = Allocator::new(set, &store, index);
+            let allocated = match wanted {
+                Some(_) => allocator.get(&args.container_id, &args.ifname, wanted),
+                None => match &held {
+                    Some(held) => allocator.get_next(&args.container_id, &args.ifname, held),
+                    None => match store.get_by_id(&args.container_id, &args.ifname) {
+                        Ok(found) => {
+                            allocator.get_next(&args.container_id, &args.ifname, held.insert(found))
+                        }
+                        Err(e) => Err(e.into()),
+                    },
+                },
+            };
+            match allocated {
                 Ok(a) => {
                     reserved.push(a.address.addr());
                     ips.push(IpConfig {

@@ -23,6 +23,10 @@ use super::result::CniResult;
 /// installed concurrently (e.g. by a DaemonSet) is briefly unexecutable.
 const TEXT_BUSY_RETRIES: u32 = 5;
 
+/// The least a new pipe holds: one page, what Linux gives once the user is
+/// over `fs.pipe-user-pages-soft` (the default is 64 KiB).
+const PIPE_MIN_CAPACITY: usize = 4096;
+
 /// Runs `plugin_type` with CNI_COMMAND=ADD and parses its result (read at
 /// the delegated configuration's version if it carries none).
 pub fn delegate_add(
@@ -139,13 +143,20 @@ fn exec(
         }
     };
 
-    // Write stdin from a thread so a child that writes a lot before reading
-    // cannot deadlock us; a child that exits without reading is fine (EPIPE).
-    let writer = child.stdin.take().map(|mut pipe| {
+    // A configuration that fits in the pipe's buffer is written at once
+    // (and the pipe closed): the write cannot block, whatever the child
+    // does. A larger one is written from a thread, so a child that writes a
+    // lot before reading cannot deadlock us. A child that exits without
+    // reading is fine either way (EPIPE).
+    let writer = child.stdin.take().and_then(|mut pipe| {
+        if stdin.len() <= PIPE_MIN_CAPACITY {
+            let _ = pipe.write_all(stdin);
+            return None;
+        }
         let data = stdin.to_vec();
-        std::thread::spawn(move || {
+        Some(std::thread::spawn(move || {
             let _ = pipe.write_all(&data);
-        })
+        }))
     });
     let output = child.wait_with_output().map_err(|e| {
         CniError::internal(format!("failed to wait for plugin {plugin_type:?}: {e}"))
@@ -251,6 +262,30 @@ echo '{{"cniVersion":"0.4.0","ips":[{{"version":"4","address":"10.0.0.7/24","gat
             std::fs::read_to_string(format!("{}.stdin", out.display())).unwrap(),
             r#"{"cniVersion":"0.4.0"}"#
         );
+    }
+
+    #[test]
+    fn large_stdin_to_a_child_that_writes_first() {
+        // The child fills its stdout pipe before reading stdin: a parent that
+        // wrote a large stdin before reading stdout would deadlock.
+        let d = Dir::new("large");
+        d.script(
+            "p",
+            r#"head -c 200000 /dev/zero | tr '\0' ' '
+n=$(wc -c)
+echo "{\"cniVersion\":\"1.0.0\",\"dns\":{\"domain\":\"n$n\"}}""#,
+        );
+        for size in [10, PIPE_MIN_CAPACITY, PIPE_MIN_CAPACITY + 1, 300_000] {
+            let mut stdin = vec![b' '; size];
+            stdin[0] = b'{';
+            stdin[size - 1] = b'}';
+            let r = delegate_add("p", &stdin, &args("ADD", &d.0)).unwrap();
+            assert_eq!(
+                r.dns.domain,
+                Some(format!("n{size}")),
+                "stdin of {size} bytes"
+            );
+        }
     }
 
     #[test]

@@ -81,6 +81,23 @@ pub enum Entry {
     /// Shared by every attachment on that bridge: removing it is a no-op,
     /// the agent drops it with the bridge.
     BridgeHook { bridge: String },
+    /// ebpf-firewall's state of one attachment (configuration, endpoints,
+    /// compiled rules, counters, tracked connections), keyed by the host
+    /// veth's ifindex; see `datapath::policy`.
+    Firewall(Box<crate::datapath::policy::FirewallSpec>),
+    /// ebpf-firewall's forwarding hooks on a bridge and the uplinks.
+    /// Shared by every firewalled attachment on that bridge: removing it is
+    /// a no-op, the agent drops the links with their devices.
+    FirewallForward { bridge: String },
+    /// RATE_BUCKETS[(host veth, direction)]: an ebpf-bandwidth token bucket
+    /// of `rate_bps` bits/s and the configured `burst_bits`.
+    #[serde(rename_all = "camelCase")]
+    RateLimit {
+        ifname: String,
+        hook: VethHook,
+        rate_bps: u64,
+        burst_bits: u64,
+    },
 }
 
 /// Which side of a pod's traffic a veth program sees.
@@ -114,6 +131,8 @@ impl Entry {
             Entry::Link { .. } | Entry::MasqSource { .. } => Owner::Bridge,
             Entry::HostPort { .. } | Entry::BridgeHook { .. } => Owner::Portmap,
             Entry::VethProgram { owner, .. } => *owner,
+            Entry::RateLimit { .. } => Owner::Bandwidth,
+            Entry::Firewall(_) | Entry::FirewallForward { .. } => Owner::Firewall,
         }
     }
 

@@ -39,8 +39,9 @@ fn run() -> Result<serde_json::Value, String> {
     };
     let cgroup = take_opt("--cgroup");
     let netns = take_opt("--netns");
-    let [kind, server, payload] = <[String; 3]>::try_from(args)
-        .map_err(|a| format!("usage: [--cgroup DIR] [--netns PATH] KIND ADDR PAYLOAD, got {a:?}"))?;
+    let [kind, server, payload] = <[String; 3]>::try_from(args).map_err(|a| {
+        format!("usage: [--cgroup DIR] [--netns PATH] KIND ADDR PAYLOAD, got {a:?}")
+    })?;
     let server: SocketAddr = server.parse().map_err(|e| format!("{server}: {e}"))?;
     if let Some(cg) = cgroup {
         // "0" moves the writing process; sockets created from now on
@@ -84,7 +85,8 @@ fn udp(
 ) -> Result<(SocketAddr, SocketAddr, String), String> {
     let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| e.to_string())?;
     if connected {
-        s.connect(server).map_err(|e| format!("connect {server}: {e}"))?;
+        s.connect(server)
+            .map_err(|e| format!("connect {server}: {e}"))?;
     }
     s.set_read_timeout(Some(Duration::from_secs(1)))
         .map_err(|e| e.to_string())?;
@@ -100,11 +102,6 @@ fn udp(
         match s.recv_from(&mut buf) {
             Ok((n, from)) => {
                 let local = s.local_addr().map_err(|e| e.to_string())?;
-                let from = if connected {
-                    s.peer_addr().map_err(|e| e.to_string())?
-                } else {
-                    from
-                };
                 return Ok((local, from, String::from_utf8_lossy(&buf[..n]).into_owned()));
             }
             Err(e) => last = e.to_string(),

@@ -1,0 +1,644 @@
+//! ebpf-firewall's policy on a pod's host veth: stateful rules per
+//! attachment and direction, and `ingressPolicy` (open / same-bridge /
+//! isolated).
+//!
+//! - `fw_from_pod`, host veth TC ingress (what the pod sends): anti-spoofing
+//!   (`spoof.rs`), then the egress rules.
+//! - `fw_to_pod`, host veth TC egress (what the pod receives): the ingress
+//!   rules and `ingressPolicy`.
+//!
+//! Both programs only ever pass (TC_ACT_UNSPEC: the next program, e.g. a
+//! rate limit, still runs) or drop. Forwarding past the host stack is done
+//! elsewhere (`forward.rs`), after every veth program has had its say.
+//!
+//! Rule evaluation does not depend on the number of rules. Userspace
+//! compiles each direction's ordered first-match list into two LPM tries:
+//! FW_CIDRS maps the remote address to its *region* (the most specific rule
+//! CIDR containing it: prefixes are either nested or disjoint, so every
+//! address in a region matches the same rules), and FW_PORTS maps (region,
+//! protocol, destination port) to the first matching rule, the port ranges
+//! already resolved into disjoint prefixes. A new connection costs two trie
+//! lookups whether there are 0 or 4096 rules; the packets after it are
+//! matched in FW_CT (one hash lookup) and never see the rules again.
+//!
+//! Connection tracking: one FW_CT entry per allowed connection, keyed the
+//! same from both sides (pod address/port, remote address/port), created
+//! when the first packet passes the rules of its direction. Any packet of a
+//! live entry passes both ways (replies of an allowed connection); a packet
+//! without one is a new connection and meets the rules of its own
+//! direction, so unsolicited packets "the other way" are judged as such.
+//! Entries expire in the programs (idle timeouts per protocol and TCP
+//! state), so no agent has to sweep them.
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, map},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
+    programs::TcContext,
+};
+use cni_ebpf_common::{
+    fw, stat, FwAttach, FwCidrKey, FwCtEntry, FwCtKey, FwEndpoint, FwFragKey, FwPortKey, FwRegion,
+    FwRuleKey, FwStats, FwVerdict, IpKey, FAMILY_V4,
+};
+
+use crate::{spoof, stats::bump};
+
+const NEXT: i32 = TC_ACT_UNSPEC;
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMPV6: u8 = 58;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROB: u8 = 12;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// Prefix bits of the always-matched part of the trie keys (ifindex, dir,
+/// family/proto, region).
+const KEY_FIXED_BITS: u32 = 64;
+
+const SEC: u64 = 1_000_000_000;
+/// Idle timeouts, as nf_conntrack's defaults where they exist: a TCP
+/// connection that is established may stay idle for days (keepalives are
+/// two hours apart by default); one that is closing or never got an answer
+/// goes quickly.
+const TCP_ESTABLISHED_NS: u64 = 432_000 * SEC;
+const TCP_UNREPLIED_NS: u64 = 120 * SEC;
+const TCP_CLOSED_NS: u64 = 10 * SEC;
+const UDP_REPLIED_NS: u64 = 180 * SEC;
+const UDP_UNREPLIED_NS: u64 = 30 * SEC;
+const ICMP_NS: u64 = 30 * SEC;
+const OTHER_NS: u64 = 600 * SEC;
+
+/// Host veth ifindex -> the attachment's configuration.
+#[map(name = "FW_ATTACH")]
+pub static FW_ATTACH: HashMap<u32, FwAttach> = HashMap::pinned(16384, 0);
+
+/// Pod address -> its veth and bridge (anti-spoofing, ingressPolicy and
+/// the forwarding bypass all key on it).
+#[map(name = "FW_ENDPOINTS")]
+pub static FW_ENDPOINTS: HashMap<IpKey, FwEndpoint> = HashMap::pinned(16384, BPF_F_NO_PREALLOC);
+
+/// Bridges that host firewalled pods: traffic routed in from one of them
+/// comes from a pod (ingressPolicy).
+#[map(name = "FW_BRIDGES")]
+pub static FW_BRIDGES: HashMap<u32, u32> = HashMap::pinned(1024, 0);
+
+#[map(name = "FW_CIDRS")]
+static FW_CIDRS: LpmTrie<FwCidrKey, FwRegion> = LpmTrie::pinned(131072, 0);
+
+#[map(name = "FW_PORTS")]
+static FW_PORTS: LpmTrie<FwPortKey, FwVerdict> = LpmTrie::pinned(262144, 0);
+
+/// Default size; the agent sizes it like its other connection tables.
+#[map(name = "FW_CT")]
+static FW_CT: LruHashMap<FwCtKey, FwCtEntry> = LruHashMap::pinned(65536, 0);
+
+#[map(name = "FW_FRAGS")]
+static FW_FRAGS: LruHashMap<FwFragKey, u32> = LruHashMap::pinned(16384, 0);
+
+#[map(name = "FW_STATS")]
+static FW_STATS: PerCpuHashMap<u32, FwStats> = PerCpuHashMap::pinned(16384, BPF_F_NO_PREALLOC);
+
+#[map(name = "FW_RULE_HITS")]
+static FW_RULE_HITS: PerCpuHashMap<FwRuleKey, u64> =
+    PerCpuHashMap::pinned(65536, BPF_F_NO_PREALLOC);
+
+/// Adds one to slot `slot` of the attachment's counters.
+#[inline(always)]
+pub fn count(ifindex: u32, slot: usize) {
+    if slot >= fw::STAT_SLOTS {
+        return;
+    }
+    if let Some(s) = FW_STATS.get_ptr_mut(&ifindex) {
+        // SAFETY: per-CPU value of a live entry; no concurrent writer.
+        unsafe { (*s).counters[slot] += 1 };
+        return;
+    }
+    let mut s = FwStats::default();
+    s.counters[slot] = 1;
+    let _ = FW_STATS.insert(&ifindex, &s, 0);
+}
+
+#[inline(always)]
+fn count_rule(ifindex: u32, dir: u8, rule: u16) {
+    let key = FwRuleKey {
+        ifindex,
+        dir,
+        _pad: 0,
+        rule,
+    };
+    if let Some(n) = FW_RULE_HITS.get_ptr_mut(&key) {
+        // SAFETY: per-CPU value of a live entry; no concurrent writer.
+        unsafe { *n += 1 };
+        return;
+    }
+    let _ = FW_RULE_HITS.insert(&key, &1, 0);
+}
+
+#[inline(always)]
+pub fn v4_ip(addr: u32) -> IpKey {
+    IpKey {
+        addr: [addr, 0, 0, 0],
+        family: FAMILY_V4,
+        _pad: [0; 3],
+    }
+}
+
+#[inline(always)]
+pub fn endpoint(addr: u32) -> Option<FwEndpoint> {
+    // SAFETY: read-only use of a map value during this run.
+    unsafe { FW_ENDPOINTS.get(&v4_ip(addr)) }.copied()
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: helper without side effects.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Fragment position of an IPv4 packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Frag {
+    None,
+    /// Offset 0 with more fragments: carries the transport header.
+    First,
+    /// Offset > 0: no transport header.
+    Later,
+}
+
+/// An IPv4 packet as the firewall sees it: any protocol; ports for TCP
+/// and UDP, the identifier for ICMP echo, nothing for the rest.
+struct Flow {
+    l4: usize,
+    proto: u8,
+    saddr: u32,
+    daddr: u32,
+    /// Network order.
+    sport: u16,
+    dport: u16,
+    tcp_flags: u8,
+    icmp_error: bool,
+    frag: Frag,
+    /// IP identification (network order), for fragments.
+    id: u16,
+}
+
+#[inline(always)]
+fn parse_flow(ctx: &TcContext) -> Option<Flow> {
+    let l3 = spoof::ETH_HLEN;
+    let vihl: u8 = ctx.load(l3).ok()?;
+    if vihl >> 4 != 4 {
+        return None;
+    }
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if ihl < 20 {
+        return None;
+    }
+    let frag_field = u16::from_be(ctx.load::<u16>(l3 + 6).ok()?);
+    let frag = if frag_field & 0x1fff != 0 {
+        Frag::Later
+    } else if frag_field & 0x2000 != 0 {
+        Frag::First
+    } else {
+        Frag::None
+    };
+    let mut f = Flow {
+        l4: l3 + ihl,
+        proto: ctx.load(l3 + 9).ok()?,
+        saddr: ctx.load(l3 + 12).ok()?,
+        daddr: ctx.load(l3 + 16).ok()?,
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+        icmp_error: false,
+        frag,
+        id: ctx.load(l3 + 4).ok()?,
+    };
+    if frag == Frag::Later {
+        return Some(f);
+    }
+    match f.proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            f.sport = ctx.load(f.l4).ok()?;
+            f.dport = ctx.load(f.l4 + 2).ok()?;
+            if f.proto == IPPROTO_TCP {
+                f.tcp_flags = ctx.load(f.l4 + 13).ok()?;
+            }
+        }
+        IPPROTO_ICMP => {
+            let t: u8 = ctx.load(f.l4).ok()?;
+            if t == ICMP_ECHO_REQUEST || t == ICMP_ECHO_REPLY {
+                let id: u16 = ctx.load(f.l4 + 4).ok()?;
+                f.sport = id;
+                f.dport = id;
+            } else {
+                f.icmp_error =
+                    t == ICMP_DEST_UNREACH || t == ICMP_TIME_EXCEEDED || t == ICMP_PARAMETER_PROB;
+            }
+        }
+        _ => {}
+    }
+    Some(f)
+}
+
+#[inline(always)]
+fn ct_key(
+    ifindex: u32,
+    proto: u8,
+    pod: u32,
+    remote: u32,
+    pod_port: u16,
+    remote_port: u16,
+) -> FwCtKey {
+    FwCtKey {
+        ifindex,
+        proto,
+        family: FAMILY_V4,
+        pod_port,
+        remote_port,
+        _pad: 0,
+        pod: [pod, 0, 0, 0],
+        remote: [remote, 0, 0, 0],
+    }
+}
+
+/// How long an entry may stay idle in its current state.
+#[inline(always)]
+fn timeout(proto: u8, state: u8) -> u64 {
+    match proto {
+        IPPROTO_TCP => {
+            if state & fw::CT_RST != 0
+                || state & (fw::CT_FIN_EGRESS | fw::CT_FIN_INGRESS)
+                    == (fw::CT_FIN_EGRESS | fw::CT_FIN_INGRESS)
+            {
+                TCP_CLOSED_NS
+            } else if state & fw::CT_REPLIED == 0 {
+                TCP_UNREPLIED_NS
+            } else {
+                TCP_ESTABLISHED_NS
+            }
+        }
+        IPPROTO_UDP => {
+            if state & fw::CT_REPLIED != 0 {
+                UDP_REPLIED_NS
+            } else {
+                UDP_UNREPLIED_NS
+            }
+        }
+        IPPROTO_ICMP => ICMP_NS,
+        _ => OTHER_NS,
+    }
+}
+
+/// State bits a packet adds to its connection.
+#[inline(always)]
+fn state_bits(f: &Flow, dir: u8, origin: u8) -> u8 {
+    let mut s = 0;
+    if dir != origin {
+        s |= fw::CT_REPLIED;
+    }
+    if f.proto == IPPROTO_TCP {
+        if f.tcp_flags & TCP_FIN != 0 {
+            s |= if dir == fw::DIR_EGRESS {
+                fw::CT_FIN_EGRESS
+            } else {
+                fw::CT_FIN_INGRESS
+            };
+        }
+        if f.tcp_flags & TCP_RST != 0 {
+            s |= fw::CT_RST;
+        }
+    }
+    s
+}
+
+/// Looks the packet's connection up; refreshes and returns true if it is
+/// live. A TCP SYN on a connection that was closing starts a new one.
+#[inline(always)]
+fn tracked(key: &FwCtKey, f: &Flow, dir: u8, ts: u64) -> bool {
+    let Some(e) = FW_CT.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: `e` comes from a map lookup and stays valid for this run;
+    // racing writers only add bits and move time forward.
+    unsafe {
+        let state = (*e).state;
+        if ts.saturating_sub((*e).last_seen_ns) > timeout(f.proto, state) {
+            return false;
+        }
+        let syn_only = f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        if syn_only && state & (fw::CT_RST | fw::CT_FIN_EGRESS | fw::CT_FIN_INGRESS) != 0 {
+            return false;
+        }
+        let bits = state_bits(f, dir, (*e).origin);
+        if state & bits != bits {
+            (*e).state = state | bits;
+        }
+        (*e).last_seen_ns = ts;
+    }
+    true
+}
+
+/// An ICMP error about a connection of this attachment (e.g. "port
+/// unreachable", "fragmentation needed") is part of it. The quoted packet
+/// went the other way: towards the remote for an error the pod receives.
+#[inline(always)]
+fn related(ctx: &TcContext, ifindex: u32, f: &Flow, dir: u8) -> bool {
+    let l3 = f.l4 + 8;
+    let Ok(vihl) = ctx.load::<u8>(l3) else {
+        return false;
+    };
+    if vihl >> 4 != 4 {
+        return false;
+    }
+    let l4 = l3 + usize::from(vihl & 0x0f) * 4;
+    let (Ok(proto), Ok(saddr), Ok(daddr)) = (
+        ctx.load::<u8>(l3 + 9),
+        ctx.load::<u32>(l3 + 12),
+        ctx.load::<u32>(l3 + 16),
+    ) else {
+        return false;
+    };
+    let (sport, dport) = match proto {
+        IPPROTO_TCP | IPPROTO_UDP => match (ctx.load::<u16>(l4), ctx.load::<u16>(l4 + 2)) {
+            (Ok(s), Ok(d)) => (s, d),
+            _ => return false,
+        },
+        IPPROTO_ICMP => match ctx.load::<u16>(l4 + 4) {
+            Ok(id) => (id, id),
+            Err(_) => return false,
+        },
+        _ => (0, 0),
+    };
+    let key = if dir == fw::DIR_INGRESS {
+        ct_key(ifindex, proto, saddr, daddr, sport, dport)
+    } else {
+        ct_key(ifindex, proto, daddr, saddr, dport, sport)
+    };
+    // SAFETY: read-only use of a map value during this run.
+    unsafe { FW_CT.get(&key) }.is_some()
+}
+
+/// Whether a new connection to the pod comes from a pod that
+/// `ingressPolicy` keeps out: one on another bridge (same-bridge), or any
+/// (isolated). A pod is a firewalled endpoint (its source address is
+/// anti-spoofed), or anything routed in from a bridge that hosts them.
+#[inline(always)]
+fn refused_by_policy(ctx: &TcContext, cfg: &FwAttach, remote: u32) -> bool {
+    let isolated = cfg.ingress_policy == fw::POLICY_ISOLATED;
+    if let Some(ep) = endpoint(remote) {
+        return isolated || ep.bridge_ifindex != cfg.bridge_ifindex;
+    }
+    // SAFETY: __sk_buff is valid for the program's run.
+    let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    // SAFETY: read-only use of a map value during this run.
+    if iif != 0 && unsafe { FW_BRIDGES.get(&iif) }.is_some() {
+        return isolated || iif != cfg.bridge_ifindex;
+    }
+    false
+}
+
+/// The first rule of direction `dir` matching a new connection to/from
+/// `remote` (destination port `dport`), or `ACTION_NONE`.
+#[inline(always)]
+fn evaluate(ifindex: u32, dir: u8, proto: u8, remote: u32, dport: u16) -> FwVerdict {
+    let none = FwVerdict {
+        rule: fw::RULE_DEFAULT,
+        action: fw::ACTION_NONE,
+        _pad: 0,
+    };
+    let ck = Key::new(
+        KEY_FIXED_BITS + 32,
+        FwCidrKey {
+            ifindex,
+            dir,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+            addr: [remote, 0, 0, 0],
+        },
+    );
+    let Some(region) = FW_CIDRS.get(&ck) else {
+        return none;
+    };
+    match proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let pk = Key::new(
+                KEY_FIXED_BITS + 16,
+                FwPortKey {
+                    ifindex,
+                    dir,
+                    proto,
+                    region: region.region,
+                    port: dport,
+                    _pad: 0,
+                },
+            );
+            FW_PORTS.get(&pk).copied().unwrap_or(none)
+        }
+        IPPROTO_ICMP => region.icmp,
+        _ => region.other,
+    }
+}
+
+/// The verdict on one IPv4 packet of the attachment in direction `dir`.
+#[inline(always)]
+fn decide(ctx: &TcContext, ifindex: u32, cfg: &FwAttach, dir: u8, f: &Flow) -> bool {
+    let (pod, remote, pod_port, remote_port) = if dir == fw::DIR_EGRESS {
+        (f.saddr, f.daddr, f.sport, f.dport)
+    } else {
+        (f.daddr, f.saddr, f.dport, f.sport)
+    };
+    let frag_key = FwFragKey {
+        ifindex,
+        id: f.id,
+        proto: f.proto,
+        family: FAMILY_V4,
+        src: [f.saddr, 0, 0, 0],
+        dst: [f.daddr, 0, 0, 0],
+    };
+    if f.frag == Frag::Later {
+        // SAFETY: read-only use of a map value during this run.
+        return unsafe { FW_FRAGS.get(&frag_key) }
+            .is_some_and(|a| *a == u32::from(fw::ACTION_ALLOW));
+    }
+    let allowed = decide_first(
+        ctx,
+        ifindex,
+        cfg,
+        dir,
+        f,
+        pod,
+        remote,
+        pod_port,
+        remote_port,
+    );
+    if f.frag == Frag::First {
+        let action = if allowed {
+            fw::ACTION_ALLOW
+        } else {
+            fw::ACTION_DENY
+        };
+        let _ = FW_FRAGS.insert(&frag_key, &u32::from(action), 0);
+    }
+    allowed
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn decide_first(
+    ctx: &TcContext,
+    ifindex: u32,
+    cfg: &FwAttach,
+    dir: u8,
+    f: &Flow,
+    pod: u32,
+    remote: u32,
+    pod_port: u16,
+    remote_port: u16,
+) -> bool {
+    let established = if dir == fw::DIR_EGRESS {
+        fw::STAT_EGRESS_ESTABLISHED
+    } else {
+        fw::STAT_INGRESS_ESTABLISHED
+    };
+    if f.icmp_error && related(ctx, ifindex, f, dir) {
+        count(ifindex, established);
+        return true;
+    }
+    let key = ct_key(ifindex, f.proto, pod, remote, pod_port, remote_port);
+    let ts = now();
+    if tracked(&key, f, dir, ts) {
+        count(ifindex, established);
+        return true;
+    }
+    if dir == fw::DIR_INGRESS
+        && cfg.ingress_policy != fw::POLICY_OPEN
+        && refused_by_policy(ctx, cfg, remote)
+    {
+        count(ifindex, fw::STAT_POLICY_DROPPED);
+        return false;
+    }
+    let v = evaluate(ifindex, dir, f.proto, remote, f.dport);
+    count_rule(ifindex, dir, v.rule);
+    let action = if v.action == fw::ACTION_NONE {
+        if dir == fw::DIR_EGRESS {
+            cfg.egress_default
+        } else {
+            cfg.ingress_default
+        }
+    } else {
+        v.action
+    };
+    if action != fw::ACTION_ALLOW {
+        return false;
+    }
+    let entry = FwCtEntry {
+        last_seen_ns: ts,
+        origin: dir,
+        state: state_bits(f, dir, dir),
+        _pad: [0; 6],
+    };
+    let _ = FW_CT.insert(&key, &entry, 0);
+    true
+}
+
+/// The configuration of the attachment whose veth runs the program; none
+/// means the attachment is being set up or torn down: drop (fail closed).
+#[inline(always)]
+fn attachment(ctx: &TcContext) -> Option<(u32, FwAttach)> {
+    // SAFETY: __sk_buff is valid for the program's run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: read-only use of a map value during this run.
+    let cfg = unsafe { FW_ATTACH.get(&ifindex) }?;
+    Some((ifindex, *cfg))
+}
+
+/// Judges one packet in direction `dir` and counts it.
+#[inline(always)]
+fn judge(ctx: &TcContext, ifindex: u32, cfg: &FwAttach, dir: u8, ethertype: u16) -> i32 {
+    let (allowed_slot, dropped_slot, default) = if dir == fw::DIR_EGRESS {
+        (
+            fw::STAT_EGRESS_ALLOWED,
+            fw::STAT_EGRESS_DROPPED,
+            cfg.egress_default,
+        )
+    } else {
+        (
+            fw::STAT_INGRESS_ALLOWED,
+            fw::STAT_INGRESS_DROPPED,
+            cfg.ingress_default,
+        )
+    };
+    let allowed = match ethertype {
+        ETH_P_IP => match parse_flow(ctx) {
+            Some(f) => decide(ctx, ifindex, cfg, dir, &f),
+            // Truncated or malformed.
+            None => false,
+        },
+        // IPv6: neighbour discovery always (the link needs it); the rest
+        // gets the direction's default (no IPv6 rules yet).
+        ETH_P_IPV6 => is_ndp(ctx) || default == fw::ACTION_ALLOW,
+        // ARP and the like towards the pod; from the pod, spoof.rs has
+        // already refused everything but IPv4, IPv6 and ARP.
+        _ => return NEXT,
+    };
+    if allowed {
+        count(ifindex, allowed_slot);
+        NEXT
+    } else {
+        count(ifindex, dropped_slot);
+        bump(stat::FW_DROPPED);
+        TC_ACT_SHOT
+    }
+}
+
+/// ICMPv6 neighbour/router discovery (types 133-137) without extension
+/// headers.
+#[inline(always)]
+fn is_ndp(ctx: &TcContext) -> bool {
+    let l3 = spoof::ETH_HLEN;
+    let (Ok(next), Ok(t)) = (ctx.load::<u8>(l3 + 6), ctx.load::<u8>(l3 + 40)) else {
+        return false;
+    };
+    next == IPPROTO_ICMPV6 && (133..=137).contains(&t)
+}
+
+#[classifier]
+pub fn fw_from_pod(ctx: TcContext) -> i32 {
+    let Some((ifindex, cfg)) = attachment(&ctx) else {
+        bump(stat::FW_DROPPED);
+        return TC_ACT_SHOT;
+    };
+    match spoof::check_from_pod(&ctx, ifindex, &cfg) {
+        Ok(ETH_P_ARP) => NEXT,
+        Ok(ethertype) => judge(&ctx, ifindex, &cfg, fw::DIR_EGRESS, ethertype),
+        Err(slot) => {
+            count(ifindex, slot);
+            bump(stat::FW_SPOOFED);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[classifier]
+pub fn fw_to_pod(ctx: TcContext) -> i32 {
+    let Some((ifindex, cfg)) = attachment(&ctx) else {
+        bump(stat::FW_DROPPED);
+        return TC_ACT_SHOT;
+    };
+    let Ok(ethertype) = ctx.load::<u16>(12).map(u16::from_be) else {
+        return TC_ACT_SHOT;
+    };
+    judge(&ctx, ifindex, &cfg, fw::DIR_INGRESS, ethertype)
+}

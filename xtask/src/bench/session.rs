@@ -1,0 +1,398 @@
+//! One "node" under test: a node netns with a bridge network configured by
+//! one conflist, an uplink to an "external" netns (198.18.0.0/15), our
+//! agent when the chain is ours, and the pods attached to it.
+//!
+//! The three kinds of node share the topology and addresses:
+//! - ours: ebpf-bridge + ebpf-host-local [+ ebpf-portmap, ...], ipMasq on;
+//! - reference: bridge + host-local [+ portmap, ...] from /usr/lib/cni,
+//!   the same conflist apart from the `type` names;
+//! - routed: the ceiling, reference bridge + host-local with ipMasq off
+//!   and nothing chained, and the external side routes the pod subnet back
+//!   to the node: the kernel's bare forwarding path, no NAT, no eBPF, no
+//!   netfilter rule.
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use super::cost;
+use crate::agent::Agent;
+use crate::cni::{self, Attachment, Conflist, Runtime};
+use crate::netns::{add_uplink, Netns, TempDir};
+
+pub const POD_SUBNET: &str = "10.244.0.0/16";
+pub const BRIDGE: &str = "cnib0";
+pub const UPLINK: &str = "up0";
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// The newest version both chains speak (the reference v1.1.1 stops at 1.0.0).
+pub const CNI_VERSION: &str = "1.0.0";
+pub const REFERENCE_DIR: &str = "/usr/lib/cni";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Impl {
+    Ours,
+    Reference,
+    Routed,
+}
+
+impl Impl {
+    pub fn key(self) -> &'static str {
+        match self {
+            Impl::Ours => "ours",
+            Impl::Reference => "reference",
+            Impl::Routed => "routed",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Impl::Ours => "ours (eBPF)",
+            Impl::Reference => "reference (iptables)",
+            Impl::Routed => "routed, no NAT (ceiling)",
+        }
+    }
+}
+
+/// Plugins chained after the bridge.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Extra {
+    Portmap,
+    Firewall,
+    Bandwidth,
+}
+
+impl Extra {
+    pub const ALL: [Extra; 3] = [Extra::Portmap, Extra::Firewall, Extra::Bandwidth];
+
+    pub fn reference(self) -> &'static str {
+        match self {
+            Extra::Portmap => "portmap",
+            Extra::Firewall => "firewall",
+            Extra::Bandwidth => "bandwidth",
+        }
+    }
+
+    pub fn ours(self) -> &'static str {
+        match self {
+            Extra::Portmap => "ebpf-portmap",
+            Extra::Firewall => "ebpf-firewall",
+            Extra::Bandwidth => "ebpf-bandwidth",
+        }
+    }
+
+    fn conf(self, ty: &str) -> Value {
+        match self {
+            Extra::Portmap => {
+                json!({ "type": ty, "capabilities": { "portMappings": true }, "snat": true })
+            }
+            Extra::Firewall => json!({ "type": ty }),
+            Extra::Bandwidth => json!({ "type": ty, "capabilities": { "bandwidth": true } }),
+        }
+    }
+}
+
+/// What every session is built from.
+pub struct Env {
+    pub bin_dir: PathBuf,
+    pub extras: Vec<Extra>,
+    /// `cni-agent run --hostport-mode`.
+    pub hostport_mode: String,
+}
+
+/// A pod to attach: its netns and what the runtime passes for it.
+pub struct PodSpec {
+    pub name: String,
+    pub netns: PathBuf,
+    /// `(hostPort, containerPort)`, TCP.
+    pub mappings: Vec<(u16, u16)>,
+    /// `(rate bit/s, burst bits)`, both directions.
+    pub bandwidth: Option<(u64, u64)>,
+}
+
+pub struct Pod {
+    pub name: String,
+    pub netns: PathBuf,
+    pub att: Attachment,
+    pub result: Option<Value>,
+    pub ip: Option<Ipv4Addr>,
+}
+
+/// One timed runtime call through the whole conflist.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Call {
+    /// Wall time of the call, ms.
+    #[serde(deserialize_with = "super::stats::f64_or_nan")]
+    pub ms: f64,
+    /// CPU of the plugin processes and what they ran (IPAM, iptables, ...), ms.
+    #[serde(deserialize_with = "super::stats::f64_or_nan")]
+    pub cpu_ms: f64,
+    /// Wall time per plugin, conflist order, ms.
+    pub plugin_ms: Vec<f64>,
+}
+
+/// Field order is drop order: the agent is stopped (and its bpffs
+/// unmounted) before the namespaces go, and the temp dir goes last.
+pub struct Session {
+    pub imp: Impl,
+    pub pods: Vec<Pod>,
+    pub agent: Option<Agent>,
+    rt: Runtime,
+    pub list: Conflist,
+    pub ext: Netns,
+    pub node: Netns,
+    tmp: TempDir,
+    tag: String,
+}
+
+impl Session {
+    pub fn create(env: &Env, imp: Impl, tag: &str) -> Result<Session> {
+        let tmp = TempDir::create("cni-xtask-bench")?;
+        let node = Netns::create("cnib-node")?;
+        let ext = Netns::create("cnib-ext")?;
+        add_uplink(
+            &node,
+            &ext,
+            UPLINK,
+            &format!("{NODE_IP}/24"),
+            &format!("{EXTERNAL_IP}/24"),
+        )?;
+        if imp == Impl::Routed {
+            ext.ip(&["route", "add", POD_SUBNET, "via", &NODE_IP.to_string()])?;
+        }
+        let agent = match imp {
+            Impl::Ours => {
+                let a = Agent::start_with(
+                    &env.bin_dir,
+                    &node,
+                    &tmp.path.join("agent"),
+                    &[UPLINK],
+                    &["--hostport-mode", &env.hostport_mode],
+                )?;
+                a.wait_for_uplink(&NODE_IP.to_string())?;
+                Some(a)
+            }
+            _ => None,
+        };
+        let list = Conflist::new(conflist(env, imp, &tmp.path, agent.as_ref()))?;
+        let cni_path = match imp {
+            Impl::Ours => vec![env.bin_dir.clone(), PathBuf::from(REFERENCE_DIR)],
+            _ => vec![PathBuf::from(REFERENCE_DIR)],
+        };
+        let rt = Runtime::new(&node.path(), cni_path)?;
+        Ok(Session {
+            imp,
+            pods: Vec::new(),
+            agent,
+            rt,
+            list,
+            ext,
+            node,
+            tmp,
+            tag: tag.to_string(),
+        })
+    }
+
+    pub fn ext_path(&self) -> PathBuf {
+        self.ext.path()
+    }
+
+    /// ADD one pod through the conflist, timed.
+    pub fn add(&mut self, spec: &PodSpec) -> Result<Call> {
+        let id = format!(
+            "bench-{}-{}-{}-{}",
+            self.imp.key(),
+            std::process::id(),
+            self.tag,
+            spec.name
+        );
+        let mut att = Attachment::pod(&id, &spec.netns, &spec.name);
+        if !spec.mappings.is_empty() {
+            let pm: Vec<Value> = spec
+                .mappings
+                .iter()
+                .map(|(h, c)| json!({ "hostPort": h, "containerPort": c, "protocol": "tcp" }))
+                .collect();
+            att.capability_args
+                .insert("portMappings".into(), Value::Array(pm));
+        }
+        if let Some((rate, burst)) = spec.bandwidth {
+            att.capability_args.insert(
+                "bandwidth".into(),
+                json!({ "ingressRate": rate, "ingressBurst": burst, "egressRate": rate, "egressBurst": burst }),
+            );
+        }
+        let cpu0 = cost::children_cpu_ms();
+        let t = Instant::now();
+        let (res, plugin_ms) = self
+            .rt
+            .add_timed(&self.list, &att)
+            .with_context(|| format!("{} ADD of {}", self.imp.key(), spec.name))?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let cpu_ms = cost::children_cpu_ms() - cpu0;
+        let ip = cni::result_ips(&res)
+            .first()
+            .and_then(|s| s.parse::<Ipv4Addr>().ok());
+        self.pods.push(Pod {
+            name: spec.name.clone(),
+            netns: spec.netns.clone(),
+            att,
+            result: Some(res),
+            ip,
+        });
+        Ok(Call {
+            ms,
+            cpu_ms,
+            plugin_ms,
+        })
+    }
+
+    /// DEL the pod at `idx` (with its cached result), timed.
+    pub fn del(&mut self, idx: usize) -> Result<Call> {
+        let pod = self.pods.get_mut(idx).context("no such pod")?;
+        let cpu0 = cost::children_cpu_ms();
+        let t = Instant::now();
+        let plugin_ms = self
+            .rt
+            .del_timed(&self.list, &pod.att, pod.result.as_ref())
+            .with_context(|| format!("{} DEL of {}", self.imp.key(), pod.name))?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let cpu_ms = cost::children_cpu_ms() - cpu0;
+        pod.result = None;
+        Ok(Call {
+            ms,
+            cpu_ms,
+            plugin_ms,
+        })
+    }
+
+    pub fn pod(&self, name: &str) -> Result<&Pod> {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .with_context(|| format!("{}: no pod {name}", self.imp.key()))
+    }
+
+    pub fn pod_ip(&self, name: &str) -> Result<Ipv4Addr> {
+        self.pod(name)?
+            .ip
+            .with_context(|| format!("{}: pod {name} got no IPv4 address", self.imp.key()))
+    }
+
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Agent::pid)
+    }
+
+    pub fn agent_cpu_ms(&self) -> f64 {
+        self.agent_pid()
+            .map(cost::process_cpu_ms)
+            .unwrap_or(f64::NAN)
+    }
+
+    /// The agent's datapath counters (`cni-agent status --json`).
+    pub fn agent_stats(&self) -> BTreeMap<String, u64> {
+        let Some(a) = &self.agent else {
+            return BTreeMap::new();
+        };
+        a.status_json()
+            .ok()
+            .and_then(|v| v["stats"].as_object().cloned())
+            .map(|m| {
+                m.into_iter()
+                    .filter_map(|(k, v)| v.as_u64().map(|v| (k, v)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn bpffs_root(&self) -> Option<&Path> {
+        self.agent.as_ref().map(Agent::bpffs_root)
+    }
+
+    /// After every pod's DEL: no IP reserved, no pod veth or ifb left.
+    pub fn check_clean(&self) -> Result<()> {
+        let store = self.tmp.path.join("ipam").join(self.list.name());
+        let held = cni::ipam_reservations(&store)?.len();
+        ensure!(
+            held == 0,
+            "{}: {held} IPs still reserved after DEL of every pod",
+            self.imp.key()
+        );
+        let veths = self.node.ip(&["-o", "link", "show", "type", "veth"])?;
+        let left = veths
+            .lines()
+            .filter(|l| !l.contains(&format!(": {UPLINK}@")))
+            .count();
+        ensure!(
+            left == 0,
+            "{}: {left} pod veths left in the node netns after DEL",
+            self.imp.key()
+        );
+        Ok(())
+    }
+
+    /// The conflist as the runtime reads it (written next to the report).
+    pub fn conflist_json(&self) -> &Value {
+        &self.list.raw
+    }
+
+    /// Waits for the agent's NAT table to drain below `max` bindings
+    /// (connections of a previous measurement closing), at most `wait`.
+    pub fn wait_nat_below(&self, max: u64, wait: Duration) {
+        let Some(a) = &self.agent else { return };
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            let n = a
+                .status_json()
+                .ok()
+                .and_then(|v| v["nat"]["originalHalves"].as_u64())
+                .unwrap_or(0);
+            if n < max {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+/// The conflist of one session. Ours and the reference's differ only in
+/// the `type` names, plus our plugins' private path keys (agentSocket,
+/// stateDir, bpffsRoot) pointing at this run's agent instead of the
+/// node-wide defaults.
+fn conflist(env: &Env, imp: Impl, tmp: &Path, agent: Option<&Agent>) -> Value {
+    let ours = imp == Impl::Ours;
+    let ty = |o: &'static str, r: &'static str| if ours { o } else { r };
+    let keys: Map<String, Value> = agent.map(Agent::conf_keys).unwrap_or_default();
+    let with_keys = |mut v: Value| {
+        if let Some(o) = v.as_object_mut() {
+            o.extend(keys.clone());
+        }
+        v
+    };
+    let mut plugins = vec![with_keys(json!({
+        "type": ty("ebpf-bridge", "bridge"),
+        "bridge": BRIDGE,
+        "isGateway": true,
+        "isDefaultGateway": true,
+        "ipMasq": imp != Impl::Routed,
+        "ipam": {
+            "type": ty("ebpf-host-local", "host-local"),
+            "ranges": [[{ "subnet": POD_SUBNET }]],
+            "dataDir": tmp.join("ipam"),
+        }
+    }))];
+    if imp != Impl::Routed {
+        for e in &env.extras {
+            plugins.push(with_keys(e.conf(ty(e.ours(), e.reference()))));
+        }
+    }
+    json!({ "cniVersion": CNI_VERSION, "name": "bench", "plugins": plugins })
+}
