@@ -79,7 +79,6 @@ fn police(ctx: &TcContext, direction: u8) -> i32 {
         let seen = core::ptr::read_volatile(tat);
         if seen < now {
             cmpxchg(tat, seen, now);
-            add(&raw mut (*b).passed_packets, now - seen);
         }
         let before = fetch_add(tat, cost);
         if before > now.wrapping_add((*b).depth_ns) {
@@ -89,6 +88,7 @@ fn police(ctx: &TcContext, direction: u8) -> i32 {
             bump(stat::RATE_DROPPED);
             return TC_ACT_SHOT;
         }
+        add(&raw mut (*b).passed_packets, 1);
         add(&raw mut (*b).passed_bytes, bytes);
     }
     TC_ACT_UNSPEC

@@ -797,20 +797,12 @@ pub fn status_section(layout: &PinLayout, records: &[Record]) -> Value {
     }
 }
 
-/// The bridge's and the uplinks' forwarding hooks (shared by every
-/// firewalled attachment with the bypass on that bridge).
+/// The bridge's forwarding hook (shared by every firewalled attachment with
+/// the bypass on that bridge). The uplinks' return-path hook is one of the
+/// programs the agent keeps on every uplink.
 pub fn hook_forward(layout: &PinLayout, bridge: &str) -> Result<(), DatapathError> {
     let index = link_index(bridge)?;
-    attach(layout, prog_names::FW_BRIDGE_FORWARD, bridge, index)?;
-    for (up_index, _) in UplinkMap::open(layout)?.list() {
-        // An uplink that just went away (the agent drops it on its next
-        // scan) needs no hook.
-        let Some(name) = ifname_of(up_index) else {
-            continue;
-        };
-        attach(layout, prog_names::FW_UPLINK_INGRESS, &name, up_index)?;
-    }
-    Ok(())
+    attach(layout, prog_names::FW_BRIDGE_FORWARD, bridge, index)
 }
 
 /// Whether the forwarding hooks are in place on the bridge and on every
@@ -845,22 +837,6 @@ fn attach(
         })?;
     ensure_tc(&mut prog, layout, program, Hook::Ingress, ifname, ifindex)?;
     Ok(())
-}
-
-/// The name of the device `index`, if it exists.
-fn ifname_of(index: u32) -> Option<String> {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: buf has IF_NAMESIZE bytes as the call requires.
-    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
-    if p.is_null() {
-        return None;
-    }
-    // SAFETY: if_indextoname wrote a NUL-terminated name into buf.
-    Some(
-        unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
-            .to_string_lossy()
-            .into_owned(),
-    )
 }
 
 #[cfg(test)]

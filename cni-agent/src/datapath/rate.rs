@@ -3,15 +3,22 @@
 //! (see cni-ebpf/src/rate.rs for the algorithm).
 //!
 //! # Bucket depth
-//! The reference plugin builds a tbf with `burst` as its bucket and a queue
-//! of 25 ms at the rate in front of it: a burst beyond the bucket waits
-//! instead of being dropped. A policer has no queue, so with the configured
-//! burst alone TCP would lose a window's tail on every burst (a sender
-//! without pacing emits whole GSO aggregates of up to 64 KiB back to back)
-//! and fall well short of the rate. The depth is therefore
-//! `max(burst, rate × 25 ms, 128 KiB)`: the same 25 ms the reference queues
-//! become headroom, and two GSO aggregates always fit. A configured burst
-//! larger than that floor is honoured exactly.
+//! The reference plugin builds a tbf: `burst` is its bucket and a queue of
+//! 25 ms at the rate sits in front of it, so the queue sets TCP's ACK clock.
+//! A policer has no queue. On a pod's sub-millisecond path even TCP's
+//! smallest window is far above most rates, so a flow can only average
+//! down to the rate through the pauses of its loss recovery, and the
+//! longest of those is the retransmission timeout (200 ms minimum on
+//! Linux). A bucket shallower than that pause overflows while the flow
+//! waits, and the tokens lost there are goodput lost for good: with the
+//! reference's 25 ms, a 100 Mbit/s limit measured 14 Mbit/s of TCP.
+//! So the depth is
+//! `max(burst, rate × 400 ms, 128 KiB)`: two minimum RTOs of tokens (a
+//! pause stretched by a busy CPU still loses nothing), and room for two
+//! 64 KiB GSO aggregates at very low rates. The long-run rate is exact
+//! whatever the depth; the floor only lets a flow catch up after a pause.
+//! A configured burst above the floor is honoured exactly: that many bytes
+//! pass at line rate before the rate holds.
 use aya::maps::{HashMap, MapData, MapError};
 use cni_ebpf_common::{map_names, rate_dir, RateBucket, RateKey};
 use serde::Serialize;
@@ -24,7 +31,7 @@ use super::{
 };
 use crate::state::record::VethHook;
 
-/// Headroom for a policer standing in for the reference's 25 ms tbf queue.
+/// Two minimum TCP retransmission timeouts of tokens (see above).
 pub const FLOOR_LATENCY_NS: u64 = 400_000_000;
 /// Room for two 64 KiB GSO aggregates.
 pub const FLOOR_BYTES: u64 = 128 * 1024;
@@ -233,10 +240,12 @@ mod tests {
 
     #[test]
     fn depth_has_a_floor_and_honours_larger_bursts() {
-        // 10 Mbit/s, tiny burst: the 128 KiB floor.
-        assert_eq!(depth_bytes(10_000_000, 8000), FLOOR_BYTES);
-        // 1 Gbit/s: 25 ms at the rate (3.125 MB).
-        assert_eq!(depth_bytes(1_000_000_000, 8000), 3_125_000);
+        // 1 Mbit/s, tiny burst: the 128 KiB floor (400 ms is 50 kB).
+        assert_eq!(depth_bytes(1_000_000, 8000), FLOOR_BYTES);
+        // 10 Mbit/s: 400 ms at the rate.
+        assert_eq!(depth_bytes(10_000_000, 8000), 500_000);
+        // 1 Gbit/s: 400 ms at the rate (50 MB).
+        assert_eq!(depth_bytes(1_000_000_000, 8000), 50_000_000);
         // A burst above both is taken as is.
         assert_eq!(depth_bytes(10_000_000, 80_000_000), 10_000_000);
     }
@@ -246,8 +255,8 @@ mod tests {
         // The largest burst the config accepts at the smallest rate.
         let ns = depth_ns(1, (u64::from(u32::MAX) - 1) * 8);
         assert_eq!(ns, MAX_DEPTH_NS);
-        // 1 Gbit/s, 3.125 MB = 25 ms.
-        assert_eq!(depth_ns(1_000_000_000, 0), 25_000_000);
+        // 1 Gbit/s: the floor is 400 ms.
+        assert_eq!(depth_ns(1_000_000_000, 0), 400_000_000);
         assert_eq!(depth_ns(0, 8000), 0);
     }
 

@@ -15,12 +15,14 @@ use super::{
 };
 
 /// The TC programs of an uplink, in hook order: on egress the hostPort
-/// reply translation must see the packet before the masquerade does.
-pub const UPLINK_PROGRAMS: [(&str, Hook); 4] = [
+/// reply translation must see the packet before the masquerade does; on
+/// ingress the firewall's forwarding sees packets after both translations.
+pub const UPLINK_PROGRAMS: [(&str, Hook); 5] = [
     (prog_names::HOSTPORT_EGRESS, Hook::Egress),
     (prog_names::SNAT_EGRESS, Hook::Egress),
     (prog_names::SNAT_INGRESS, Hook::Ingress),
     (prog_names::HOSTPORT_INGRESS, Hook::Ingress),
+    (prog_names::FW_UPLINK_INGRESS, Hook::Ingress),
 ];
 
 /// Where hostPort DNAT runs on the uplink's ingress.
