@@ -16,7 +16,7 @@ use ipnet::IpNet;
 
 use super::{
     rate::RateMap,
-    links::{ensure_tc, link_pin, remove_links},
+    links::{ensure_tc, ifindex_exists, link_pin, pinned_ifindexes, remove_links},
     loader::{DatapathError, Hook},
     pins::{open_pinned, PinLayout},
 };
@@ -254,10 +254,18 @@ impl EntryMaps {
                 program,
                 ..
             } => {
-                // A veth that is gone took its link with it; the agent
-                // drops such dead pins on its own.
-                if let Ok(index) = link_index(ifname) {
-                    remove_links(&self.layout, &index.to_string(), &[program.as_str()]);
+                // A veth that is gone took its link with it, but the pin
+                // still holds the defunct link: drop this program's pins
+                // whose device is gone (a GC, or a DEL after the netns).
+                match link_index(ifname) {
+                    Ok(index) => remove_links(&self.layout, &index.to_string(), &[program.as_str()]),
+                    Err(_) => {
+                        for index in pinned_ifindexes(&self.layout, &[program.as_str()]) {
+                            if !ifindex_exists(index) {
+                                remove_links(&self.layout, &index.to_string(), &[program.as_str()]);
+                            }
+                        }
+                    }
                 }
                 Ok(())
             }
