@@ -9,7 +9,7 @@ use aya::{
     programs::{SchedClassifier, TcAttachType},
 };
 use cni_agent::datapath::{
-    links::ensure_tc,
+    links::{ensure_tc, Placement},
     loader::Hook,
     pins::{load_pinned, MapSizes, PinLayout},
     uplink::program,
@@ -71,8 +71,8 @@ fn tc_program_attaches_via_tcx_and_counts_packets() {
             &foreign_layout,
             prog_names::TC_COUNT,
             Hook::Ingress,
-            "vb",
-            ifindex,
+            ("vb", ifindex),
+            Placement::Last,
         )
         .expect("foreign attach");
         let layout = PinLayout::new(root.join("ours"));
@@ -84,8 +84,8 @@ fn tc_program_attaches_via_tcx_and_counts_packets() {
             &layout,
             prog_names::TC_COUNT,
             Hook::Ingress,
-            "vb",
-            ifindex,
+            ("vb", ifindex),
+            Placement::Last,
         )
         .expect("tcx attach");
         assert!(created, "a new link is created and pinned");

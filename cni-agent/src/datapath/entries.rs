@@ -16,7 +16,7 @@ use ipnet::IpNet;
 
 use super::{
     rate::RateMap,
-    links::{ensure_tc, ifindex_exists, link_pin, pinned_ifindexes, remove_links},
+    links::{ensure_tc, ifindex_exists, link_pin, pinned_ifindexes, remove_links, Placement},
     loader::{DatapathError, Hook},
     pins::{open_pinned, PinLayout},
 };
@@ -199,7 +199,7 @@ impl EntryMaps {
                         name: program.clone(),
                         source,
                     })?;
-                ensure_tc(&mut prog, &self.layout, program, veth_hook(*hook), ifname, index)?;
+                ensure_tc(&mut prog, &self.layout, program, veth_hook(*hook), (ifname, index), Placement::First)?;
                 Ok(())
             }
         }
@@ -238,7 +238,7 @@ impl EntryMaps {
                 source,
             }
         })?;
-        ensure_tc(&mut prog, &self.layout, prog_name, Hook::Ingress, bridge, index)?;
+        ensure_tc(&mut prog, &self.layout, prog_name, Hook::Ingress, (bridge, index), Placement::Last)?;
         Ok(())
     }
 

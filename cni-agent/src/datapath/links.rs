@@ -205,15 +205,26 @@ pub fn ifindex_exists(index: u32) -> bool {
     !unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) }.is_null()
 }
 
+/// Where a new tcx link goes in the device's list of programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// After what is there: for programs whose order among themselves
+    /// matters (the uplink's, attached in their order).
+    Last,
+    /// Before what is there: for enforcement (policy, rate limits), which a
+    /// foreign program returning "pass" ahead of it must not bypass.
+    First,
+}
+
 /// Makes sure the TC program runs on `ifname` at `hook` through a pinned
-/// tcx link (appended after what is there). Returns true when created.
+/// tcx link placed as `placement` says. Returns true when created.
 pub fn ensure_tc(
     prog: &mut SchedClassifier,
     layout: &PinLayout,
     name: &str,
     hook: Hook,
-    ifname: &str,
-    ifindex: u32,
+    (ifname, ifindex): (&str, u32),
+    placement: Placement,
 ) -> Result<bool, DatapathError> {
     let pin = link_pin(layout, &ifindex.to_string(), name, hook);
     if pin.exists() {
@@ -224,12 +235,12 @@ pub fn ensure_tc(
         Hook::Egress => aya::programs::TcAttachType::Egress,
         _ => return Err(link_err(format!("{name}: {hook:?} is not a TC hook"))),
     };
+    let order = match placement {
+        Placement::Last => LinkOrder::default(),
+        Placement::First => LinkOrder::first(),
+    };
     let id = prog
-        .attach_with_options(
-            ifname,
-            attach,
-            TcAttachOptions::TcxOrder(LinkOrder::default()),
-        )
+        .attach_with_options(ifname, attach, TcAttachOptions::TcxOrder(order))
         .map_err(prog_err(name))?;
     let link = prog.take_link(id).map_err(prog_err(name))?;
     let fd_link: FdLink = link

@@ -30,7 +30,7 @@ use crate::state::record::{Entry, Record};
 
 use super::{
     entries::{ip_key, link_index},
-    links::{ensure_tc, ifindex_exists, link_pin},
+    links::{ensure_tc, ifindex_exists, link_pin, Placement},
     loader::{DatapathError, Hook},
     pins::{open_pinned, PinLayout},
     uplink::UplinkMap,
@@ -835,7 +835,7 @@ fn attach(
                 source,
             }
         })?;
-    ensure_tc(&mut prog, layout, program, Hook::Ingress, ifname, ifindex)?;
+    ensure_tc(&mut prog, layout, program, Hook::Ingress, (ifname, ifindex), Placement::Last)?;
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use aya::{
 use cni_ebpf_common::{map_names, prog_names, UplinkConfig};
 
 use super::{
-    links::{ensure_tc, ensure_xdp},
+    links::{ensure_tc, ensure_xdp, Placement},
     loader::{DatapathError, Hook},
     pins::{open_pinned, PinLayout},
 };
@@ -47,7 +47,7 @@ pub fn attach_uplink(
     let mut attached = Vec::new();
     for (name, hook) in UPLINK_PROGRAMS {
         let prog: &mut SchedClassifier = program(ebpf, name)?;
-        if ensure_tc(prog, layout, name, hook, ifname, ifindex)? {
+        if ensure_tc(prog, layout, name, hook, (ifname, ifindex), Placement::Last)? {
             attached.push(name);
         }
     }
