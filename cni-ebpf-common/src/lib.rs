@@ -576,9 +576,12 @@ pub mod stat {
     pub const FW_SPOOFED: u32 = 14;
     /// ebpf-firewall: packets dropped by rules, defaults or ingressPolicy.
     pub const FW_DROPPED: u32 = 15;
+    /// New masquerade bindings that took over the port of a closed
+    /// connection (RST, or FIN both ways) instead of waiting for expiry.
+    pub const SNAT_PORT_REUSED: u32 = 16;
 
     /// Names of the slots, as the agent reports them.
-    pub const NAMES: [(u32, &str); 16] = [
+    pub const NAMES: [(u32, &str); 17] = [
         (SNAT_NEW, "snatNew"),
         (SNAT_NO_PORT, "snatNoPort"),
         (SNAT_XLATE, "snatTranslated"),
@@ -595,9 +598,10 @@ pub mod stat {
         (FW_FORWARDED, "firewallForwarded"),
         (FW_SPOOFED, "firewallSpoofed"),
         (FW_DROPPED, "firewallDropped"),
+        (SNAT_PORT_REUSED, "snatPortReused"),
     ];
-    /// Number of slots in the array.
-    pub const COUNT: u32 = 16;
+    /// Number of slots in the array (room to grow without a new layout).
+    pub const COUNT: u32 = 32;
 }
 
 #[cfg(feature = "user")]

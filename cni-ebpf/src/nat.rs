@@ -9,13 +9,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use aya_log_ebpf::{debug, warn};
-use cni_ebpf_common::{ct_state, stat, IpKey, MasqPolicy, NatEntry, UplinkConfig, FAMILY_V4};
+use cni_ebpf_common::{
+    ct_state, stat, CtKey, IpKey, MasqPolicy, NatEntry, UplinkConfig, FAMILY_V4,
+};
 
 use crate::{
     conntrack::{now, state_bits, touch, v4_key, SNAT_ORIG, SNAT_REPLY},
     parsing::{
         parse_icmp_error, parse_ipv4, Ipv4Packet, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPPROTO_ICMP,
-        IP_CSUM, IP_DADDR, IP_SADDR,
+        IPPROTO_TCP, IP_CSUM, IP_DADDR, IP_SADDR, TCP_FLAG_ACK, TCP_FLAG_SYN,
     },
     rewrite::rewrite,
     stats::bump,
@@ -102,6 +104,12 @@ fn try_snat_egress(ctx: &TcContext) -> Result<i32, ()> {
     let bits = state_bits(&pkt);
     let (nat_addr, nat_port) = match SNAT_ORIG.get_ptr_mut(&key) {
         Some(e) => {
+            // A new connection on the tuple of a finished one (the pod
+            // reused its source port): it starts with a clean state, or the
+            // old FIN/RST would make it expire as if closed.
+            if pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN {
+                restart(e, &key);
+            }
             touch(e, bits);
             // SAFETY: valid map value pointer.
             unsafe { ((*e).addr[0], (*e).port) }
@@ -163,7 +171,9 @@ fn bind(
         } else {
             v4_key(pkt.daddr, uplink.addr_v4, pkt.dport, port, pkt.proto)
         };
-        if SNAT_REPLY.insert(&rkey, &reply_val, BPF_NOEXIST).is_err() {
+        if SNAT_REPLY.insert(&rkey, &reply_val, BPF_NOEXIST).is_err()
+            && !take_over_closed(&rkey, &reply_val, pkt.proto)
+        {
             continue;
         }
         let orig_val = NatEntry {
@@ -182,6 +192,51 @@ fn bind(
         return Some(port);
     }
     None
+}
+
+/// Clears the state bits of both halves of a binding whose tuple a new
+/// connection is taking over.
+#[inline(always)]
+fn restart(orig: *mut NatEntry, key: &CtKey) {
+    // SAFETY: valid map value pointer for this run.
+    let (addr, port) = unsafe {
+        (*orig).state = 0;
+        ((*orig).addr[0], (*orig).port)
+    };
+    let rkey = v4_key(key.dst[0], addr, key.dport, port, key.proto);
+    if let Some(r) = SNAT_REPLY.get_ptr_mut(&rkey) {
+        // SAFETY: valid map value pointer for this run.
+        unsafe { (*r).state = 0 };
+    }
+}
+
+/// A port whose TCP connection is over (RST seen, or FIN both ways) is
+/// free again at once, as conntrack lets a new SYN reuse a TIME_WAIT tuple:
+/// waiting for the agent's expiry would cap new connections to one remote
+/// endpoint at (ports in the range) / (closed timeout). The old binding's
+/// original half goes, and the reply half is overwritten with the new one.
+#[inline(always)]
+fn take_over_closed(rkey: &CtKey, reply_val: &NatEntry, proto: u8) -> bool {
+    if proto != IPPROTO_TCP {
+        return false;
+    }
+    // SAFETY: read-only use of map values during this run.
+    let Some(old) = (unsafe { SNAT_REPLY.get(rkey) }).copied() else {
+        return false;
+    };
+    let okey = v4_key(old.addr[0], rkey.src[0], old.port, rkey.sport, proto);
+    let orig_state = unsafe { SNAT_ORIG.get(&okey) }.map_or(0, |o| o.state);
+    let closed = (old.state | orig_state) & ct_state::RST != 0
+        || (old.state & ct_state::FIN != 0 && orig_state & ct_state::FIN != 0);
+    if !closed {
+        return false;
+    }
+    let _ = SNAT_ORIG.remove(&okey);
+    if SNAT_REPLY.insert(rkey, reply_val, 0).is_err() {
+        return false;
+    }
+    bump(stat::SNAT_PORT_REUSED);
+    true
 }
 
 fn try_snat_ingress(ctx: &TcContext) -> Result<i32, ()> {

@@ -23,6 +23,7 @@ pub const IP_DADDR: usize = 16;
 pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const TCP_FLAG_RST: u8 = 0x04;
+pub const TCP_FLAG_ACK: u8 = 0x10;
 
 /// An IPv4 packet with a transport header we can translate.
 pub struct Ipv4Packet {
