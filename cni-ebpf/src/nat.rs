@@ -164,16 +164,25 @@ fn bind(
         _pad2: 0,
         last_seen_ns: ts,
     };
-    for i in 0..PORT_TRIES {
-        let port = ((u32::from(uplink.port_min) + (start.wrapping_add(i) % span)) as u16).to_be();
+    // First a free port; only when none of the candidates is free, the
+    // port of a closed connection (a free one spares the remote a SYN on a
+    // tuple it may still hold in TIME_WAIT).
+    for i in 0..2 * PORT_TRIES {
+        let take_over = i >= PORT_TRIES;
+        let port = ((u32::from(uplink.port_min) + (start.wrapping_add(i % PORT_TRIES) % span))
+            as u16)
+            .to_be();
         let rkey = if pkt.proto == IPPROTO_ICMP {
             v4_key(pkt.daddr, uplink.addr_v4, 0, port, pkt.proto)
         } else {
             v4_key(pkt.daddr, uplink.addr_v4, pkt.dport, port, pkt.proto)
         };
-        if SNAT_REPLY.insert(&rkey, &reply_val, BPF_NOEXIST).is_err()
-            && !take_over_closed(&rkey, &reply_val, pkt.proto)
-        {
+        let claimed = if take_over {
+            take_over_closed(&rkey, &reply_val, pkt.proto)
+        } else {
+            SNAT_REPLY.insert(&rkey, &reply_val, BPF_NOEXIST).is_ok()
+        };
+        if !claimed {
             continue;
         }
         let orig_val = NatEntry {
