@@ -235,64 +235,50 @@ impl NatTable {
     }
 }
 
+/// Removes every entry of `map` that `pred` selects; returns how many.
+fn remove_where<V: aya::Pod>(
+    map: &mut HashMap<MapData, CtKey, V>,
+    pred: impl Fn(&CtKey, &V) -> bool,
+) -> Result<usize, DatapathError> {
+    let keys: Vec<CtKey> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| pred(k, v))
+        .map(|(k, _)| k)
+        .collect();
+    for k in &keys {
+        ignore_missing(map.remove(k))?;
+    }
+    Ok(keys.len())
+}
+
 impl NatTable {
     /// Removes the hostPort reply (and hairpin) bindings of a mapping that
     /// was removed, so stale flows to it stop at once.
     pub fn flush_hostport(&mut self, host_port: u16, proto: u8) -> Result<usize, DatapathError> {
         let port_be = host_port.to_be();
-        let stale: Vec<CtKey> = self
-            .hp_reply
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| k.proto == proto && v.src_port == port_be)
-            .map(|(k, _)| k)
-            .collect();
-        for k in &stale {
-            ignore_missing(self.hp_reply.remove(k))?;
-        }
-        let orig: Vec<CtKey> = self
-            .hp_orig
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, _)| k.proto == proto && k.dport == port_be)
-            .map(|(k, _)| k)
-            .collect();
-        for k in &orig {
-            ignore_missing(self.hp_orig.remove(k))?;
-        }
-        Ok(stale.len())
+        let n = remove_where(&mut self.hp_reply, |k, v| {
+            k.proto == proto && v.src_port == port_be
+        })?;
+        remove_where(&mut self.hp_orig, |k, _| {
+            k.proto == proto && k.dport == port_be
+        })?;
+        Ok(n)
     }
 
     /// Expires idle hostPort bindings with the same timeouts as the
     /// masquerade's.
     fn expire_hostports(&mut self, t: &Timeouts, now: u64) -> Result<usize, DatapathError> {
-        let stale: Vec<CtKey> = self
-            .hp_reply
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| {
-                now.saturating_sub(v.last_seen_ns)
-                    >= timeout_of(k.proto, v.state, t).as_nanos() as u64
-            })
-            .map(|(k, _)| k)
-            .collect();
-        for k in &stale {
-            ignore_missing(self.hp_reply.remove(k))?;
-        }
-        let orig: Vec<CtKey> = self
-            .hp_orig
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| {
-                now.saturating_sub(v.last_seen_ns)
-                    >= timeout_of(k.proto, v.state, t).as_nanos() as u64
-            })
-            .map(|(k, _)| k)
-            .collect();
-        for k in &orig {
-            ignore_missing(self.hp_orig.remove(k))?;
-        }
-        Ok(stale.len())
+        let idle = |proto: u8, state: u8, last: u64| {
+            now.saturating_sub(last) >= timeout_of(proto, state, t).as_nanos() as u64
+        };
+        let n = remove_where(&mut self.hp_reply, |k, v| {
+            idle(k.proto, v.state, v.last_seen_ns)
+        })?;
+        remove_where(&mut self.hp_orig, |k, v| {
+            idle(k.proto, v.state, v.last_seen_ns)
+        })?;
+        Ok(n)
     }
 }
 
