@@ -64,7 +64,7 @@ pub struct LinePanel {
     pub lines: Vec<Line>,
 }
 
-/// Side-by-side line panels sharing a log-scale y axis.
+/// Side-by-side line panels sharing a linear y axis from zero.
 pub fn lines(path: &Path, size: (u32, u32), panels: &[LinePanel]) -> Result<()> {
     font()?;
     let root = BitMapBackend::new(path, size).into_drawing_area();
@@ -80,7 +80,10 @@ pub fn lines(path: &Path, size: (u32, u32), panels: &[LinePanel]) -> Result<()> 
     }
     let ymin = all.iter().copied().fold(f64::MAX, f64::min);
     let ymax = all.iter().copied().fold(f64::MIN, f64::max);
-    let (lo, hi) = (decade_below(ymin), decade_above(ymax));
+    let _ = ymin;
+    // Linear from zero (growth and ratios read honestly), with room above
+    // the lines for the legend (upper left).
+    let hi = ymax * 1.35;
     for (area, p) in areas.iter().zip(panels) {
         let xmax = p
             .lines
@@ -92,7 +95,7 @@ pub fn lines(path: &Path, size: (u32, u32), panels: &[LinePanel]) -> Result<()> 
             .margin(14)
             .x_label_area_size(45)
             .y_label_area_size(70)
-            .build_cartesian_2d(0f64..xmax, (lo..hi).log_scale())
+            .build_cartesian_2d(0f64..xmax, 0f64..hi)
             .map_err(err)?;
         chart
             .configure_mesh()
@@ -100,6 +103,7 @@ pub fn lines(path: &Path, size: (u32, u32), panels: &[LinePanel]) -> Result<()> 
             .y_desc(p.y_desc.as_str())
             .label_style((FONT, 15))
             .axis_desc_style((FONT, 16))
+            .y_labels(10)
             .y_label_formatter(&|y| short_num(*y))
             .x_label_formatter(&|x| format!("{x:.0}"))
             .light_line_style(WHITE.mix(0.0))
@@ -279,19 +283,6 @@ pub fn bars(path: &Path, size: (u32, u32), cols: usize, panels: &[BarPanel]) -> 
 
 fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("drawing: {e:?}")
-}
-
-fn decade_below(x: f64) -> f64 {
-    10f64.powf(x.log10().floor())
-}
-
-fn decade_above(x: f64) -> f64 {
-    let d = 10f64.powf(x.log10().ceil());
-    if d <= x {
-        d * 10.0
-    } else {
-        d
-    }
 }
 
 /// 1234 -> "1.2k", 0.25 -> "0.25".

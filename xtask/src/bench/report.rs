@@ -814,7 +814,11 @@ fn datapath_section(md: &mut String, cfg: &Config, res: &Results) {
         "Three nodes side by side, same addresses: ours, the reference, and the ceiling (the \
          reference bridge with `ipMasq: false`, nothing chained, and a route on the external \
          side back to the pod subnet: plain kernel forwarding). Each node has {} other pods \
-         with a hostPort mapping each; the server and client pods are attached last. For the \
+         with a hostPort mapping each; the server and client pods are attached last. The other \
+         pods are idle, and their bridge ports are taken out of flooding: with more than about \
+         1,000 ports on one bridge, one flooded broadcast fills the kernel's per-CPU input \
+         backlog (`net.core.netdev_max_backlog`, a global sysctl left alone) and the gateway's \
+         ARP reply behind it is dropped, in both chains alike. For the \
          ceiling, \"hostPort\" is the external host connecting to the server pod's own \
          address. Throughput: one iperf3 TCP stream for {} s. Request/response: {} for {} s. \
          Each node takes each measurement in turn, the order rotating between repeats.\n",
@@ -1265,6 +1269,51 @@ fn findings(cfg: &Config, res: &Results) -> Vec<String> {
             }
         }
     }
+    // Which of our plugins makes ADD grow with the pods present.
+    if let Some(o) = ours.first() {
+        let n = cfg.pods;
+        let d = deciles(n);
+        let (f, l) = (d[0], d[d.len() - 1]);
+        let per = |k: usize, lo: usize, hi: usize| -> f64 {
+            median(
+                &ours
+                    .iter()
+                    .flat_map(|r| r.add[lo..=hi.min(r.add.len().saturating_sub(1))].iter())
+                    .filter_map(|c| c.plugin_ms.get(k).copied())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        for (k, ty) in o.plugin_types.iter().enumerate() {
+            let (a, b) = (per(k, f.0, f.1), per(k, l.0, l.1));
+            if n >= 100 && b > a * 1.25 && b - a > 2.0 {
+                out.push(format!(
+                    "ADD of {ty} grows with the pods present: {a:.1} ms (median) with {}–{} \
+                     pods, {b:.1} ms with {}–{}.",
+                    f.0, f.1, l.0, l.1
+                ));
+            }
+        }
+        let idle = Spread::of(
+            &ours
+                .iter()
+                .filter_map(|r| r.cost.agent_rss_idle_kib.map(|k| k as f64 / 1024.0))
+                .collect::<Vec<_>>(),
+        );
+        let after = Spread::of(
+            &ours
+                .iter()
+                .filter_map(|r| r.cost.agent_rss_after_del_kib.map(|k| k as f64 / 1024.0))
+                .collect::<Vec<_>>(),
+        );
+        if idle.is_valid() && after.is_valid() && after.median > idle.median * 1.5 {
+            out.push(format!(
+                "The agent's RSS does not come back after every pod is deleted: {} MiB idle, \
+                 {} MiB after {n} ADDs and {n} DELs.",
+                idle.fmt(1),
+                after.fmt(1)
+            ));
+        }
+    }
     out.dedup();
     out
 }
@@ -1272,8 +1321,11 @@ fn findings(cfg: &Config, res: &Results) -> Vec<String> {
 fn problems_section(md: &mut String, cfg: &Config, res: &Results) {
     let f = findings(cfg, res);
     if !f.is_empty() {
-        let _ = writeln!(md, "## Findings
-");
+        let _ = writeln!(
+            md,
+            "## Findings
+"
+        );
         for i in &f {
             let _ = writeln!(md, "- {i}");
         }
@@ -1390,7 +1442,7 @@ fn draw_charts(
             LinePanel {
                 title: format!("Full-chain {} latency vs pods present", op.name()),
                 x_desc: "pods already attached".into(),
-                y_desc: "ms per call (log scale)".into(),
+                y_desc: "ms per call".into(),
                 lines,
             }
         };
