@@ -278,6 +278,12 @@ pub struct Results {
     pub conflists: BTreeMap<String, serde_json::Value>,
     pub notes: Vec<String>,
     pub not_measured: Vec<String>,
+    /// When the run started (UTC).
+    #[serde(default)]
+    pub date: String,
+    /// Our git commit at the start of the run.
+    #[serde(default)]
+    pub commit: String,
     pub load_start: String,
     pub load_end: String,
     pub elapsed_s: f64,
@@ -406,6 +412,8 @@ pub fn run(opts: &Opts) -> Result<()> {
     };
 
     let mut res = Results {
+        date: report::utc_now(),
+        commit: report::git_commit(),
         load_start: loadavg(),
         ..Default::default()
     };

@@ -164,7 +164,12 @@ fn first_line(c: &mut std::process::Command) -> String {
         .unwrap_or_default()
 }
 
-fn meta() -> Meta {
+pub fn utc_now() -> String {
+    first_line(proc::cmd("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
+}
+
+/// `<short hash>[ + uncommitted changes]` of the workspace.
+pub fn git_commit() -> String {
     let root = crate::workspace_root();
     let commit =
         first_line(
@@ -180,8 +185,19 @@ fn meta() -> Meta {
     ]))
     .map(|o| !o.stdout.is_empty())
     .unwrap_or(false);
+    format!(
+        "{commit}{}",
+        if dirty { " + uncommitted changes" } else { "" }
+    )
+}
+
+fn meta(res: &Results) -> Meta {
     Meta {
-        date: first_line(proc::cmd("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])),
+        date: if res.date.is_empty() {
+            utc_now()
+        } else {
+            res.date.clone()
+        },
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim()
@@ -195,10 +211,11 @@ fn meta() -> Meta {
         ncpu: std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1),
-        commit: format!(
-            "{commit}{}",
-            if dirty { " + uncommitted changes" } else { "" }
-        ),
+        commit: if res.commit.is_empty() {
+            git_commit()
+        } else {
+            res.commit.clone()
+        },
         reference_version: first_line(proc::cmd("dpkg-query").args([
             "-W",
             "-f=${Version}",
@@ -210,7 +227,7 @@ fn meta() -> Meta {
 }
 
 pub fn write(cfg: &Config, res: &Results, dir: &Path) -> Result<()> {
-    let m = meta();
+    let m = meta(res);
     let mut md = String::new();
     let mut summary = serde_json::Map::new();
     let mut chart_notes = Vec::new();
