@@ -237,10 +237,23 @@ impl Fixture {
             }
         }
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = self.pod.run("iperf3", &argv);
-        let text = String::from_utf8_lossy(&out.stdout);
-        let v: Value = serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("iperf3 {argv:?} printed no JSON ({e}): {text}"));
+        // After a UDP test the iperf3 server closes its listening socket and
+        // opens a new one; a client that starts in that gap is refused.
+        // Retry until the server listens again, within a deadline.
+        let deadline = Instant::now() + SETTLE;
+        let (out, v) = loop {
+            let out = self.pod.run("iperf3", &argv);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let v: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("iperf3 {argv:?} printed no JSON ({e}): {text}"));
+            let refused = v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("Connection refused"));
+            if !refused || Instant::now() >= deadline {
+                break (out, v);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
         assert!(
             out.status.success() && v.get("error").is_none(),
             "iperf3 {argv:?} failed: {}",
