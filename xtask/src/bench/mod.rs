@@ -13,7 +13,8 @@
 //!   routed ceiling), each with N pods holding a hostPort mapping each,
 //!   then a server pod and a client pod added last. Every measurement
 //!   runs once per repeat for each node in turn (rotating the order), so
-//!   machine noise spreads evenly over the three.
+//!   machine noise spreads evenly over the three. The firewall-rule runs
+//!   use client pods of their own, with 0, 100 and 1,000 rules each.
 //!
 //! Results go to target/bench/report.{md,json} and PNG charts.
 mod charts;
@@ -37,7 +38,7 @@ use progress::Progress;
 pub use session::{Call, Extra, Impl};
 use session::{Env, PodSpec, Session, EXTERNAL_IP, NODE_IP};
 
-/// A bridge holds at most 1024 ports; the traffic phase adds 5 pods.
+/// A bridge holds at most 1024 ports; the traffic phase adds up to 8 pods.
 const MAX_PODS: usize = 1000;
 
 const IPERF_PORT: u16 = 5201;
@@ -58,6 +59,8 @@ const BW_RATES: [u64; 3] = [10, 100, 1000];
 const BW_LOAD_RATE: u64 = 100;
 /// The limit every churn pod gets when bandwidth is in the chain.
 const CHURN_RATE: u64 = 100;
+/// Firewall rules on the client pods of the firewall-rule runs.
+const FW_RULES: [usize; 3] = [0, 100, 1000];
 
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, Serialize, Deserialize,
@@ -74,6 +77,10 @@ pub enum Section {
     Connrate,
     /// Rate-limit accuracy and latency under load (needs ebpf-bandwidth).
     Bandwidth,
+    /// Pod → external throughput, request/response latency and
+    /// connections/s with 0, 100 and 1,000 firewall rules (needs
+    /// ebpf-firewall).
+    Firewall,
 }
 
 #[derive(clap::Args)]
@@ -267,12 +274,26 @@ pub struct BwSample {
     pub error: Option<String>,
 }
 
+/// One measurement of the firewall-rule runs (pod → external).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FwSample {
+    pub imp: Impl,
+    pub rep: usize,
+    pub rules: usize,
+    pub metric: Metric,
+    /// As `Sample::values`.
+    pub values: BTreeMap<String, f64>,
+    pub error: Option<String>,
+}
+
 /// What a run produced, for the report.
 #[derive(Default, Serialize, Deserialize)]
 pub struct Results {
     pub churn: Vec<ChurnRun>,
     pub samples: Vec<Sample>,
     pub bw: Vec<BwSample>,
+    #[serde(default)]
+    pub fw: Vec<FwSample>,
     /// Agent RSS after the traffic phase, KiB.
     pub agent_rss_after_traffic_kib: Option<u64>,
     pub conflists: BTreeMap<String, serde_json::Value>,
@@ -385,6 +406,7 @@ pub fn run(opts: &Opts) -> Result<()> {
             Section::Datapath,
             Section::Connrate,
             Section::Bandwidth,
+            Section::Firewall,
         ]
     } else {
         opts.only.clone()
@@ -423,8 +445,10 @@ pub fn run(opts: &Opts) -> Result<()> {
         hostport_mode: cfg.hostport_mode.clone(),
     };
     let phase_a = cfg.has(Section::Churn) || cfg.has(Section::Cost);
-    let phase_b =
-        cfg.has(Section::Datapath) || cfg.has(Section::Connrate) || cfg.has(Section::Bandwidth);
+    let phase_b = cfg.has(Section::Datapath)
+        || cfg.has(Section::Connrate)
+        || cfg.has(Section::Bandwidth)
+        || cfg.has(Section::Firewall);
     let bw = cfg.has(Section::Bandwidth) && cfg.extras.contains(&Extra::Bandwidth);
     if cfg.has(Section::Bandwidth) && !bw {
         res.not_measured.push(
@@ -433,8 +457,16 @@ pub fn run(opts: &Opts) -> Result<()> {
                 .into(),
         );
     }
+    let fw = cfg.has(Section::Firewall) && cfg.extras.contains(&Extra::Firewall);
+    if cfg.has(Section::Firewall) && !fw {
+        res.not_measured.push(
+            "firewall rules: ebpf-firewall is not in the chain (not built yet, or left out \
+             by --plugins)"
+                .into(),
+        );
+    }
     let tasks = if phase_b {
-        plan_traffic(&cfg, bw)
+        plan_traffic(&cfg, bw, fw)
     } else {
         Vec::new()
     };
@@ -447,7 +479,7 @@ pub fn run(opts: &Opts) -> Result<()> {
         churn_phase(&cfg, &env, &mut pg, &mut res)?;
     }
     if phase_b {
-        traffic_phase(&cfg, &env, &tasks, bw, &mut pg, &mut res)?;
+        traffic_phase(&cfg, &env, &tasks, (bw, fw), &mut pg, &mut res)?;
     }
     pg.step("writing the report and charts");
     res.load_end = loadavg();
@@ -515,6 +547,7 @@ fn churn_spec(cfg: &Config, set: &NetnsSet, i: usize) -> PodSpec {
             .extras
             .contains(&Extra::Bandwidth)
             .then(|| (CHURN_RATE * 1_000_000, burst_bits(CHURN_RATE * 1_000_000))),
+        fw_rules: 0,
     }
 }
 
@@ -625,6 +658,12 @@ enum Task {
         dir: Dir,
         imp: Impl,
     },
+    Fw {
+        rep: usize,
+        rules: usize,
+        metric: Metric,
+        imp: Impl,
+    },
 }
 
 /// Every node takes each measurement in turn, the order rotating with the
@@ -634,7 +673,7 @@ fn rotated<T: Copy>(v: &[T], rep: usize) -> Vec<T> {
     v[k..].iter().chain(&v[..k]).copied().collect()
 }
 
-fn plan_traffic(cfg: &Config, bw: bool) -> Vec<Task> {
+fn plan_traffic(cfg: &Config, bw: bool, fw: bool) -> Vec<Task> {
     let impls = [Impl::Ours, Impl::Reference, Impl::Routed];
     let mut t = Vec::new();
     for rep in 0..cfg.repeats {
@@ -676,8 +715,37 @@ fn plan_traffic(cfg: &Config, bw: bool) -> Vec<Task> {
                 }
             }
         }
+        if fw {
+            for metric in [Metric::Throughput, Metric::Rr, Metric::ConnRate] {
+                for rules in FW_RULES {
+                    for imp in rotated(&[Impl::Ours, Impl::Reference], rep) {
+                        t.push(Task::Fw {
+                            rep,
+                            rules,
+                            metric,
+                            imp,
+                        });
+                    }
+                }
+            }
+        }
     }
     t
+}
+
+/// The client pod of the firewall-rule runs with `rules` rules.
+fn fw_pod(rules: usize) -> String {
+    format!("fw{rules}")
+}
+
+/// The external connection server of the firewall-rule runs with `rules`
+/// rules. One per pod: the server holds TIME_WAIT for each closed
+/// connection, keyed by the node's address and NAT port, and a SYN from
+/// another pod (other TCP timestamps) that lands on one is refused by PAWS
+/// and retried a second later — a cost of reusing one endpoint, not of
+/// the rules.
+fn fw_conn_port(rules: usize) -> u16 {
+    CONN_PORT + 100 + FW_RULES.iter().position(|r| *r == rules).unwrap_or(0) as u16
 }
 
 /// The servers of one node: in the external netns and in the server pod.
@@ -739,7 +807,7 @@ fn traffic_phase(
     cfg: &Config,
     env: &Env,
     tasks: &[Task],
-    bw: bool,
+    (bw, fw): (bool, bool),
     pg: &mut Progress,
     res: &mut Results,
 ) -> Result<()> {
@@ -749,12 +817,13 @@ fn traffic_phase(
     let mut nodes: Vec<(Session, NetnsSet)> = Vec::new();
     for imp in impls {
         let fillers = if imp == Impl::Routed { 0 } else { n };
-        let extra = if bw && imp != Impl::Routed { 3 } else { 0 };
+        let bw_pods = if bw && imp != Impl::Routed { BW_RATES.len() } else { 0 };
+        let fw_pods = if fw && imp != Impl::Routed { FW_RULES.len() } else { 0 };
         pg.step(&format!(
             "traffic setup: {}: {fillers} pods with a hostPort each, then the server and client pods (ADD not timed)",
             imp.label()
         ));
-        let set = NetnsSet::create("cnibt", fillers + 2 + extra)?;
+        let set = NetnsSet::create("cnibt", fillers + 2 + bw_pods + fw_pods)?;
         let mut s = Session::create(env, imp, "t")?;
         res.conflists
             .entry(imp.key().to_string())
@@ -790,23 +859,38 @@ fn traffic_phase(
             netns: ns(fillers),
             mappings: server_maps,
             bandwidth: None,
+            fw_rules: 0,
         })?;
         s.add(&PodSpec {
             name: "client".into(),
             netns: ns(fillers + 1),
             mappings: Vec::new(),
             bandwidth: None,
+            fw_rules: 0,
         })?;
-        if extra > 0 {
-            for (k, rate) in BW_RATES.iter().enumerate() {
-                let bps = rate * 1_000_000;
-                s.add(&PodSpec {
-                    name: format!("bw{rate}"),
-                    netns: ns(fillers + 2 + k),
-                    mappings: Vec::new(),
-                    bandwidth: Some((bps, burst_bits(bps))),
-                })?;
-            }
+        let mut next = fillers + 2;
+        for rate in BW_RATES.iter().take(bw_pods) {
+            let bps = rate * 1_000_000;
+            s.add(&PodSpec {
+                name: format!("bw{rate}"),
+                netns: ns(next),
+                mappings: Vec::new(),
+                bandwidth: Some((bps, burst_bits(bps))),
+                fw_rules: 0,
+            })?;
+            next += 1;
+        }
+        for rules in FW_RULES.iter().take(fw_pods) {
+            s.add(&PodSpec {
+                name: fw_pod(*rules),
+                netns: ns(next),
+                mappings: Vec::new(),
+                bandwidth: None,
+                // Ours: the pod's own rules. The reference's go into its
+                // admin chain just before each of this pod's runs.
+                fw_rules: if imp == Impl::Ours { *rules } else { 0 },
+            })?;
+            next += 1;
         }
         nodes.push((s, set));
     }
@@ -815,9 +899,15 @@ fn traffic_phase(
         "traffic setup: starting iperf3, sockperf and the connection servers; checking every path",
     );
     let mut servers = Vec::new();
+    let mut fw_servers = Vec::new();
     for (s, _) in &nodes {
         let server_ns = s.pod("server")?.netns.clone();
         servers.push(start_servers(cfg, &[s.ext_path(), server_ns])?);
+        if fw && s.imp != Impl::Routed {
+            for rules in FW_RULES {
+                fw_servers.push(traffic::conn_server(&s.ext_path(), fw_conn_port(rules))?);
+            }
+        }
     }
     // A path that does not work for a node is reported, not fatal: its
     // measurements still run (and fail on their own, with their error).
@@ -898,7 +988,7 @@ fn traffic_phase(
                     s.wait_nat_below(1000, Duration::from_secs(12));
                 }
                 let before = s.agent_stats();
-                match measure(cfg, s, path, metric) {
+                match measure(cfg, metric, |port| endpoint(s, path, port)) {
                     Ok(v) => {
                         let line: Vec<String> =
                             v.iter().map(|(k, x)| format!("{k} {x:.2}")).collect();
@@ -1000,6 +1090,47 @@ fn traffic_phase(
                 }
                 res.bw.push(b);
             }
+            Task::Fw {
+                rep,
+                rules,
+                metric,
+                imp,
+            } => {
+                pg.step(&format!(
+                    "firewall {}/{}: {}: {rules} rules, pod → external {}",
+                    rep + 1,
+                    cfg.repeats,
+                    imp.label(),
+                    match metric {
+                        Metric::Throughput => "TCP throughput",
+                        Metric::Rr => "request/response latency",
+                        Metric::ConnRate => "new connections/s",
+                    }
+                ));
+                let s = find(imp)?;
+                let r = measure_rules(cfg, s, rules, metric);
+                let mut sample = FwSample {
+                    imp,
+                    rep,
+                    rules,
+                    metric,
+                    values: BTreeMap::new(),
+                    error: None,
+                };
+                match r {
+                    Ok(v) => {
+                        let line: Vec<String> =
+                            v.iter().map(|(k, x)| format!("{k} {x:.2}")).collect();
+                        pg.note(&line.join(", "));
+                        sample.values = v.into_iter().filter(|(_, x)| x.is_finite()).collect();
+                    }
+                    Err(e) => {
+                        pg.note(&format!("FAILED: {e:#}"));
+                        sample.error = Some(format!("{e:#}"));
+                    }
+                }
+                res.fw.push(sample);
+            }
         }
     }
     res.agent_rss_after_traffic_kib = find(Impl::Ours)
@@ -1008,6 +1139,7 @@ fn traffic_phase(
         .and_then(cost::rss_kib);
 
     pg.step("traffic teardown: stopping servers, removing the nodes (not timed)");
+    drop(fw_servers);
     drop(servers);
     drop(nodes);
     Ok(())
@@ -1073,16 +1205,17 @@ fn rr(cfg: &Config, ns: &Path, dst: IpAddr) -> Result<traffic::Rr> {
     }
 }
 
+/// One measurement; `at(port)` says where the client runs and what it
+/// connects to for a server listening on `port`.
 fn measure(
     cfg: &Config,
-    s: &Session,
-    path: PathKind,
     metric: Metric,
+    at: impl Fn(u16) -> Result<(PathBuf, IpAddr, u16)>,
 ) -> Result<BTreeMap<String, f64>> {
     let mut v = BTreeMap::new();
     match metric {
         Metric::Throughput => {
-            let (ns, dst, port) = endpoint(s, path, IPERF_PORT)?;
+            let (ns, dst, port) = at(IPERF_PORT)?;
             let bps = traffic::iperf3(&ns, dst, port, cfg.duration, false)?;
             v.insert("gbps".into(), bps / 1e9);
         }
@@ -1092,7 +1225,7 @@ fn measure(
             } else {
                 ECHO_PORT
             };
-            let (ns, dst, port) = endpoint(s, path, base)?;
+            let (ns, dst, port) = at(base)?;
             let r = if cfg.sockperf {
                 traffic::sockperf_pp(&ns, dst, port, cfg.duration)?
             } else {
@@ -1102,7 +1235,7 @@ fn measure(
             v.insert("p99_us".into(), r.p99_us);
         }
         Metric::ConnRate => {
-            let (ns, dst, port) = endpoint(s, path, CONN_PORT)?;
+            let (ns, dst, port) = at(CONN_PORT)?;
             let c = traffic::conn_rate(
                 &ns,
                 SocketAddr::new(dst, port),
@@ -1114,6 +1247,37 @@ fn measure(
         }
     }
     Ok(v)
+}
+
+/// Pod → external from the client pod with `rules` firewall rules. The
+/// reference's rules are loaded into its admin chain for the run and
+/// flushed after it, so no other run walks them.
+fn measure_rules(
+    cfg: &Config,
+    s: &Session,
+    rules: usize,
+    metric: Metric,
+) -> Result<BTreeMap<String, f64>> {
+    let pod = s.pod(&fw_pod(rules))?;
+    let ip = s.pod_ip(&pod.name)?;
+    if metric == Metric::ConnRate {
+        s.wait_nat_below(1000, Duration::from_secs(12));
+    }
+    if s.imp == Impl::Reference {
+        s.load_admin_rules(ip, rules)?;
+    }
+    let r = measure(cfg, metric, |port| {
+        let port = if port == CONN_PORT {
+            fw_conn_port(rules)
+        } else {
+            port
+        };
+        Ok((pod.netns.clone(), EXTERNAL_IP.into(), port))
+    });
+    if s.imp == Impl::Reference {
+        s.load_admin_rules(ip, 0)?;
+    }
+    r
 }
 
 /// Round trips from the rate-limited pod to the external host, idle and

@@ -115,6 +115,37 @@ fn dp_counters(res: &Results, path: PathKind, metric: Metric, imp: Impl) -> BTre
     m
 }
 
+/// Firewall-rule runs: the spread of `key` over repeats.
+fn fwv(res: &Results, rules: usize, metric: Metric, imp: Impl, key: &str) -> Spread {
+    let v: Vec<f64> = res
+        .fw
+        .iter()
+        .filter(|s| s.rules == rules && s.metric == metric && s.imp == imp && s.error.is_none())
+        .filter_map(|s| s.values.get(key).copied())
+        .collect();
+    Spread::of(&v)
+}
+
+/// The firewall-rule metrics: (metric, value key, label, digits, higher is better).
+const FW_METRICS: [(Metric, &str, &str, usize, bool); 4] = [
+    (Metric::Throughput, "gbps", "TCP throughput, Gbit/s", 2, true),
+    (Metric::Rr, "p50_us", "RR p50, µs", 1, false),
+    (Metric::Rr, "p99_us", "RR p99, µs", 1, false),
+    (Metric::ConnRate, "conn_per_s", "new connections/s", 0, true),
+];
+
+/// Whether `most` rules cost at most 10% against no rule (by medians).
+fn flat(none: &Spread, most: &Spread, higher_better: bool) -> Option<bool> {
+    if !none.is_valid() || !most.is_valid() {
+        return None;
+    }
+    Some(if higher_better {
+        most.median >= none.median * 0.9
+    } else {
+        most.median <= none.median * 1.1
+    })
+}
+
 fn has_dp(res: &Results, metric: Metric) -> bool {
     res.samples.iter().any(|s| s.metric == metric)
 }
@@ -258,6 +289,7 @@ pub fn write(cfg: &Config, res: &Results, dir: &Path) -> Result<()> {
     datapath_section(&mut md, cfg, res);
     connrate_section(&mut md, cfg, res);
     bandwidth_section(&mut md, cfg, res);
+    firewall_section(&mut md, cfg, res);
     cost_section(&mut md, cfg, res, &mut summary);
     problems_section(&mut md, cfg, res);
     method_section(&mut md, cfg);
@@ -630,6 +662,50 @@ fn summary_rows(
             2,
             String::new(),
         );
+    }
+    if !res.fw.is_empty() {
+        let most = *super::FW_RULES.last().unwrap_or(&0);
+        for (metric, key, label, digits, higher) in FW_METRICS {
+            if metric == Metric::Rr && key == "p50_us" {
+                continue;
+            }
+            let o0 = fwv(res, 0, metric, Impl::Ours, key);
+            let o = fwv(res, most, metric, Impl::Ours, key);
+            let r0 = fwv(res, 0, metric, Impl::Reference, key);
+            let r = fwv(res, most, metric, Impl::Reference, key);
+            let better = if higher {
+                o.median > r.median
+            } else {
+                o.median < r.median
+            };
+            let goal = match flat(&o0, &o, higher) {
+                Some(f) => format!(
+                    "flat in rule count: {}; better than reference: {} (issue 6)",
+                    if f { "**met**" } else { "**not met**" },
+                    verdict(better, &o, &r)
+                ),
+                None => "n/a".into(),
+            };
+            rows.push([
+                format!("Pod → external {label} with {most} firewall rules (0 rules)"),
+                format!("{} ({})", o.fmt(digits), o0.fmt(digits)),
+                format!("{} ({})", r.fmt(digits), r0.fmt(digits)),
+                "—".into(),
+                format!(
+                    "ours/ref {}; {most}/0 rules: ours {}, ref {}",
+                    ratio(o.median, r.median),
+                    ratio(o.median, o0.median),
+                    ratio(r.median, r0.median)
+                ),
+                goal,
+            ]);
+            summary.insert(
+                format!("firewall_{most}_rules_{}", key),
+                json!({ "ours": o.json(), "reference": r.json(),
+                        "ours_0_rules": o0.json(), "reference_0_rules": r0.json(),
+                        "ours_over_reference": ratio_value(o.median, r.median) }),
+            );
+        }
     }
     if !ours.is_empty() && !reference.is_empty() {
         let (o, r) = (cpu_per_add(&ours, n), cpu_per_add(&reference, n));
@@ -1023,6 +1099,67 @@ fn bandwidth_section(md: &mut String, cfg: &Config, res: &Results) {
             cell(Impl::Reference, false),
             cell(Impl::Reference, true)
         );
+    }
+    md.push('\n');
+}
+
+fn firewall_section(md: &mut String, cfg: &Config, res: &Results) {
+    if !cfg.has(Section::Firewall) {
+        return;
+    }
+    let _ = writeln!(md, "## Firewall: cost of rules\n");
+    if res.fw.is_empty() {
+        let _ = writeln!(
+            md,
+            "Not measured: ebpf-firewall is not in the chain (see the header).\n"
+        );
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "Pod → external (through masquerade) from client pods with 0, 100 and 1,000 firewall \
+         rules, on the same nodes as the datapath runs. Each rule denies TCP to a /24 in \
+         10.100.0.0/14 on a 100-port range, so none matches the measured traffic and every \
+         rule has to be ruled out. Ours: the rules are the pod's egress `firewallRules` \
+         (runtimeConfig), held in the agent's LPM tries and judged once per connection. \
+         Reference: the firewall plugin has no rules of its own; an operator's rules go into \
+         its admin chain `{}`, which its FORWARD chain jumps to first, so the same rules \
+         (with `-s <pod IP>`) are loaded there for the run and flushed after it. Same \
+         measurements as the datapath section ({} s each).\n",
+        super::session::REFERENCE_ADMIN_CHAIN,
+        cfg.duration
+    );
+    md.push_str("| metric | rules | ours | reference | ours/ref |\n|---|---|---|---|---|\n");
+    for (metric, key, label, digits, _) in FW_METRICS {
+        for rules in super::FW_RULES {
+            let o = fwv(res, rules, metric, Impl::Ours, key);
+            let r = fwv(res, rules, metric, Impl::Reference, key);
+            let _ = writeln!(
+                md,
+                "| {label} | {rules} | {} | {} | {} |",
+                o.fmt(digits),
+                r.fmt(digits),
+                ratio(o.median, r.median)
+            );
+        }
+    }
+    md.push('\n');
+    let errors: Vec<String> = res
+        .fw
+        .iter()
+        .filter_map(|s| {
+            s.error.as_ref().map(|e| {
+                format!(
+                    "{} rules, {}, {}: {e}",
+                    s.rules,
+                    s.imp.key(),
+                    s.metric.key()
+                )
+            })
+        })
+        .collect();
+    for e in errors {
+        let _ = writeln!(md, "- failed: {e}");
     }
     md.push('\n');
 }
@@ -1624,6 +1761,38 @@ fn draw_charts(
                     },
                 ],
             ),
+        );
+    }
+    if !res.fw.is_empty() {
+        let panels: Vec<LinePanel> = FW_METRICS
+            .iter()
+            .filter(|(_, key, ..)| *key != "p50_us")
+            .map(|(metric, key, label, _, higher)| LinePanel {
+                title: format!(
+                    "Pod → external {label} vs firewall rules ({} is better)",
+                    if *higher { "higher" } else { "lower" }
+                ),
+                x_desc: "rules on the pod".into(),
+                y_desc: label.split(',').next_back().unwrap_or(label).trim().into(),
+                lines: [(Impl::Ours, "ours", 0), (Impl::Reference, "reference", 1)]
+                    .iter()
+                    .map(|(imp, name, color)| Line {
+                        label: (*name).into(),
+                        color: *color,
+                        thin: false,
+                        points: super::FW_RULES
+                            .iter()
+                            .map(|r| (*r as f64, fwv(res, *r, *metric, *imp, key).median))
+                            .filter(|(_, y)| y.is_finite())
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        try_draw(
+            "firewall.png",
+            "Pod → external throughput, p99 latency and connections/s against firewall rules, ours and the reference",
+            charts::lines(&dir.join("firewall.png"), (1800, 520), &panels),
         );
     }
     out

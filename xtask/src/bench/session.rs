@@ -94,7 +94,9 @@ impl Extra {
             Extra::Portmap => {
                 json!({ "type": ty, "capabilities": { "portMappings": true }, "snat": true })
             }
-            Extra::Firewall => json!({ "type": ty }),
+            Extra::Firewall => {
+                json!({ "type": ty, "capabilities": { "firewallRules": true } })
+            }
             Extra::Bandwidth => json!({ "type": ty, "capabilities": { "bandwidth": true } }),
         }
     }
@@ -116,7 +118,28 @@ pub struct PodSpec {
     pub mappings: Vec<(u16, u16)>,
     /// `(rate bit/s, burst bits)`, both directions.
     pub bandwidth: Option<(u64, u64)>,
+    /// Egress firewall rules (`fw_rule`), passed as our capability
+    /// `firewallRules`; the reference's are loaded into its admin chain
+    /// around each measurement instead (`Session::load_admin_rules`).
+    pub fw_rules: usize,
 }
+
+/// Firewall rule `r` of a benchmark pod: deny TCP to a /24 in 10.100.0.0/14
+/// on a 100-port range. None of them matches the benchmark's traffic (to
+/// 198.18.0.2), so every packet or connection is judged by all of them:
+/// `(cidr, first port, last port)`.
+pub fn fw_rule(r: usize) -> (String, u16, u16) {
+    let lo = 1000 + (r % 50) as u16;
+    (
+        format!("10.{}.{}.0/24", 100 + r / 250, r % 250),
+        lo,
+        lo + 100,
+    )
+}
+
+/// The reference firewall plugin's place for an operator's rules: the
+/// admin chain it creates and jumps to first from its FORWARD chain.
+pub const REFERENCE_ADMIN_CHAIN: &str = "CNI-ADMIN";
 
 pub struct Pod {
     pub name: String,
@@ -228,6 +251,18 @@ impl Session {
             att.capability_args.insert(
                 "bandwidth".into(),
                 json!({ "ingressRate": rate, "ingressBurst": burst, "egressRate": rate, "egressBurst": burst }),
+            );
+        }
+        if spec.fw_rules > 0 {
+            let rules: Vec<Value> = (0..spec.fw_rules)
+                .map(|r| {
+                    let (cidr, lo, hi) = fw_rule(r);
+                    json!({ "action": "deny", "protocol": "tcp", "cidr": cidr, "ports": format!("{lo}-{hi}") })
+                })
+                .collect();
+            att.capability_args.insert(
+                "firewallRules".into(),
+                json!({ "egress": { "rules": rules } }),
             );
         }
         let cpu0 = cost::children_cpu_ms();
@@ -342,6 +377,65 @@ impl Session {
     /// The conflist as the runtime reads it (written next to the report).
     pub fn conflist_json(&self) -> &Value {
         &self.list.raw
+    }
+
+    /// Reference node: puts `n` rules (`fw_rule`) for traffic from
+    /// `src` into the firewall plugin's admin chain, replacing what it held.
+    /// They are the reference's counterpart of our per-attachment rules:
+    /// every forwarded packet of every pod walks that chain.
+    pub fn load_admin_rules(&self, src: Ipv4Addr, n: usize) -> Result<()> {
+        let mut script = format!("*filter\n-F {REFERENCE_ADMIN_CHAIN}\n");
+        for r in 0..n {
+            let (cidr, lo, hi) = fw_rule(r);
+            script.push_str(&format!(
+                "-A {REFERENCE_ADMIN_CHAIN} -s {src}/32 -d {cidr} -p tcp -m tcp --dport {lo}:{hi} -j DROP\n"
+            ));
+        }
+        script.push_str("COMMIT\n");
+        let mut child = self
+            .node
+            .exec("iptables-restore")
+            .arg("--noflush")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("starting iptables-restore")?;
+        if let Some(mut stdin) = child.stdin.take() {
+            use std::io::Write;
+            stdin.write_all(script.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        ensure!(
+            out.status.success(),
+            "iptables-restore into {REFERENCE_ADMIN_CHAIN}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        let held = self.admin_rules()?;
+        ensure!(
+            held == n,
+            "{REFERENCE_ADMIN_CHAIN} holds {held} rules after loading {n}"
+        );
+        Ok(())
+    }
+
+    /// Rules in the reference's admin chain.
+    pub fn admin_rules(&self) -> Result<usize> {
+        let out = self
+            .node
+            .exec("iptables")
+            .args(["-w", "-S", REFERENCE_ADMIN_CHAIN])
+            .output()
+            .context("running iptables -S")?;
+        ensure!(
+            out.status.success(),
+            "iptables -S {REFERENCE_ADMIN_CHAIN}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("-A "))
+            .count())
     }
 
     /// Waits for the agent's NAT table to drain below `max` bindings
