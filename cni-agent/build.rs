@@ -39,15 +39,29 @@ fn main() {
     // describes the host build, not this one.
     for (key, _) in env::vars_os() {
         let k = key.to_string_lossy();
-        if k.starts_with("CARGO") || k.starts_with("RUSTC") || k.starts_with("RUSTFLAGS") || k == "RUSTDOC" {
+        if k.starts_with("CARGO")
+            || k.starts_with("RUSTC")
+            || k.starts_with("RUSTFLAGS")
+            || k == "RUSTDOC"
+        {
             cmd.env_remove(&key);
         }
     }
     cmd.current_dir(&ebpf_dir)
         .env("RUSTC", DEBIAN_RUSTC)
         .env("RUSTC_BOOTSTRAP", "1")
-        .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf")
-        .args(["build", "--release", "--locked", "--target", TARGET, "--target-dir"])
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        )
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            TARGET,
+            "--target-dir",
+        ])
         .arg(&target_dir);
     let status = cmd
         .status()

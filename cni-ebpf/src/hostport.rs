@@ -130,7 +130,12 @@ fn tcp_or_udp(ctx: &TcContext) -> Option<Ipv4Packet> {
 fn xdp_dnat_meta(ctx: &TcContext) -> Option<XdpDnatMeta> {
     // SAFETY: __sk_buff is valid for the program's run; the metadata is
     // read only after the bounds check the verifier wants.
-    let (meta, data) = unsafe { ((*ctx.skb.skb).data_meta as usize, (*ctx.skb.skb).data as usize) };
+    let (meta, data) = unsafe {
+        (
+            (*ctx.skb.skb).data_meta as usize,
+            (*ctx.skb.skb).data as usize,
+        )
+    };
     if meta + core::mem::size_of::<XdpDnatMeta>() > data {
         return None;
     }

@@ -53,7 +53,10 @@ fn csum_update(csum: u16, old: &[u16], new: &[u16]) -> u16 {
 #[inline(always)]
 fn halves(v: u32) -> [u16; 2] {
     let b = v.to_ne_bytes();
-    [u16::from_ne_bytes([b[0], b[1]]), u16::from_ne_bytes([b[2], b[3]])]
+    [
+        u16::from_ne_bytes([b[0], b[1]]),
+        u16::from_ne_bytes([b[2], b[3]]),
+    ]
 }
 
 fn try_hostport_xdp(ctx: &XdpContext) -> Option<u32> {

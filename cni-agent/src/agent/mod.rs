@@ -2,7 +2,7 @@
 //! across restarts), serves the plugins over a Unix socket, and expires NAT
 //! bindings.
 pub mod api;
-pub mod ops;
 pub mod client;
 pub mod daemon;
+pub mod ops;
 pub mod server;

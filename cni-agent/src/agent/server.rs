@@ -131,18 +131,22 @@ fn dispatch(paths: &Paths, req: Request) -> Response {
 fn status(paths: &Paths) -> Result<serde_json::Value, CniError> {
     let layout = paths.layout();
     let internal = |e: crate::datapath::loader::DatapathError| {
-        CniError::new(crate::spec::error::ErrorCode::PluginNotAvailable, e.to_string())
+        CniError::new(
+            crate::spec::error::ErrorCode::PluginNotAvailable,
+            e.to_string(),
+        )
     };
     let nat = NatTable::open(&layout).map_err(internal)?;
     let entries = EntryMaps::open(&layout).map_err(internal)?;
     let uplinks = UplinkMap::open(&layout).map_err(internal)?;
     let (orig, reply) = nat.occupancy();
     let records = paths.records().list(None).map(|r| r.len()).unwrap_or(0);
-    let stats: serde_json::Map<String, serde_json::Value> = crate::datapath::pins::read_stats(&layout)
-        .map_err(internal)?
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), json!(v)))
-        .collect();
+    let stats: serde_json::Map<String, serde_json::Value> =
+        crate::datapath::pins::read_stats(&layout)
+            .map_err(internal)?
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect();
     Ok(json!({
         "uplinks": uplinks.list().into_iter().map(|(i, a)| json!({"ifindex": i, "address": a.to_string()})).collect::<Vec<_>>(),
         "nat": {"originalHalves": orig, "replyHalves": reply},

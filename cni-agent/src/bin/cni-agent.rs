@@ -90,7 +90,10 @@ fn query(s: &SocketArg, req: Request) -> ExitCode {
     match client::call(&s.socket, &req) {
         Ok(data) => {
             if s.json {
-                println!("{}", serde_json::to_string_pretty(&data).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&data).unwrap_or_default()
+                );
             } else {
                 print_text(&req, &data);
             }
@@ -106,7 +109,10 @@ fn query(s: &SocketArg, req: Request) -> ExitCode {
 fn print_text(req: &Request, data: &serde_json::Value) {
     match req {
         Request::Nat => {
-            println!("{:<5} {:<22} {:<22} {:<22} {:<16} {:>8}", "PROTO", "POD", "REMOTE", "NAT", "STATE", "IDLE_MS");
+            println!(
+                "{:<5} {:<22} {:<22} {:<22} {:<16} {:>8}",
+                "PROTO", "POD", "REMOTE", "NAT", "STATE", "IDLE_MS"
+            );
             for b in data.as_array().into_iter().flatten() {
                 println!(
                     "{:<5} {:<22} {:<22} {:<22} {:<16} {:>8}",
@@ -135,7 +141,11 @@ fn print_text(req: &Request, data: &serde_json::Value) {
         _ => {
             println!("agent: running");
             for u in data["uplinks"].as_array().into_iter().flatten() {
-                println!("uplink: ifindex {} address {}", u["ifindex"], u["address"].as_str().unwrap_or(""));
+                println!(
+                    "uplink: ifindex {} address {}",
+                    u["ifindex"],
+                    u["address"].as_str().unwrap_or("")
+                );
             }
             println!(
                 "nat bindings: {} (reply halves {})",

@@ -15,10 +15,10 @@ use cni_ebpf_common::{
 use ipnet::IpNet;
 
 use super::{
-    rate::RateMap,
     links::{ensure_tc, ifindex_exists, link_pin, pinned_ifindexes, remove_links, Placement},
     loader::{DatapathError, Hook},
     pins::{open_pinned, PinLayout},
+    rate::RateMap,
 };
 use crate::{
     netlink::Netlink,
@@ -81,7 +81,11 @@ pub fn with_netlink<T: Send>(
     std::thread::scope(|s| {
         s.spawn(|| f(&Netlink::connect()?))
             .join()
-            .unwrap_or_else(|_| Err(crate::netlink::NetlinkError::LinkNotFound("(netlink thread panicked)".into())))
+            .unwrap_or_else(|_| {
+                Err(crate::netlink::NetlinkError::LinkNotFound(
+                    "(netlink thread panicked)".into(),
+                ))
+            })
     })
 }
 
@@ -98,7 +102,12 @@ fn veth_hook(h: VethHook) -> Hook {
     }
 }
 
-fn hostport_key(host_ip: Option<IpAddr>, host_port: u16, protocol: Protocol, v6: bool) -> HostPortKey {
+fn hostport_key(
+    host_ip: Option<IpAddr>,
+    host_port: u16,
+    protocol: Protocol,
+    v6: bool,
+) -> HostPortKey {
     let (addr, family) = match host_ip {
         Some(ip) => addr_words(ip),
         None => ([0; 4], if v6 { FAMILY_V6 } else { FAMILY_V4 }),
@@ -186,7 +195,12 @@ impl EntryMaps {
             Entry::BridgeHook { bridge } => self.hook_bridge(bridge),
             Entry::Firewall(spec) => super::policy::PolicyMaps::open(&self.layout)?.apply(spec),
             Entry::FirewallForward { bridge } => super::policy::hook_forward(&self.layout, bridge),
-            Entry::RateLimit { ifname, hook, rate_bps, burst_bits } => RateMap::open(&self.layout)?.apply(ifname, *hook, *rate_bps, *burst_bits),
+            Entry::RateLimit {
+                ifname,
+                hook,
+                rate_bps,
+                burst_bits,
+            } => RateMap::open(&self.layout)?.apply(ifname, *hook, *rate_bps, *burst_bits),
             Entry::VethProgram {
                 ifname,
                 program,
@@ -199,7 +213,14 @@ impl EntryMaps {
                         name: program.clone(),
                         source,
                     })?;
-                ensure_tc(&mut prog, &self.layout, program, veth_hook(*hook), (ifname, index), Placement::First)?;
+                ensure_tc(
+                    &mut prog,
+                    &self.layout,
+                    program,
+                    veth_hook(*hook),
+                    (ifname, index),
+                    Placement::First,
+                )?;
                 Ok(())
             }
         }
@@ -226,19 +247,34 @@ impl EntryMaps {
         if addr != 0 {
             let mut node: HashMap<MapData, IpKey, u32> = hash(&self.layout, map_names::NODE_ADDRS)?;
             let k = ip_key(IpAddr::from(addr.to_ne_bytes()));
-            node.insert(k, 1, 0).map_err(map_err(map_names::NODE_ADDRS))?;
+            node.insert(k, 1, 0)
+                .map_err(map_err(map_names::NODE_ADDRS))?;
         }
         self.bridges
-            .insert(index, BridgeInfo { addr_v4: addr, _pad: 0 }, 0)
+            .insert(
+                index,
+                BridgeInfo {
+                    addr_v4: addr,
+                    _pad: 0,
+                },
+                0,
+            )
             .map_err(map_err(map_names::BRIDGES))?;
         let prog_name = prog_names::BRIDGE_FROM_PODS;
-        let mut prog = SchedClassifier::from_pin(self.layout.progs_dir().join(prog_name)).map_err(|source| {
-            DatapathError::Program {
+        let mut prog = SchedClassifier::from_pin(self.layout.progs_dir().join(prog_name)).map_err(
+            |source| DatapathError::Program {
                 name: prog_name.to_string(),
                 source,
-            }
-        })?;
-        ensure_tc(&mut prog, &self.layout, prog_name, Hook::Ingress, (bridge, index), Placement::Last)?;
+            },
+        )?;
+        ensure_tc(
+            &mut prog,
+            &self.layout,
+            prog_name,
+            Hook::Ingress,
+            (bridge, index),
+            Placement::Last,
+        )?;
         Ok(())
     }
 
@@ -248,17 +284,19 @@ impl EntryMaps {
             Entry::Link { .. } | Entry::BridgeHook { .. } => Ok(()),
             Entry::Firewall(spec) => super::policy::PolicyMaps::open(&self.layout)?.revoke(spec),
             Entry::FirewallForward { .. } => Ok(()),
-            Entry::RateLimit { ifname, hook, .. } => RateMap::open(&self.layout)?.revoke(ifname, *hook),
+            Entry::RateLimit { ifname, hook, .. } => {
+                RateMap::open(&self.layout)?.revoke(ifname, *hook)
+            }
             Entry::VethProgram {
-                ifname,
-                program,
-                ..
+                ifname, program, ..
             } => {
                 // A veth that is gone took its link with it, but the pin
                 // still holds the defunct link: drop this program's pins
                 // whose device is gone (a GC, or a DEL after the netns).
                 match link_index(ifname) {
-                    Ok(index) => remove_links(&self.layout, &index.to_string(), &[program.as_str()]),
+                    Ok(index) => {
+                        remove_links(&self.layout, &index.to_string(), &[program.as_str()])
+                    }
                     Err(_) => {
                         for index in pinned_ifindexes(&self.layout, &[program.as_str()]) {
                             if !ifindex_exists(index) {
@@ -282,7 +320,9 @@ impl EntryMaps {
             } => {
                 let key = hostport_key(*host_ip, *host_port, *protocol, pod_ip.is_ipv6());
                 // Only if it is still ours: never another attachment's.
-                if self.hostports.get(&key, 0).ok() == Some(hostport_target(*pod_ip, *container_port, *snat)) {
+                if self.hostports.get(&key, 0).ok()
+                    == Some(hostport_target(*pod_ip, *container_port, *snat))
+                {
                     ignore_missing(map_names::HOSTPORTS, self.hostports.remove(&key))?;
                 }
                 Ok(())
@@ -308,14 +348,25 @@ impl EntryMaps {
                 snat,
             } => self
                 .hostports
-                .get(&hostport_key(*host_ip, *host_port, *protocol, pod_ip.is_ipv6()), 0)
+                .get(
+                    &hostport_key(*host_ip, *host_port, *protocol, pod_ip.is_ipv6()),
+                    0,
+                )
                 .map(|v| v == hostport_target(*pod_ip, *container_port, *snat))
                 .unwrap_or(false),
             Entry::BridgeHook { .. } => self.bridges.keys().any(|k| k.is_ok()),
-            Entry::Firewall(spec) => super::policy::PolicyMaps::open(&self.layout)
-                .is_ok_and(|m| m.is_applied(spec)),
-            Entry::FirewallForward { bridge } => super::policy::forward_hooked(&self.layout, bridge),
-            Entry::RateLimit { ifname, hook, rate_bps, burst_bits } => RateMap::open(&self.layout)
+            Entry::Firewall(spec) => {
+                super::policy::PolicyMaps::open(&self.layout).is_ok_and(|m| m.is_applied(spec))
+            }
+            Entry::FirewallForward { bridge } => {
+                super::policy::forward_hooked(&self.layout, bridge)
+            }
+            Entry::RateLimit {
+                ifname,
+                hook,
+                rate_bps,
+                burst_bits,
+            } => RateMap::open(&self.layout)
                 .is_ok_and(|m| m.is_applied(ifname, *hook, *rate_bps, *burst_bits)),
             Entry::VethProgram {
                 ifname,

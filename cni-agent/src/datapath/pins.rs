@@ -21,8 +21,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use cni_ebpf_common::{
-    map_names, SockRevKey, SockRevValue, BridgeInfo, CtKey, HostPortKey, HostPortTarget, HpReply, IpKey, MasqPolicy,
-    NatEntry, UplinkConfig, MAP_LAYOUT_VERSION,
+    map_names, BridgeInfo, CtKey, HostPortKey, HostPortTarget, HpReply, IpKey, MasqPolicy,
+    NatEntry, SockRevKey, SockRevValue, UplinkConfig, MAP_LAYOUT_VERSION,
 };
 
 use super::{loader::DatapathError, object::EBPF_OBJECT};
@@ -108,13 +108,25 @@ pub fn map_specs() -> Vec<MapSpec> {
         spec::<CtKey, NatEntry>(map_names::HP_ORIG, MapType::LruHash),
         spec::<CtKey, HpReply>(map_names::HP_REPLY, MapType::LruHash),
         spec::<SockRevKey, SockRevValue>(map_names::SOCK_REVERSE, MapType::LruHash),
-        spec::<cni_ebpf_common::RateKey, cni_ebpf_common::RateBucket>(map_names::RATE_BUCKETS, MapType::Hash),
+        spec::<cni_ebpf_common::RateKey, cni_ebpf_common::RateBucket>(
+            map_names::RATE_BUCKETS,
+            MapType::Hash,
+        ),
         spec::<u32, cni_ebpf_common::FwAttach>(map_names::FW_ATTACH, MapType::Hash),
         spec::<IpKey, cni_ebpf_common::FwEndpoint>(map_names::FW_ENDPOINTS, MapType::Hash),
         spec::<u32, u32>(map_names::FW_BRIDGES, MapType::Hash),
-        spec::<aya::maps::lpm_trie::Key<cni_ebpf_common::FwCidrKey>, cni_ebpf_common::FwRegion>(map_names::FW_CIDRS, MapType::LpmTrie),
-        spec::<aya::maps::lpm_trie::Key<cni_ebpf_common::FwPortKey>, cni_ebpf_common::FwVerdict>(map_names::FW_PORTS, MapType::LpmTrie),
-        spec::<cni_ebpf_common::FwCtKey, cni_ebpf_common::FwCtEntry>(map_names::FW_CT, MapType::LruHash),
+        spec::<aya::maps::lpm_trie::Key<cni_ebpf_common::FwCidrKey>, cni_ebpf_common::FwRegion>(
+            map_names::FW_CIDRS,
+            MapType::LpmTrie,
+        ),
+        spec::<aya::maps::lpm_trie::Key<cni_ebpf_common::FwPortKey>, cni_ebpf_common::FwVerdict>(
+            map_names::FW_PORTS,
+            MapType::LpmTrie,
+        ),
+        spec::<cni_ebpf_common::FwCtKey, cni_ebpf_common::FwCtEntry>(
+            map_names::FW_CT,
+            MapType::LruHash,
+        ),
         spec::<cni_ebpf_common::FwFragKey, u32>(map_names::FW_FRAGS, MapType::LruHash),
         spec::<u32, cni_ebpf_common::FwStats>(map_names::FW_STATS, MapType::PerCpuHash),
         spec::<cni_ebpf_common::FwRuleKey, u64>(map_names::FW_RULE_HITS, MapType::PerCpuHash),
@@ -199,20 +211,16 @@ pub fn open_pinned(layout: &PinLayout, name: &'static str) -> Result<MapData, Da
     MapData::from_pin(layout.map_path(name)).map_err(|source| DatapathError::Map { name, source })
 }
 
-
-
-
-
 /// The per-CPU datapath counters, summed over CPUs, by name.
 pub fn read_stats(layout: &PinLayout) -> Result<Vec<(&'static str, u64)>, DatapathError> {
     use aya::maps::PerCpuArray;
     use cni_ebpf_common::stat;
     let data = open_pinned(layout, map_names::STATS)?;
-    let arr: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(|source| DatapathError::Map {
-            name: map_names::STATS,
-            source,
-        })?;
+    let arr: PerCpuArray<MapData, u64> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+        .map_err(|source| DatapathError::Map {
+        name: map_names::STATS,
+        source,
+    })?;
     Ok(stat::NAMES
         .iter()
         .map(|(i, name)| (*name, arr.get(i, 0).map(|v| v.iter().sum()).unwrap_or(0)))

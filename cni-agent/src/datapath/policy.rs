@@ -835,7 +835,14 @@ fn attach(
                 source,
             }
         })?;
-    ensure_tc(&mut prog, layout, program, Hook::Ingress, (ifname, ifindex), Placement::Last)?;
+    ensure_tc(
+        &mut prog,
+        layout,
+        program,
+        Hook::Ingress,
+        (ifname, ifindex),
+        Placement::Last,
+    )?;
     Ok(())
 }
 

@@ -77,9 +77,15 @@ pub fn run_with(
     // looking: say what this is, exit 0 (the reference skel's "about").
     // A runtime that set the other variables but forgot CNI_COMMAND gets
     // the spec's error (code 4) from the environment check below instead.
-    let cni_env = ["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH"]
-        .iter()
-        .any(|k| lookup(k).is_some());
+    let cni_env = [
+        "CNI_CONTAINERID",
+        "CNI_NETNS",
+        "CNI_IFNAME",
+        "CNI_ARGS",
+        "CNI_PATH",
+    ]
+    .iter()
+    .any(|k| lookup(k).is_some());
     if lookup("CNI_COMMAND").is_none_or(|c| c.is_empty()) && !cni_env && stdin.is_empty() {
         let _ = writeln!(stderr, "{}", plugin.about());
         let _ = writeln!(

@@ -248,7 +248,9 @@ impl RecordStore {
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let tmp = dir.join(format!(
             ".{}.tmp",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("record")
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("record")
         ));
         let body = serde_json::to_vec_pretty(record).map_err(|source| RecordError::Corrupt {
             path: path.clone(),
@@ -279,12 +281,14 @@ impl RecordStore {
 
     fn read_path(path: &Path) -> Result<Option<Record>, RecordError> {
         match fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| RecordError::Corrupt {
-                    path: path.to_path_buf(),
-                    source,
-                }),
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|source| RecordError::Corrupt {
+                        path: path.to_path_buf(),
+                        source,
+                    })
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err(path)(e)),
         }
@@ -376,7 +380,10 @@ mod tests {
         // A temp file from a crashed write is ignored and cleaned.
         std::fs::write(dir.path().join("attachments/net1/.x@eth0.json.tmp"), b"{").unwrap();
         assert_eq!(store.list(None).unwrap(), vec![rec.clone()]);
-        assert!(!dir.path().join("attachments/net1/.x@eth0.json.tmp").exists());
+        assert!(!dir
+            .path()
+            .join("attachments/net1/.x@eth0.json.tmp")
+            .exists());
         store.remove(&key("abc")).unwrap();
         store.remove(&key("abc")).unwrap();
         assert_eq!(store.read(&key("abc")).unwrap(), None);

@@ -817,8 +817,16 @@ fn traffic_phase(
     let mut nodes: Vec<(Session, NetnsSet)> = Vec::new();
     for imp in impls {
         let fillers = if imp == Impl::Routed { 0 } else { n };
-        let bw_pods = if bw && imp != Impl::Routed { BW_RATES.len() } else { 0 };
-        let fw_pods = if fw && imp != Impl::Routed { FW_RULES.len() } else { 0 };
+        let bw_pods = if bw && imp != Impl::Routed {
+            BW_RATES.len()
+        } else {
+            0
+        };
+        let fw_pods = if fw && imp != Impl::Routed {
+            FW_RULES.len()
+        } else {
+            0
+        };
         pg.step(&format!(
             "traffic setup: {}: {fillers} pods with a hostPort each, then the server and client pods (ADD not timed)",
             imp.label()

@@ -128,7 +128,13 @@ fn fwv(res: &Results, rules: usize, metric: Metric, imp: Impl, key: &str) -> Spr
 
 /// The firewall-rule metrics: (metric, value key, label, digits, higher is better).
 const FW_METRICS: [(Metric, &str, &str, usize, bool); 4] = [
-    (Metric::Throughput, "gbps", "TCP throughput, Gbit/s", 2, true),
+    (
+        Metric::Throughput,
+        "gbps",
+        "TCP throughput, Gbit/s",
+        2,
+        true,
+    ),
     (Metric::Rr, "p50_us", "RR p50, µs", 1, false),
     (Metric::Rr, "p99_us", "RR p99, µs", 1, false),
     (Metric::ConnRate, "conn_per_s", "new connections/s", 0, true),
