@@ -64,8 +64,9 @@ pub struct LinePanel {
     pub lines: Vec<Line>,
 }
 
-/// Side-by-side line panels sharing a linear y axis from zero.
-pub fn lines(path: &Path, size: (u32, u32), panels: &[LinePanel]) -> Result<()> {
+/// Side-by-side line panels on linear y axes from zero: one axis for all
+/// panels when `shared_y` (panels of one unit, compared), else one each.
+pub fn lines(path: &Path, size: (u32, u32), panels: &[LinePanel], shared_y: bool) -> Result<()> {
     font()?;
     let root = BitMapBackend::new(path, size).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
@@ -78,13 +79,16 @@ pub fn lines(path: &Path, size: (u32, u32), panels: &[LinePanel]) -> Result<()> 
     if all.is_empty() {
         bail!("no data to plot");
     }
-    let ymin = all.iter().copied().fold(f64::MAX, f64::min);
-    let ymax = all.iter().copied().fold(f64::MIN, f64::max);
-    let _ = ymin;
-    // Linear from zero (growth and ratios read honestly), with room above
-    // the lines for the legend (upper left).
-    let hi = ymax * 1.35;
+    let top = |ys: &mut dyn Iterator<Item = f64>| {
+        ys.filter(|y| y.is_finite() && *y > 0.0)
+            .fold(0.0f64, f64::max)
+    };
+    let ymax = top(&mut all.iter().copied());
     for (area, p) in areas.iter().zip(panels) {
+        let own = top(&mut p.lines.iter().flat_map(|l| l.points.iter().map(|q| q.1)));
+        // Linear from zero (growth and ratios read honestly), with room
+        // above the lines for the legend (upper left).
+        let hi = if shared_y || own <= 0.0 { ymax } else { own } * 1.35;
         let xmax = p
             .lines
             .iter()
@@ -123,6 +127,11 @@ pub fn lines(path: &Path, size: (u32, u32), panels: &[LinePanel]) -> Result<()> 
                 .copied()
                 .filter(|q| q.1.is_finite() && q.1 > 0.0)
                 .collect();
+            if !l.thin && pts.len() <= 12 {
+                chart
+                    .draw_series(pts.iter().map(|q| Circle::new(*q, 5, c.filled())))
+                    .map_err(err)?;
+            }
             chart
                 .draw_series(LineSeries::new(pts, style))
                 .map_err(err)?

@@ -1613,6 +1613,7 @@ fn draw_charts(
                 &dir.join("churn.png"),
                 (1500, 560),
                 &[panel(Op::Add), panel(Op::Del)],
+                true,
             ),
         );
     }
@@ -1775,7 +1776,8 @@ fn draw_charts(
             .filter(|(_, key, ..)| *key != "p50_us")
             .map(|(metric, key, label, _, higher)| LinePanel {
                 title: format!(
-                    "Pod → external {label} vs firewall rules ({} is better)",
+                    "{} ({} is better)",
+                    label.split(',').next().unwrap_or(label),
                     if *higher { "higher" } else { "lower" }
                 ),
                 x_desc: "rules on the pod".into(),
@@ -1798,7 +1800,7 @@ fn draw_charts(
         try_draw(
             "firewall.png",
             "Pod → external throughput, p99 latency and connections/s against firewall rules, ours and the reference",
-            charts::lines(&dir.join("firewall.png"), (1800, 520), &panels),
+            charts::lines(&dir.join("firewall.png"), (1800, 520), &panels, false),
         );
     }
     out
