@@ -66,6 +66,34 @@ impl Netns {
         c.args(["netns", "exec", &self.name, program]);
         c
     }
+
+    /// Runs `program args` in the namespace with `input` on its stdin (a
+    /// batch for `bridge -batch -`, `iptables-restore`); error unless it
+    /// exits 0, with what it printed on stderr.
+    pub fn feed(&self, program: &str, args: &[&str], input: &str) -> Result<()> {
+        use std::io::Write;
+        let mut child = self
+            .exec(program)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {program}"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(input.as_bytes())
+                .with_context(|| format!("writing to {program}"))?;
+        }
+        let out = child.wait_with_output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
 }
 
 impl Drop for Netns {

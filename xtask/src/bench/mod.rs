@@ -996,18 +996,8 @@ fn traffic_phase(
                     s.wait_nat_below(1000, Duration::from_secs(12));
                 }
                 let before = s.agent_stats();
-                match measure(cfg, metric, |port| endpoint(s, path, port)) {
-                    Ok(v) => {
-                        let line: Vec<String> =
-                            v.iter().map(|(k, x)| format!("{k} {x:.2}")).collect();
-                        pg.note(&line.join(", "));
-                        sample.values = v.into_iter().filter(|(_, x)| x.is_finite()).collect();
-                    }
-                    Err(e) => {
-                        pg.note(&format!("FAILED: {e:#}"));
-                        sample.error = Some(format!("{e:#}"));
-                    }
-                }
+                (sample.values, sample.error) =
+                    outcome(pg, measure(cfg, metric, |port| endpoint(s, path, port)));
                 sample.counters = delta(&before, &s.agent_stats());
                 res.samples.push(sample);
             }
@@ -1116,28 +1106,15 @@ fn traffic_phase(
                     }
                 ));
                 let s = find(imp)?;
-                let r = measure_rules(cfg, s, rules, metric);
-                let mut sample = FwSample {
+                let (values, error) = outcome(pg, measure_rules(cfg, s, rules, metric));
+                res.fw.push(FwSample {
                     imp,
                     rep,
                     rules,
                     metric,
-                    values: BTreeMap::new(),
-                    error: None,
-                };
-                match r {
-                    Ok(v) => {
-                        let line: Vec<String> =
-                            v.iter().map(|(k, x)| format!("{k} {x:.2}")).collect();
-                        pg.note(&line.join(", "));
-                        sample.values = v.into_iter().filter(|(_, x)| x.is_finite()).collect();
-                    }
-                    Err(e) => {
-                        pg.note(&format!("FAILED: {e:#}"));
-                        sample.error = Some(format!("{e:#}"));
-                    }
-                }
-                res.fw.push(sample);
+                    values,
+                    error,
+                });
             }
         }
     }
@@ -1173,25 +1150,26 @@ fn quiet_ports(node: &crate::netns::Netns) -> Result<()> {
     if script.is_empty() {
         return Ok(());
     }
-    let mut child = node
-        .exec("bridge")
-        .args(["-batch", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("starting `bridge -batch -`")?;
-    if let Some(mut stdin) = child.stdin.take() {
-        use std::io::Write;
-        stdin.write_all(script.as_bytes())?;
+    node.feed("bridge", &["-batch", "-"], &script)
+}
+
+/// A measurement's result as a sample keeps it: the finite values, or the
+/// error; either is shown on the progress display.
+fn outcome(
+    pg: &mut Progress,
+    r: Result<BTreeMap<String, f64>>,
+) -> (BTreeMap<String, f64>, Option<String>) {
+    match r {
+        Ok(v) => {
+            let line: Vec<String> = v.iter().map(|(k, x)| format!("{k} {x:.2}")).collect();
+            pg.note(&line.join(", "));
+            (v.into_iter().filter(|(_, x)| x.is_finite()).collect(), None)
+        }
+        Err(e) => {
+            pg.note(&format!("FAILED: {e:#}"));
+            (BTreeMap::new(), Some(format!("{e:#}")))
+        }
     }
-    let out = child.wait_with_output()?;
-    ensure!(
-        out.status.success(),
-        "`bridge -batch` failed: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
 }
 
 fn delta(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {

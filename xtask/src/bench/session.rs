@@ -392,25 +392,9 @@ impl Session {
             ));
         }
         script.push_str("COMMIT\n");
-        let mut child = self
-            .node
-            .exec("iptables-restore")
-            .arg("--noflush")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .context("starting iptables-restore")?;
-        if let Some(mut stdin) = child.stdin.take() {
-            use std::io::Write;
-            stdin.write_all(script.as_bytes())?;
-        }
-        let out = child.wait_with_output()?;
-        ensure!(
-            out.status.success(),
-            "iptables-restore into {REFERENCE_ADMIN_CHAIN}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        self.node
+            .feed("iptables-restore", &["--noflush"], &script)
+            .with_context(|| format!("loading {n} rules into {REFERENCE_ADMIN_CHAIN}"))?;
         let held = self.admin_rules()?;
         ensure!(
             held == n,
