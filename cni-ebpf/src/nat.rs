@@ -234,6 +234,7 @@ fn take_over_closed(rkey: &CtKey, reply_val: &NatEntry, proto: u8) -> bool {
         return false;
     };
     let okey = v4_key(old.addr[0], rkey.src[0], old.port, rkey.sport, proto);
+    // SAFETY: read-only use of a map value during this run.
     let orig_state = unsafe { SNAT_ORIG.get(&okey) }.map_or(0, |o| o.state);
     let closed = (old.state | orig_state) & ct_state::RST != 0
         || (old.state & ct_state::FIN != 0 && orig_state & ct_state::FIN != 0);

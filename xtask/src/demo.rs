@@ -517,7 +517,7 @@ impl Demo {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .context("starting socat in pod1")?;
+            .with_context(|| format!("starting socat in {}", self.pods[pod].label))?;
         self.servers.push(child);
         // Ready when the port answers (from inside the pod).
         for _ in 0..50 {
@@ -531,7 +531,7 @@ impl Demo {
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        bail!("the server in pod1 did not start")
+        bail!("the server in {} did not start", self.pods[pod].label)
     }
 
     /// What a client in `ns` gets back from `addr:port` (the peer address
