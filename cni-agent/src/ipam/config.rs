@@ -426,7 +426,7 @@ fn version_at_least(version: &str, min: (u64, u64, u64)) -> bool {
 }
 
 fn non_null<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
-    obj.get(key).filter(|v| !v.is_null())
+    crate::spec::decode::get(obj, key).filter(|v| !v.is_null())
 }
 
 fn as_object<'a>(v: &'a Value, path: &str) -> Result<&'a Map<String, Value>, ConfigError> {
@@ -556,6 +556,30 @@ mod tests {
         assert_eq!(cfg.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(cfg.resolv_conf, None);
         assert!(cfg.routes.is_empty());
+    }
+
+    /// The capabilities as runtimes write them: go-cni (containerd) has no
+    /// JSON tags on IPRanges and fills every field, empty when unset.
+    #[test]
+    fn runtime_capabilities_in_go_casing() {
+        let cfg = parse_full(
+            "1.0.0",
+            json!({"type": "x", "ranges": [[{"subnet": "10.2.0.0/24"}]]}),
+            json!({"ipRanges": [[{"Subnet": "10.3.0.0/24", "RangeStart": "", "RangeEnd": "",
+                                  "Gateway": ""}]],
+                   "IPs": ["10.3.0.7"]}),
+            json!({"CNI": {"IPs": ["10.2.0.9"]}}),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(cfg.ranges[0].0[0].range_start, ip("10.3.0.1"));
+        assert_eq!(cfg.ranges[0].0[0].gateway, ip("10.3.0.1"));
+        assert_eq!(cfg.requested_ips, [ip("10.2.0.9"), ip("10.3.0.7")]);
+        let cfg = parse(json!({"Type": "x", "Ranges": [[{"SUBNET": "10.2.0.0/24",
+                               "rangestart": "10.2.0.50"}]], "DataDir": "/tmp/y"}))
+        .unwrap();
+        assert_eq!(cfg.ranges[0].0[0].range_start, ip("10.2.0.50"));
+        assert_eq!(cfg.data_dir, PathBuf::from("/tmp/y"));
     }
 
     #[test]

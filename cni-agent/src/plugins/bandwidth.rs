@@ -121,7 +121,8 @@ impl RawOptions {
     }
 }
 
-/// One validated direction: rate in bits/s and burst in bits, both non-zero.
+/// One validated direction: a non-zero rate in bits/s and the burst in
+/// bits (0: the default depth).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limit {
     pub rate_bps: u64,
@@ -138,9 +139,19 @@ pub struct BandwidthConfig {
     pub datapath: DatapathConf,
 }
 
-/// The reference's rules for one rate/burst pair: both or neither, and a
-/// burst that fits tbf's 32-bit byte counter. `where_` is the prefix of the
-/// fields' names ("ingress", "runtimeConfig.bandwidth.egress").
+/// The smallest burst read as "not set": runtimes fill the burst of a pod
+/// whose bandwidth annotations only give a rate with a sentinel — 2^32−1
+/// bits from containerd 1.6/1.7 (go-cni), 2^31−1 from kubelet's old
+/// dockershim and runtimes modelled on it — or leave it 0.
+pub const UNSET_BURST_BITS: u64 = i32::MAX as u64;
+
+/// The reference's rules for one rate/burst pair, read the way a runtime
+/// means them: a burst without a rate is refused, a burst beyond tbf's
+/// 32-bit byte counter (4 GB) too; a rate without a burst (0, absent, or
+/// [`UNSET_BURST_BITS`] and above, which no pod asks for on purpose) gets
+/// the bucket's default depth (see `datapath/rate.rs`) instead of half a
+/// gigabyte at line rate. `where_` is the prefix of the fields' names
+/// ("ingress", "runtimeConfig.bandwidth.egress").
 fn limit(
     where_: &str,
     rate: Option<u64>,
@@ -153,10 +164,16 @@ fn limit(
     };
     match (rate, burst) {
         (0, 0) => Ok(None),
-        (_, 0) => Err(invalid("Burst", "if rate is set, burst must also be set")),
         (0, _) => Err(invalid("Rate", "if burst is set, rate must also be set")),
         (_, b) if b / 8 >= u64::from(u32::MAX) => {
             Err(invalid("Burst", "burst cannot be more than 4GB"))
+        }
+        (rate_bps, b) if b == 0 || b >= UNSET_BURST_BITS => {
+            log::info!("{where_}Burst {b}: not set, the bucket gets its default depth");
+            Ok(Some(Limit {
+                rate_bps,
+                burst_bits: 0,
+            }))
         }
         (rate_bps, burst_bits) => Ok(Some(Limit {
             rate_bps,
@@ -292,9 +309,7 @@ impl Plugin for BandwidthPlugin {
     fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
         // Everything this plugin recorded for the attachment goes, whatever
         // this DEL's limits say, and without needing the netns.
-        let opts = BandwidthConfig::from_conf(conf)?;
-        opts.datapath
-            .del(&DatapathConf::key(&conf.name, args), Owner::Bandwidth)
+        DatapathConf::from_conf(conf)?.del(&DatapathConf::key(&conf.name, args), Owner::Bandwidth)
     }
 
     fn check(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
@@ -313,7 +328,7 @@ impl Plugin for BandwidthPlugin {
     }
 
     fn gc(&self, _args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
-        BandwidthConfig::from_conf(conf)?.datapath.gc(conf)
+        DatapathConf::from_conf(conf)?.gc(conf)
     }
 
     fn about(&self) -> &'static str {
@@ -380,11 +395,6 @@ mod tests {
     fn bad_limits_name_the_field_with_the_reference_reason() {
         for (extra, field, reason) in [
             (
-                r#","ingressRate":100"#,
-                "ingressBurst",
-                "if rate is set, burst must also be set",
-            ),
-            (
                 r#","egressBurst":100"#,
                 "egressRate",
                 "if burst is set, rate must also be set",
@@ -395,9 +405,9 @@ mod tests {
                 "burst cannot be more than 4GB",
             ),
             (
-                r#","runtimeConfig":{"bandwidth":{"ingressRate":100}}"#,
-                "runtimeConfig.bandwidth.ingressBurst",
-                "if rate is set",
+                r#","runtimeConfig":{"bandwidth":{"ingressBurst":100}}"#,
+                "runtimeConfig.bandwidth.ingressRate",
+                "if burst is set",
             ),
             (
                 r#","egressRate":-1,"egressBurst":10"#,
@@ -434,6 +444,45 @@ mod tests {
             r#","egressRate":100,"egressBurst":34359738359"#
         ))
         .is_ok());
+    }
+
+    #[test]
+    fn runtime_payloads_give_working_limits() {
+        // containerd 1.6/1.7 (go-cni), a pod with both bandwidth annotations
+        // at 10M and no burst: Go field names and the 2^32-1 sentinel.
+        let c = BandwidthConfig::from_conf(&conf(
+            r#","runtimeConfig":{"bandwidth":{"IngressRate":10000000,"IngressBurst":4294967295,"EgressRate":10000000,"EgressBurst":4294967295}}"#,
+        ))
+        .unwrap();
+        let default_depth = Limit {
+            rate_bps: 10_000_000,
+            burst_bits: 0,
+        };
+        assert_eq!(
+            (c.ingress, c.egress),
+            (Some(default_depth), Some(default_depth))
+        );
+        // CRI-O and podman: camelCase, burst 0 or absent.
+        let c = BandwidthConfig::from_conf(&conf(
+            r#","runtimeConfig":{"bandwidth":{"ingressRate":10000000,"ingressBurst":0,"egressRate":10000000}}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.ingress, c.egress),
+            (Some(default_depth), Some(default_depth))
+        );
+        // dockershim's sentinel.
+        let c = BandwidthConfig::from_conf(&conf(
+            r#","runtimeConfig":{"bandwidth":{"ingressRate":10000000,"ingressBurst":2147483647}}"#,
+        ))
+        .unwrap();
+        assert_eq!(c.ingress, Some(default_depth));
+        // A burst a pod really asked for is kept.
+        let c = BandwidthConfig::from_conf(&conf(
+            r#","runtimeConfig":{"bandwidth":{"egressRate":10000000,"egressBurst":80000000}}"#,
+        ))
+        .unwrap();
+        assert_eq!(c.egress.map(|l| l.burst_bits), Some(80_000_000));
     }
 
     #[test]

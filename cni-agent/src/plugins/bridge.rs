@@ -664,13 +664,14 @@ fn delete_link_then(
                 Err(_) => break false,
             }
         };
+        // The rest of the teardown runs whether or not the link went.
         if !gone_early {
-            deletion.join().and_then(|r| r).map_err(fail)?;
-            return next();
+            let deleted = deletion.join().and_then(|r| r).map_err(fail);
+            return deleted.and(next());
         }
         let outcome = next();
-        deletion.join().and_then(|r| r).map_err(fail)?;
-        outcome
+        let deleted = deletion.join().and_then(|r| r).map_err(fail);
+        deleted.and(outcome)
     })
 }
 
@@ -862,16 +863,21 @@ impl Plugin for BridgePlugin {
     }
 
     fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
-        // Validates the document like ADD does (an invalid one is an error).
-        let opts = BridgeConfig::from_conf(conf, args.arg("MAC"))?;
+        // Only the path keys are read: bridge options that ADD would refuse
+        // must not keep an attachment from going.
+        let datapath = DatapathConf::from_conf(conf)?;
         let key = DatapathConf::key(&conf.name, args);
         // IPAM, then whatever the attachment's record lists (the host veth
-        // if it survived, datapath entries), then the record itself.
+        // if it survived, datapath entries), then the record itself. Each
+        // step runs even if the one before failed; the first error is
+        // reported (and the runtime's retry finds less to do).
         let ipam_del = || {
-            if let Some(ipam) = &conf.ipam {
-                delegate::delegate_del(&ipam.ipam_type, &args.stdin, args)?;
-            }
-            opts.datapath.del(&key, Owner::Bridge)
+            let ipam = match &conf.ipam {
+                Some(ipam) => delegate::delegate_del(&ipam.ipam_type, &args.stdin, args),
+                None => Ok(()),
+            };
+            let entries = datapath.del(&key, Owner::Bridge);
+            ipam.and(entries)
         };
         let Some(path) = args.netns.as_deref() else {
             return ipam_del();

@@ -57,6 +57,13 @@ impl Default for DatapathConf {
 }
 
 impl DatapathConf {
+    /// The path keys of `conf`, and nothing else of it: what DEL and GC
+    /// read, so that neither is refused for a config, runtimeConfig or
+    /// prevResult that ADD would refuse (the record says what to remove).
+    pub fn from_conf(conf: &NetConf) -> Result<Self, CniError> {
+        conf.plugin_options()
+    }
+
     fn paths(&self) -> Paths {
         Paths {
             state_dir: self.state_dir.clone(),

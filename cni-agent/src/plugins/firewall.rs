@@ -74,7 +74,10 @@ use crate::{
     },
     netlink::{format_mac, NetNs, Netlink},
     plugins::datapath::DatapathConf,
-    spec::{CmdArgs, CniError, CniResult, NetConf, Plugin},
+    spec::{
+        decode::{get, keys_match},
+        CmdArgs, CniError, CniResult, NetConf, Plugin,
+    },
     state::record::{Entry, Owner, VethHook},
 };
 use cni_ebpf_common::{fw, prog_names};
@@ -123,17 +126,17 @@ fn parse_direction(v: &Value, at: &str) -> Result<(Option<Action>, Vec<Rule>), C
         ))
     })?;
     for k in obj.keys() {
-        if k != "default" && k != "rules" {
+        if !["default", "rules"].iter().any(|f| keys_match(f, k)) {
             return Err(invalid(format!(
                 "{at}.{k}: unknown field (expected `default` or `rules`)"
             )));
         }
     }
-    let default = match obj.get("default") {
+    let default = match get(obj, "default") {
         None | Some(Value::Null) => None,
         Some(d) => Some(parse_action(d, &format!("{at}.default"))?),
     };
-    let rules = match obj.get("rules") {
+    let rules = match get(obj, "rules") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(a)) => a
             .iter()
@@ -158,22 +161,25 @@ fn parse_rule(v: &Value, at: &str) -> Result<Rule, CniError> {
         .as_object()
         .ok_or_else(|| invalid(format!("{at}: expected an object")))?;
     for k in obj.keys() {
-        if !["action", "cidr", "protocol", "ports", "comment"].contains(&k.as_str()) {
+        if !["action", "cidr", "protocol", "ports", "comment"]
+            .iter()
+            .any(|f| keys_match(f, k))
+        {
             return Err(invalid(format!(
                 "{at}.{k}: unknown field (expected action, cidr, protocol, ports, comment)"
             )));
         }
     }
-    let action = match obj.get("action") {
+    let action = match get(obj, "action") {
         None | Some(Value::Null) => return Err(invalid(format!("{at}.action: missing"))),
         Some(a) => parse_action(a, &format!("{at}.action"))?,
     };
-    let cidr = match obj.get("cidr") {
+    let cidr = match get(obj, "cidr") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(parse_cidr(s, &format!("{at}.cidr"))?),
         Some(other) => return Err(invalid(format!("{at}.cidr: invalid CIDR {other}"))),
     };
-    let protocol = match obj.get("protocol") {
+    let protocol = match get(obj, "protocol") {
         None | Some(Value::Null) => RuleProtocol::Any,
         Some(p) => match p.as_str().map(str::to_ascii_lowercase).as_deref() {
             Some("any") | Some("all") | Some("") => RuleProtocol::Any,
@@ -187,7 +193,7 @@ fn parse_rule(v: &Value, at: &str) -> Result<Rule, CniError> {
             }
         },
     };
-    let ports = match obj.get("ports") {
+    let ports = match get(obj, "ports") {
         None | Some(Value::Null) => None,
         Some(p) => Some(parse_ports(p, &format!("{at}.ports"))?),
     };
@@ -264,9 +270,9 @@ fn parse_rules(v: Option<&Value>, at: &str) -> Result<Parsed, CniError> {
         ))
     })?;
     for (k, d) in obj {
-        let i = match k.as_str() {
-            "ingress" => 0,
-            "egress" => 1,
+        let i = match k {
+            k if keys_match("ingress", k) => 0,
+            k if keys_match("egress", k) => 1,
             _ => {
                 return Err(invalid(format!(
                     "{at}.{k}: unknown field (expected ingress or egress)"
@@ -490,8 +496,7 @@ impl Plugin for FirewallPlugin {
     fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
         // Everything recorded goes, whatever this DEL's rules say (they may
         // even be invalid): only the path keys matter.
-        let datapath: DatapathConf = conf.plugin_options()?;
-        datapath.del(&DatapathConf::key(&conf.name, args), Owner::Firewall)
+        DatapathConf::from_conf(conf)?.del(&DatapathConf::key(&conf.name, args), Owner::Firewall)
     }
 
     fn check(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
@@ -507,8 +512,7 @@ impl Plugin for FirewallPlugin {
     }
 
     fn gc(&self, _args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
-        let datapath: DatapathConf = conf.plugin_options()?;
-        datapath.gc(conf)
+        DatapathConf::from_conf(conf)?.gc(conf)
     }
 
     fn about(&self) -> &'static str {

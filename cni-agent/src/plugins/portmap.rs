@@ -239,9 +239,7 @@ impl Plugin for PortmapPlugin {
     fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
         // Everything this plugin recorded for the attachment goes, whatever
         // the DEL's own portMappings say: nothing is left behind.
-        let opts = PortmapConfig::from_conf(conf)?;
-        opts.datapath
-            .del(&DatapathConf::key(&conf.name, args), Owner::Portmap)
+        DatapathConf::from_conf(conf)?.del(&DatapathConf::key(&conf.name, args), Owner::Portmap)
     }
 
     fn check(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
@@ -260,7 +258,7 @@ impl Plugin for PortmapPlugin {
     }
 
     fn gc(&self, _args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
-        PortmapConfig::from_conf(conf)?.datapath.gc(conf)
+        DatapathConf::from_conf(conf)?.gc(conf)
     }
 
     fn about(&self) -> &'static str {
@@ -339,6 +337,49 @@ mod tests {
                 e.msg
             );
         }
+    }
+
+    /// The `portMappings` each runtime writes for a pod with a hostPort.
+    #[test]
+    fn runtime_payloads_are_read_alike() {
+        let expected = vec![Mapping {
+            host_port: 18090,
+            container_port: 8080,
+            protocol: Protocol::Tcp,
+            host_ip: None,
+        }];
+        for (runtime, mapping) in [
+            // containerd 1.6/1.7 (go-cni's PortMapping has no JSON tags).
+            (
+                "containerd",
+                r#"{"HostPort":18090,"ContainerPort":8080,"Protocol":"tcp","HostIP":""}"#,
+            ),
+            // CRI-O (ocicni) and podman 4 (containers/common), camelCase.
+            (
+                "cri-o",
+                r#"{"hostPort":18090,"containerPort":8080,"protocol":"tcp","hostIP":""}"#,
+            ),
+            (
+                "podman",
+                r#"{"hostPort":18090,"containerPort":8080,"protocol":"tcp"}"#,
+            ),
+            // Any other casing Go's decoder accepts.
+            (
+                "lowercase",
+                r#"{"hostport":18090,"containerport":8080,"PROTOCOL":"TCP","hostip":"0.0.0.0"}"#,
+            ),
+        ] {
+            let c = PortmapConfig::from_conf(&conf(&format!(
+                r#","runtimeConfig":{{"portMappings":[{mapping}]}}"#
+            )))
+            .unwrap_or_else(|e| panic!("{runtime}: {e:?}"));
+            assert_eq!(c.mappings, expected, "{runtime}");
+        }
+        // A bad value is named as the runtime spelled it.
+        let e = err(r#","runtimeConfig":{"portMappings":[{"HostPort":0,"ContainerPort":80}]}"#);
+        assert!(e.msg.contains("portMappings[0].hostPort"), "{}", e.msg);
+        let e = err(r#","runtimeConfig":{"portMappings":[{"HostPort":"x","ContainerPort":80}]}"#);
+        assert!(e.msg.contains("portMappings[0].HostPort"), "{}", e.msg);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::decode::{self, get};
 use super::error::{CniError, ErrorCode};
 use super::is_valid_identifier;
 use super::result::{CniResult, Dns};
@@ -61,7 +62,7 @@ fn invalid(msg: impl Into<String>) -> CniError {
 
 /// An optional object-valued key: absent/null -> `{}`, non-object -> code 7.
 fn object_or_empty(obj: &Map<String, Value>, key: &str) -> Result<Map<String, Value>, CniError> {
-    match obj.get(key) {
+    match get(obj, key) {
         None | Some(Value::Null) => Ok(Map::new()),
         Some(Value::Object(m)) => Ok(m.clone()),
         Some(_) => Err(invalid(format!("field `{key}` must be a JSON object"))),
@@ -70,7 +71,7 @@ fn object_or_empty(obj: &Map<String, Value>, key: &str) -> Result<Map<String, Va
 
 /// A required string key: missing/empty -> code 7 naming the field.
 fn required_string(obj: &Map<String, Value>, key: &str, what: &str) -> Result<String, CniError> {
-    match obj.get(key) {
+    match get(obj, key) {
         Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
         None | Some(Value::Null) | Some(Value::String(_)) => {
             Err(invalid(format!("missing {what} (field `{key}`)")))
@@ -108,11 +109,64 @@ pub(crate) fn decode_document(bytes: &[u8], what: &str) -> Result<Map<String, Va
 
 /// The `cniVersion` of a document: missing/empty -> "0.1.0", non-string -> 7.
 pub(crate) fn document_version(obj: &Map<String, Value>) -> Result<String, CniError> {
-    match obj.get("cniVersion") {
+    match get(obj, "cniVersion") {
         None | Some(Value::Null) => Ok(DEFAULT_CONFIG_VERSION.to_string()),
         Some(Value::String(s)) if s.is_empty() => Ok(DEFAULT_CONFIG_VERSION.to_string()),
         Some(Value::String(s)) => Ok(s.clone()),
         Some(_) => Err(invalid("field `cniVersion` must be a string")),
+    }
+}
+
+/// The `ipam` section: `None` when absent or `{}` (L2 only).
+fn ipam_section(obj: &Map<String, Value>) -> Result<Option<IpamSection>, CniError> {
+    let ipam_obj = object_or_empty(obj, "ipam")?;
+    if ipam_obj.is_empty() {
+        return Ok(None);
+    }
+    match get(&ipam_obj, "type") {
+        Some(Value::String(t)) if !t.is_empty() => Ok(Some(IpamSection {
+            ipam_type: t.clone(),
+            raw: Value::Object(ipam_obj.clone()),
+        })),
+        // An ipam section with settings but no plugin would be silently
+        // ignored by the reference bridge; say so.
+        Some(Value::String(_)) | None | Some(Value::Null) => {
+            Err(invalid("missing IPAM plugin type (field `ipam.type`)"))
+        }
+        Some(_) => Err(invalid("field `ipam.type` must be a string")),
+    }
+}
+
+fn dns_section(obj: &Map<String, Value>) -> Result<Option<Dns>, CniError> {
+    match get(obj, "dns") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => decode::from_value(v)
+            .map(Some)
+            .map_err(|e| invalid(format!("invalid field `dns`: {e}"))),
+    }
+}
+
+/// How [`NetConf`] treats a spec key of the wrong shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    /// ADD, CHECK, STATUS: refused with code 7 naming the field.
+    Strict,
+    /// DEL and GC: the attachment's record, not the request, says what to
+    /// remove, so a malformed optional section is logged and left out.
+    Teardown,
+}
+
+impl Reading {
+    /// `section` as read, or `None` (logged) when teardown tolerates it.
+    fn tolerate<T>(self, section: Result<T, CniError>) -> Result<Option<T>, CniError> {
+        match (section, self) {
+            (Ok(v), _) => Ok(Some(v)),
+            (Err(e), Reading::Teardown) => {
+                log::warn!("ignoring a malformed section for teardown: {}", e.msg);
+                Ok(None)
+            }
+            (Err(e), Reading::Strict) => Err(e),
+        }
     }
 }
 
@@ -121,48 +175,39 @@ impl NetConf {
     /// a missing/invalid `name` or `type`, or a spec key of the wrong shape,
     /// is code 7 naming the field. `cniVersion` is not checked here (see
     /// [`NetConf::version`]) so a caller can still report errors in the
-    /// config's own version.
+    /// config's own version. Keys match as in Go (`RuntimeConfig` is
+    /// `runtimeConfig`). `prevResult` is kept as given and only read by
+    /// [`NetConf::prev_result`].
     pub fn parse(bytes: &[u8]) -> Result<NetConf, CniError> {
+        Self::parse_as(bytes, Reading::Strict)
+    }
+
+    /// [`NetConf::parse`] for DEL and GC: only the document itself, `name`
+    /// and `type` must be valid; `capabilities`, `runtimeConfig`, `args`,
+    /// `ipam` and `dns` of the wrong shape are left out with a warning, so
+    /// a teardown is never refused for what the request carries.
+    pub fn parse_for_teardown(bytes: &[u8]) -> Result<NetConf, CniError> {
+        Self::parse_as(bytes, Reading::Teardown)
+    }
+
+    fn parse_as(bytes: &[u8], reading: Reading) -> Result<NetConf, CniError> {
         let obj = decode_document(bytes, "network configuration")?;
         let cni_version = document_version(&obj)?;
         let name = required_string(&obj, "name", "network name")?;
         validate_network_name(&name)?;
         let plugin_type = required_string(&obj, "type", "plugin type")?;
 
-        let capabilities = object_or_empty(&obj, "capabilities")?;
-        let runtime_config = Value::Object(object_or_empty(&obj, "runtimeConfig")?);
-        let args = Value::Object(object_or_empty(&obj, "args")?);
-
-        let ipam_obj = object_or_empty(&obj, "ipam")?;
-        let ipam = if ipam_obj.is_empty() {
-            None
-        } else {
-            match ipam_obj.get("type") {
-                Some(Value::String(t)) if !t.is_empty() => Some(IpamSection {
-                    ipam_type: t.clone(),
-                    raw: Value::Object(ipam_obj.clone()),
-                }),
-                Some(Value::String(_)) | None | Some(Value::Null) => {
-                    // An ipam section with settings but no plugin would be
-                    // silently ignored by the reference bridge; say so.
-                    return Err(invalid("missing IPAM plugin type (field `ipam.type`)"));
-                }
-                Some(_) => return Err(invalid("field `ipam.type` must be a string")),
-            }
+        let object = |key| -> Result<Map<String, Value>, CniError> {
+            Ok(reading
+                .tolerate(object_or_empty(&obj, key))?
+                .unwrap_or_default())
         };
-
-        let dns = match obj.get("dns") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(
-                Dns::deserialize(v).map_err(|e| invalid(format!("invalid field `dns`: {e}")))?,
-            ),
-        };
-
-        let prev_result = match obj.get("prevResult") {
-            None | Some(Value::Null) => None,
-            Some(v @ Value::Object(_)) => Some(v.clone()),
-            Some(_) => return Err(invalid("field `prevResult` must be a JSON object")),
-        };
+        let capabilities = object("capabilities")?;
+        let runtime_config = Value::Object(object("runtimeConfig")?);
+        let args = Value::Object(object("args")?);
+        let ipam = reading.tolerate(ipam_section(&obj))?.flatten();
+        let dns = reading.tolerate(dns_section(&obj))?.flatten();
+        let prev_result = get(&obj, "prevResult").filter(|v| !v.is_null()).cloned();
 
         Ok(NetConf {
             cni_version,
@@ -196,6 +241,7 @@ impl NetConf {
     pub fn prev_result(&self) -> Result<Option<CniResult>, CniError> {
         match &self.prev_result {
             None => Ok(None),
+            Some(v) if !v.is_object() => Err(invalid("field `prevResult` must be a JSON object")),
             Some(v) => CniResult::from_json_with_default(v, Some(&self.cni_version))
                 .map(Some)
                 .map_err(|e| e.context("invalid field `prevResult`")),
@@ -217,11 +263,14 @@ impl NetConf {
 
     /// Like [`NetConf::valid_attachments`], but reports a malformed list.
     pub fn try_valid_attachments(&self) -> Result<Option<Vec<Attachment>>, CniError> {
+        let Some(obj) = self.raw.as_object() else {
+            return Ok(None);
+        };
         for key in VALID_ATTACHMENTS_KEYS {
-            match self.raw.get(key) {
+            match get(obj, key) {
                 None | Some(Value::Null) => continue,
                 Some(v) => {
-                    return Vec::<Attachment>::deserialize(v)
+                    return decode::from_value::<Vec<Attachment>>(v)
                         .map(Some)
                         .map_err(|e| invalid(format!("invalid field `{key}`: {e}")));
                 }
@@ -236,87 +285,11 @@ impl NetConf {
     }
 }
 
-/// Deserializes `value` into `T`; on failure the message names the JSON
-/// path of the offending field (code 7).
+/// Deserializes `value` into `T`, matching keys as Go does (see
+/// [`decode`]); on failure the message names the JSON path of the
+/// offending field (code 7).
 pub fn deserialize_with_path<T: DeserializeOwned>(value: &Value) -> Result<T, CniError> {
-    // Pretty-printing puts every key on its own line, so serde's line number
-    // identifies the field; the path is rebuilt from the printed text.
-    let pretty = serde_json::to_string_pretty(value)
-        .map_err(|e| CniError::internal(format!("re-encoding configuration: {e}")))?;
-    serde_json::from_str(&pretty).map_err(|e| {
-        let msg = e.to_string();
-        let msg = match msg.rfind(" at line ") {
-            Some(i) if e.line() > 0 => msg[..i].to_string(),
-            _ => msg,
-        };
-        let path = path_at_line(&pretty, e.line());
-        if path.is_empty() {
-            invalid(format!("invalid network configuration: {msg}"))
-        } else {
-            invalid(format!(
-                "invalid network configuration: field `{path}`: {msg}"
-            ))
-        }
-    })
-}
-
-/// Reconstructs the JSON path of 1-based `line` in serde_json's pretty
-/// output. For a closing bracket line the path is the container being
-/// closed (that is where "missing field" errors point).
-fn path_at_line(pretty: &str, line: usize) -> String {
-    struct Frame {
-        label: String,
-        is_array: bool,
-        next_index: usize,
-    }
-    let mut stack: Vec<Frame> = Vec::new();
-    let join = |stack: &[Frame], last: Option<&str>| {
-        let mut out = String::new();
-        for label in stack.iter().map(|f| f.label.as_str()).chain(last) {
-            if label.is_empty() {
-                continue;
-            }
-            if !label.starts_with('[') && !out.is_empty() {
-                out.push('.');
-            }
-            out.push_str(label);
-        }
-        out
-    };
-    for (i, text) in pretty.lines().enumerate() {
-        let here = i + 1 == line;
-        let t = text.trim().trim_end_matches(',');
-        if t == "}" || t == "]" {
-            if here {
-                return join(&stack, None);
-            }
-            stack.pop();
-            continue;
-        }
-        let label = match stack.last_mut() {
-            None => String::new(),
-            Some(f) if f.is_array => {
-                f.next_index += 1;
-                format!("[{}]", f.next_index - 1)
-            }
-            Some(_) => serde_json::Deserializer::from_str(t)
-                .into_iter::<String>()
-                .next()
-                .and_then(Result::ok)
-                .unwrap_or_default(),
-        };
-        if here {
-            return join(&stack, Some(&label));
-        }
-        if t.ends_with('{') || t.ends_with('[') {
-            stack.push(Frame {
-                label,
-                is_array: t.ends_with('['),
-                next_index: 0,
-            });
-        }
-    }
-    join(&stack, None)
+    decode::from_value(value).map_err(|e| invalid(format!("invalid network configuration: {e}")))
 }
 
 #[cfg(test)]
@@ -422,16 +395,51 @@ mod tests {
                 json!({"name": "n", "type": "t", "dns": {"nameservers": "x"}}),
                 "`dns`",
             ),
-            (
-                json!({"name": "n", "type": "t", "prevResult": []}),
-                "`prevResult`",
-            ),
         ];
         for (doc, field) in cases {
             let e = parse(doc.clone()).unwrap_err();
             assert_eq!(e.code, 7, "{doc}");
             assert!(e.msg.contains(field), "{doc}: {}", e.msg);
         }
+    }
+
+    #[test]
+    fn a_malformed_prev_result_is_refused_when_read() {
+        let c = parse(json!({"name": "n", "type": "t", "prevResult": "str"})).unwrap();
+        let e = c.prev_result().unwrap_err();
+        assert_eq!(e.code, 7);
+        assert!(e.msg.contains("`prevResult`"), "{}", e.msg);
+    }
+
+    #[test]
+    fn teardown_tolerates_malformed_sections() {
+        let doc = json!({"name": "n", "type": "t", "capabilities": [], "runtimeConfig": 1,
+                         "args": "x", "ipam": {"subnet": "x"}, "dns": {"nameservers": "x"},
+                         "prevResult": "str"});
+        assert_eq!(parse(doc.clone()).unwrap_err().code, 7);
+        let c = NetConf::parse_for_teardown(doc.to_string().as_bytes()).unwrap();
+        assert!(c.capabilities.is_empty());
+        assert_eq!(c.runtime_config, json!({}));
+        assert_eq!(c.ipam, None);
+        assert_eq!(c.dns, None);
+        // Name and type are the attachment's key and the plugin: still needed.
+        let e = NetConf::parse_for_teardown(br#"{"type": "t"}"#).unwrap_err();
+        assert_eq!(e.code, 7);
+    }
+
+    #[test]
+    fn spec_keys_match_as_in_go() {
+        let c = parse(json!({"CNIVersion": "1.0.0", "Name": "n", "Type": "t",
+                             "RuntimeConfig": {"portMappings": []},
+                             "IPAM": {"Type": "host-local"},
+                             "PrevResult": {"cniVersion": "1.0.0", "IPs": [{"Address": "10.0.0.2/24"}]}}))
+        .unwrap();
+        assert_eq!((c.cni_version.as_str(), c.name.as_str()), ("1.0.0", "n"));
+        assert_eq!(c.plugin_type, "t");
+        assert_eq!(c.runtime_config, json!({"portMappings": []}));
+        assert_eq!(c.ipam.unwrap().ipam_type, "host-local");
+        let prev = c.prev_result.as_ref().map(|_| ());
+        assert!(prev.is_some());
     }
 
     #[test]
@@ -521,14 +529,6 @@ mod tests {
 
         let e = opts(json!({"mtu": -1, "ipam": {"type": "x", "ranges": []}})).unwrap_err();
         assert!(e.msg.contains("field `mtu`"), "{}", e.msg);
-    }
-
-    #[test]
-    fn path_reconstruction_with_odd_keys() {
-        let v = json!({"a\"b": {"x": [1, {"y": true}]}});
-        let pretty = serde_json::to_string_pretty(&v).unwrap();
-        let line = pretty.lines().position(|l| l.contains("\"y\"")).unwrap() + 1;
-        assert_eq!(path_at_line(&pretty, line), "a\"b.x[1].y");
     }
 
     #[test]

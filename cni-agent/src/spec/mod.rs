@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod conflist;
+pub mod decode;
 pub mod delegate;
 pub mod env;
 pub mod error;

@@ -14,6 +14,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::decode::{self, DecodeError};
 use super::error::{CniError, ErrorCode};
 use super::version::{CniVersion, ResultFormat};
 
@@ -230,6 +231,13 @@ fn decode_err(e: serde_json::Error) -> CniError {
     )
 }
 
+fn wire_err(e: DecodeError) -> CniError {
+    CniError::new(
+        ErrorCode::Decode,
+        format!("failed to parse CNI result: {e}"),
+    )
+}
+
 impl CniResult {
     /// An empty result for `version`.
     pub fn new(version: CniVersion) -> CniResult {
@@ -259,11 +267,13 @@ impl CniResult {
                 "failed to parse CNI result: not a JSON object",
             )
         })?;
-        let version = match obj.get("cniVersion") {
+        let version = match decode::get(obj, "cniVersion") {
             Some(Value::String(s)) if !s.is_empty() => s.parse::<CniVersion>()?,
             Some(Value::String(_)) | Some(Value::Null) | None => match default_version {
                 Some(d) => CniVersion::from_config(d)?,
-                None if obj.contains_key("ip4") || obj.contains_key("ip6") => CniVersion::V0_2_0,
+                None if decode::get(obj, "ip4").is_some() || decode::get(obj, "ip6").is_some() => {
+                    CniVersion::V0_2_0
+                }
                 None => CniVersion::LATEST,
             },
             Some(_) => {
@@ -275,7 +285,7 @@ impl CniResult {
         };
         let mut r = match version.result_format() {
             ResultFormat::V020 => {
-                let w: Wire020 = serde_json::from_value(v.clone()).map_err(decode_err)?;
+                let w: Wire020 = decode::from_value(v).map_err(wire_err)?;
                 let mut r = CniResult::default();
                 for ip in [w.ip4, w.ip6].into_iter().flatten() {
                     r.ips.push(IpConfig {
@@ -290,7 +300,7 @@ impl CniResult {
                 r
             }
             ResultFormat::V040 | ResultFormat::V100 => {
-                let w: WireCurrent = serde_json::from_value(v.clone()).map_err(decode_err)?;
+                let w: WireCurrent = decode::from_value(v).map_err(wire_err)?;
                 CniResult {
                     cni_version: String::new(),
                     interfaces: w.interfaces,

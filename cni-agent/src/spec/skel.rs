@@ -122,7 +122,10 @@ pub fn execute(plugin: &impl Plugin, args: &CmdArgs) -> Result<Option<Value>, Cn
     if args.command == Command::Version {
         return Ok(Some(version_info(&args.stdin)));
     }
-    let conf = NetConf::parse(&args.stdin)?;
+    let conf = match args.command {
+        Command::Del | Command::Gc => NetConf::parse_for_teardown(&args.stdin)?,
+        _ => NetConf::parse(&args.stdin)?,
+    };
     let version = conf.version()?;
     match args.command {
         Command::Check if !version.supports_check() => {
