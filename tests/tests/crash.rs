@@ -4,12 +4,11 @@
 //! node or the pod, no IP reservation, no record, no masquerade entry.
 //!
 //! Crash points need a debug build (`CNI_EBPF_CRASH_AT`).
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 use cni_tests::agentctl::{admin, AgentProc};
 use cni_tests::prelude::*;
+use cni_tests::residue::residue;
 use cni_tests::uplink::{masq_conf, External};
 
 const NET: &str = "crashnet";
@@ -32,57 +31,6 @@ enum Cleanup {
     GcEmpty,
 }
 
-/// Everything that could be left behind, compared before/after. MACs are
-/// hidden (a bridge's MAC follows its ports: not residue); the IPAM
-/// round-robin position, the `lock` files and empty directories are left out.
-fn residue(node: &Node, pod: &NetNs) -> Value {
-    let norm = Normalize {
-        hide_macs: true,
-        ..Normalize::default()
-    };
-    let status = admin(node, "status");
-    json!({
-        "node": kernel_state(&node.ns, &norm),
-        "pod": kernel_state(pod, &norm),
-        "reservations": node.reservations(NET),
-        "ipam_files": files(&node.data_dir()),
-        "state_files": files(&node.state_dir()),
-        "masqSources": status["masqSources"],
-        "records": admin(node, "records"),
-        "nat": status["nat"],
-    })
-}
-
-/// Regular files under `root` (relative path -> content), without `lock`
-/// and `last_reserved_ip.*`.
-fn files(root: &Path) -> BTreeMap<String, String> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
-        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(root, &p, out);
-                continue;
-            }
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name == "lock" || name.starts_with("last_reserved_ip.") {
-                continue;
-            }
-            let rel = p
-                .strip_prefix(root)
-                .unwrap_or(&p)
-                .to_string_lossy()
-                .into_owned();
-            out.insert(
-                rel,
-                String::from_utf8_lossy(&std::fs::read(&p).unwrap_or_default()).into_owned(),
-            );
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
-    out
-}
-
 /// ADD killed at `point` (then DEL or GC with the agent running) leaves
 /// nothing, twice over: once cleaned by DEL, once by GC.
 fn crash_then_clean(tag: &str, point: Point) {
@@ -102,7 +50,7 @@ fn crash_then_clean(tag: &str, point: Point) {
         .unwrap_or_else(|o| panic!("warm-up ADD: {o}"));
     rt.del_list(&list, &warm, Some(&warm_res))
         .unwrap_or_else(|o| panic!("warm-up DEL: {o}"));
-    let baseline = residue(&node, &pod);
+    let baseline = residue(&node, &pod, NET);
 
     for cleanup in [Cleanup::Del, Cleanup::GcEmpty] {
         let ctx = format!("{point:?}, cleaned by {cleanup:?}");
@@ -139,7 +87,7 @@ fn crash_then_clean(tag: &str, point: Point) {
         // already cleaned up after the agent died).
         if matches!(point, Point::Plugin(_)) {
             assert_ne!(
-                residue(&node, &pod),
+                residue(&node, &pod, NET),
                 baseline,
                 "{ctx}: the crash left nothing to clean?"
             );
@@ -160,7 +108,7 @@ fn crash_then_clean(tag: &str, point: Point) {
             "baseline",
             &baseline,
             "after cleanup",
-            &residue(&node, &pod),
+            &residue(&node, &pod, NET),
             &ctx,
         );
     }
@@ -176,7 +124,7 @@ fn crash_then_clean(tag: &str, point: Point) {
         "baseline",
         &baseline,
         "after a last ADD+DEL",
-        &residue(&node, &pod),
+        &residue(&node, &pod, NET),
         &format!("{point:?}"),
     );
     drop(agent);
