@@ -30,6 +30,7 @@ pub mod netns;
 pub mod plugin;
 pub mod poll;
 pub mod preconditions;
+pub mod residue;
 pub mod result;
 pub mod runtime;
 pub mod snapshot;
