@@ -539,6 +539,11 @@ pub mod ct_state {
     pub const RST: u8 = 4;
     /// A packet of the reply direction arrived.
     pub const REPLIED: u8 = 8;
+    /// Not a translation: a UDP flow that a remote opened to a pod's own
+    /// address (routed to the node). Its replies must leave untranslated,
+    /// as conntrack-based MASQUERADE only translates what a pod originates;
+    /// the entry (pod tuple -> the pod's own address and port) says so.
+    pub const INBOUND: u8 = 16;
 }
 
 /// Indexes into the per-CPU STATS array.

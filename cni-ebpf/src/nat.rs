@@ -17,7 +17,7 @@ use crate::{
     conntrack::{now, state_bits, touch, v4_key, SNAT_ORIG, SNAT_REPLY},
     parsing::{
         parse_icmp_error, parse_ipv4, Ipv4Packet, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPPROTO_ICMP,
-        IPPROTO_TCP, IP_CSUM, IP_DADDR, IP_SADDR, TCP_FLAG_ACK, TCP_FLAG_SYN,
+        IPPROTO_TCP, IPPROTO_UDP, IP_CSUM, IP_DADDR, IP_SADDR, TCP_FLAG_ACK, TCP_FLAG_SYN,
     },
     rewrite::rewrite,
     stats::bump,
@@ -103,6 +103,12 @@ fn try_snat_egress(ctx: &TcContext) -> Result<i32, ()> {
     let key = v4_key(pkt.saddr, pkt.daddr, l4_sport, l4_dport, pkt.proto);
     let bits = state_bits(&pkt);
     let (nat_addr, nat_port) = match SNAT_ORIG.get_ptr_mut(&key) {
+        // SAFETY: valid map value pointer for this run.
+        Some(e) if unsafe { (*e).state } & ct_state::INBOUND != 0 => {
+            // A reply of a flow the remote opened: it keeps the pod's address.
+            touch(e, bits);
+            return Ok(NEXT);
+        }
         Some(e) => {
             // A new connection on the tuple of a finished one (the pod
             // reused its source port): it starts with a clean state, or the
@@ -113,6 +119,15 @@ fn try_snat_egress(ctx: &TcContext) -> Result<i32, ()> {
             touch(e, bits);
             // SAFETY: valid map value pointer.
             unsafe { ((*e).addr[0], (*e).port) }
+        }
+        // Only a pod's own connection is translated, and a TCP connection
+        // starts with a SYN: anything else without a binding is a reply of
+        // a connection the remote opened (a SYN-ACK, ...), which leaves
+        // with the pod's address as conntrack's MASQUERADE leaves it.
+        None if pkt.proto == IPPROTO_TCP
+            && pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN =>
+        {
+            return Ok(NEXT);
         }
         None => match bind(&pkt, &key, &uplink, bits) {
             Some(port) => (uplink.addr_v4, port),
@@ -263,7 +278,12 @@ fn try_snat_ingress(ctx: &TcContext) -> Result<i32, ()> {
         (pkt.sport, pkt.dport)
     };
     let rkey = v4_key(pkt.saddr, pkt.daddr, sport, dport, pkt.proto);
-    let rev = SNAT_REPLY.get_ptr_mut(&rkey).ok_or(())?;
+    let Some(rev) = SNAT_REPLY.get_ptr_mut(&rkey) else {
+        if pkt.proto == IPPROTO_UDP {
+            note_inbound(&pkt);
+        }
+        return Ok(NEXT);
+    };
     touch(rev, state_bits(&pkt) | ct_state::REPLIED);
     // SAFETY: valid map value pointer.
     let (pod_addr, pod_port) = unsafe { ((*rev).addr[0], (*rev).port) };
@@ -300,6 +320,39 @@ fn try_snat_ingress(ctx: &TcContext) -> Result<i32, ()> {
     )?;
     bump(stat::SNAT_REPLY_XLATE);
     Ok(NEXT)
+}
+
+/// A UDP datagram routed in to a masqueraded pod's own address: its flow
+/// is the remote's, so the pod's replies must not be translated (see
+/// [`ct_state::INBOUND`]). The entry is refreshed by both directions and
+/// expires with the agent's UDP timeout. (TCP needs no entry: only a SYN
+/// opens a binding, and a pod never answers an inbound connection with
+/// one.)
+#[inline(always)]
+fn note_inbound(pkt: &Ipv4Packet) {
+    let pod = IpKey {
+        addr: [pkt.daddr, 0, 0, 0],
+        family: FAMILY_V4,
+        _pad: [0; 3],
+    };
+    // SAFETY: read-only use of a map value during this run.
+    if unsafe { MASQ_SOURCES.get(&pod) }.is_none() {
+        return;
+    }
+    let key = v4_key(pkt.daddr, pkt.saddr, pkt.dport, pkt.sport, pkt.proto);
+    if let Some(e) = SNAT_ORIG.get_ptr_mut(&key) {
+        touch(e, 0);
+        return;
+    }
+    let entry = NatEntry {
+        addr: [pkt.daddr, 0, 0, 0],
+        port: pkt.dport,
+        state: ct_state::INBOUND,
+        _pad: 0,
+        _pad2: 0,
+        last_seen_ns: now(),
+    };
+    let _ = SNAT_ORIG.insert(&key, &entry, BPF_NOEXIST);
 }
 
 /// An ICMP error about a masqueraded packet (e.g. "fragmentation needed"

@@ -309,6 +309,93 @@ fn pod_to_pod_and_node_keep_pod_addresses() {
         .unwrap_or_else(|o| panic!("{o}"));
 }
 
+/// A connection a remote opens to a masqueraded pod's own address (routed
+/// to the node, as another node of a cluster routes a pod CIDR) is the
+/// remote's, not the pod's: TCP and UDP replies leave with the pod's
+/// address and the pod sees the client's, as with the reference bridge's
+/// conntrack MASQUERADE (checked side by side). The pod's own connections
+/// are still masqueraded.
+#[test]
+fn routed_inbound_connections_keep_pod_addresses() {
+    require_e2e!();
+    for imp in [Impl::Reference, Impl::Ours] {
+        let tag = match imp {
+            Impl::Ours => "inbo",
+            Impl::Reference => "inbr",
+        };
+        let node = Node::new(tag);
+        let ext = External::direct(&node);
+        let _agent = (imp == Impl::Ours).then(|| AgentProc::start(&node, &[]));
+        let mut conf = masq_conf(&node, NET, BRIDGE_NAME, &ext.pod_subnet());
+        conf["cniVersion"] = json!("1.0.0");
+        if imp == Impl::Reference {
+            conf["type"] = json!(imp.bridge_type());
+            conf["ipam"]["type"] = json!(imp.ipam_type());
+        }
+        let list = conflist_of(&conf);
+        let pod = node.pod(&format!("{tag}pod"));
+        let rt = node.runtime(imp);
+        let att = Attachment::new(&format!("{tag}-ctr"), &pod, "eth0");
+        let result = add(&rt, &list, &att);
+        let pod_ip = result_ipv4(&result);
+        // The external side routes the pod subnet to the node.
+        ext.ns.ip(&[
+            "route",
+            "add",
+            &ext.pod_subnet(),
+            "via",
+            &ext.node_addr.to_string(),
+        ]);
+
+        let _tcp_in_pod = TcpEchoServer::start(&pod, TCP_PORT);
+        let _udp_in_pod = UdpEchoServer::start(&pod, UDP_PORT);
+        let t = tcp_echo(&ext.ns, SocketAddr::from((pod_ip, TCP_PORT)), "in over tcp")
+            .unwrap_or_else(|e| panic!("{imp:?}: external -> pod TCP: {e}"));
+        assert_eq!(t.text, "in over tcp", "{imp:?}");
+        assert_eq!(
+            t.seen_as, t.local,
+            "{imp:?}: the pod must see the client's own address"
+        );
+        // A connected UDP socket only takes replies from the pod's address.
+        let u = udp_echo(&ext.ns, SocketAddr::from((pod_ip, UDP_PORT)), "in over udp")
+            .unwrap_or_else(|e| panic!("{imp:?}: external -> pod UDP: {e}"));
+        assert_eq!(u.text, "in over udp", "{imp:?}");
+        assert_eq!(u.seen_as, u.local, "{imp:?}: UDP client address");
+
+        // The pod's own connections still leave masqueraded.
+        let _tcp_out = TcpEchoServer::start(&ext.ns, TCP_PORT);
+        let _udp_out = UdpEchoServer::start(&ext.ns, UDP_PORT);
+        let t = tcp_echo(&pod, SocketAddr::from((ext.ext_addr, TCP_PORT)), "out")
+            .unwrap_or_else(|e| panic!("{imp:?}: pod -> external TCP: {e}"));
+        assert_eq!(t.seen_as.ip(), IpAddr::V4(ext.node_addr), "{imp:?}");
+        let u = udp_echo(&pod, SocketAddr::from((ext.ext_addr, UDP_PORT)), "out")
+            .unwrap_or_else(|e| panic!("{imp:?}: pod -> external UDP: {e}"));
+        assert_eq!(u.seen_as.ip(), IpAddr::V4(ext.node_addr), "{imp:?}");
+
+        if imp == Impl::Ours {
+            let nat = admin(&node, "nat");
+            let inbound: Vec<Value> = bindings_of(&nat, pod_ip)
+                .into_iter()
+                .filter(|b| b["state"].as_str().is_some_and(|s| s.contains("inbound")))
+                .collect();
+            assert_eq!(
+                inbound.len(),
+                1,
+                "the inbound UDP flow is tracked, untranslated: {nat:#}"
+            );
+            assert_eq!(inbound[0]["nat"], inbound[0]["pod"], "{nat:#}");
+        }
+        rt.del_list(&list, &att, Some(&result))
+            .unwrap_or_else(|o| panic!("{imp:?}: {o}"));
+        if imp == Impl::Ours {
+            assert!(
+                bindings_of(&admin(&node, "nat"), pod_ip).is_empty(),
+                "DEL flushes the pod's entries, inbound ones too"
+            );
+        }
+    }
+}
+
 /// 1,000 connections open at once from one pod to one external server:
 /// all complete, the server sees 1,000 distinct source ports all from the
 /// uplink address, and after they close the NAT table drains back to its

@@ -77,6 +77,7 @@ fn state_text(bits: u8) -> String {
         (ct_state::FIN, "fin"),
         (ct_state::RST, "rst"),
         (ct_state::REPLIED, "replied"),
+        (ct_state::INBOUND, "inbound"),
     ] {
         if bits & b != 0 {
             v.push(n);
