@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::HashMap,
     programs::TcContext,
 };
-use aya_log_ebpf::{debug, warn};
+use aya_log_ebpf::debug;
 use cni_ebpf_common::{
     ct_state, stat, CtKey, IpKey, MasqPolicy, NatEntry, UplinkConfig, FAMILY_V4,
 };
@@ -132,13 +132,9 @@ fn try_snat_egress(ctx: &TcContext) -> Result<i32, ()> {
         None => match bind(&pkt, &key, &uplink, bits) {
             Some(port) => (uplink.addr_v4, port),
             None => {
+                // Counted, and logged by the agent at most once a second: a
+                // log line per dropped packet would flood the ring buffer.
                 bump(stat::SNAT_NO_PORT);
-                warn!(
-                    ctx,
-                    "masquerade: no free source port for {:i} -> {:i}, packet dropped",
-                    u32::from_be(pkt.saddr),
-                    u32::from_be(pkt.daddr)
-                );
                 return Ok(TC_ACT_SHOT);
             }
         },

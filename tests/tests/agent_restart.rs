@@ -413,3 +413,75 @@ fn add_while_agent_down_fails_cleanly() {
     assert_eq!(admin(&fx.node, "status")["masqSources"], 0);
     drop(agent);
 }
+
+/// `--conntrack-size` is honoured when the maps are created, and a later
+/// agent asked for another size refuses the pinned maps with an error that
+/// says what to do, instead of silently running with the old size. Without
+/// the flag a restarted agent keeps the pinned size and says so.
+#[test]
+fn conntrack_size_is_checked_against_the_pins() {
+    require_e2e!();
+    let node = Node::new("ctsize");
+    let _ext = External::direct(&node);
+    let snat_orig = cni_agent::datapath::pins::PinLayout::new(node.bpffs.path())
+        .map_path(cni_ebpf_common::map_names::SNAT_ORIG);
+    let size = || {
+        aya::maps::MapInfo::from_pin(&snat_orig)
+            .expect("pinned SNAT_ORIG")
+            .max_entries()
+    };
+
+    let mut agent = AgentProc::start(&node, &["--conntrack-size", "1024"]);
+    assert_eq!(size(), 1024, "the asked size");
+    agent.terminate();
+
+    // Asked for another size: refused, with the way out in the message.
+    let bin = cni_tests::agent::Agent::binary().expect("cni-agent built");
+    let mut child = node
+        .ns
+        .command(&bin)
+        .args(["run", "--socket"])
+        .arg(node.agent_socket())
+        .arg("--state-dir")
+        .arg(node.state_dir())
+        .arg("--bpffs-root")
+        .arg(node.bpffs.path())
+        .args(["--conntrack-size", "2048"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cni-agent");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("an agent asked for another conntrack size must refuse to start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().expect("agent output");
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!status.success(), "refused: {text}");
+    assert!(
+        text.contains("1024") && text.contains("2048") && text.contains("--conntrack-size"),
+        "the error names both sizes and the flag: {text}"
+    );
+    assert_eq!(size(), 1024, "the pinned map is untouched");
+
+    // No size asked: the pinned one stays, and the log says so.
+    let agent = AgentProc::start(&node, &[]);
+    assert_eq!(size(), 1024);
+    assert!(
+        agent
+            .log_text()
+            .contains("keeps its pinned size of 1024 entries"),
+        "{}",
+        agent.log_text()
+    );
+}

@@ -669,3 +669,55 @@ fn frag_needed_reaches_the_pod() {
     rt.del_list(&list, &att, Some(&result))
         .unwrap_or_else(|o| panic!("{o}"));
 }
+
+/// With every port of the masquerade range taken for one remote endpoint,
+/// new flows to it are dropped and counted (`snatNoPort` in `cni-agent
+/// status`), and the agent logs that at most once a second instead of a
+/// line per dropped packet.
+#[test]
+fn port_exhaustion_is_counted_and_logged_once_a_second() {
+    require_e2e!();
+    let node = Node::new("noport");
+    let ext = External::direct(&node);
+    let agent = AgentProc::start(&node, &["--nat-ports", "61000-61001"]);
+    let pod = node.pod("noportpod");
+    let rt = node.runtime(Impl::Ours);
+    let list = conflist_of(&masq_conf(&node, NET, BRIDGE_NAME, &ext.pod_subnet()));
+    let att = Attachment::new("noport-ctr", &pod, "eth0");
+    let result = add(&rt, &list, &att);
+    let _udp = UdpEchoServer::start(&ext.ns, UDP_PORT);
+    let server = SocketAddr::from((ext.ext_addr, UDP_PORT));
+
+    // Two flows take the two ports; the others find none, for 3 s.
+    let started = Instant::now();
+    let mut answered = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        if udp_echo(&pod, server, "flow").is_ok() {
+            answered += 1;
+        }
+    }
+    let elapsed = started.elapsed().as_secs() + 1;
+    assert!(answered >= 2, "the first flows get the two ports");
+    let dropped = admin(&node, "status")["stats"]["snatNoPort"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(dropped > 0, "drops are counted");
+    // The agent reports what it counted within a scan interval or two.
+    let log_lines = || {
+        agent
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("no free source port"))
+            .count() as u64
+    };
+    wait_until("the agent's log line", Duration::from_secs(5), || {
+        (log_lines() > 0).then_some(())
+    });
+    let lines = log_lines();
+    assert!(
+        lines <= elapsed + 3,
+        "at most one log line a second: {lines} lines for {dropped} drops in {elapsed} s"
+    );
+    rt.del_list(&list, &att, Some(&result))
+        .unwrap_or_else(|o| panic!("{o}"));
+}

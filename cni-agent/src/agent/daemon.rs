@@ -202,6 +202,41 @@ fn attach_cgroup(
     Ok(())
 }
 
+/// Logs masquerade packets dropped for want of a free source port: the
+/// datapath only counts them (`cni-agent status` shows the counter), the
+/// agent says so once per scan interval when the count grew.
+#[derive(Default)]
+struct PortExhaustion {
+    seen: Option<u64>,
+}
+
+impl PortExhaustion {
+    fn report(&mut self, layout: &PinLayout) {
+        let Ok(stats) = crate::datapath::pins::read_stats(layout) else {
+            return;
+        };
+        let name = cni_ebpf_common::stat::NAMES
+            .iter()
+            .find(|(i, _)| *i == cni_ebpf_common::stat::SNAT_NO_PORT)
+            .map(|(_, n)| *n);
+        let Some(now) = stats
+            .iter()
+            .find(|(n, _)| Some(*n) == name)
+            .map(|(_, v)| *v)
+        else {
+            return;
+        };
+        if let Some(before) = self.seen.filter(|b| now > *b) {
+            log::warn!(
+                "masquerade: {} packets dropped since the last check: no free source port \
+                 (widen --nat-ports, or fewer connections to the same remote endpoint)",
+                now - before
+            );
+        }
+        self.seen = Some(now);
+    }
+}
+
 /// Runs the agent until SIGINT/SIGTERM. The datapath stays attached after
 /// exit (pinned); only the socket goes.
 pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
@@ -261,6 +296,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                     }
                 };
                 let mut nat = NatTable::open(&layout).ok();
+                let mut no_port = PortExhaustion::default();
                 while !stop.load(Ordering::Relaxed) {
                     // Woken early by `unpark` when the agent stops.
                     thread::park_timeout(interval);
@@ -273,6 +309,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                     if let Err(e) = mgr.sync(&nl) {
                         log::warn!("uplink scan: {e}");
                     }
+                    no_port.report(&layout);
                     if let Some(nat) = nat.as_mut() {
                         match nat.expire(&timeouts) {
                             Ok(0) => {}

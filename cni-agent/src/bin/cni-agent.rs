@@ -46,9 +46,11 @@ enum Cmd {
         /// Source ports for masquerade, MIN-MAX.
         #[arg(long, default_value = "61000-65535", value_parser = parse_range)]
         nat_ports: (u16, u16),
-        /// Entries in each of the two NAT maps.
-        #[arg(long, default_value_t = 65536)]
-        conntrack_size: u32,
+        /// Entries in each connection-tracking map (NAT halves, hostPort
+        /// flows, firewall connections). Default: 262144, or the size of
+        /// the pinned maps; a pinned map of another size is refused.
+        #[arg(long)]
+        conntrack_size: Option<u32>,
         /// Seconds a closed (FIN both ways, or RST) TCP binding is kept.
         #[arg(long, default_value_t = 10)]
         tcp_closed_timeout: u64,

@@ -34,6 +34,12 @@ pub enum DatapathError {
         found: String,
         expected: String,
     },
+    #[error("pinned map {path} holds {found} entries, the agent was asked for {asked} (--conntrack-size): refusing to reuse it; restart with --conntrack-size {found}, or remove the pins (tracked connections are lost)")]
+    SizeMismatch {
+        path: std::path::PathBuf,
+        found: u32,
+        asked: u32,
+    },
     #[error("tcx link {0}")]
     Link(String),
     #[error("map {name}: {source}")]

@@ -171,20 +171,66 @@ pub fn check_pinned_maps(layout: &PinLayout) -> Result<(), DatapathError> {
     Ok(())
 }
 
+/// Entries of each connection-tracking map when nobody asks for a size:
+/// a 1,000-pod node holding a few hundred connections per pod.
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
+
+/// The maps sized by `--conntrack-size`.
+const CONNTRACK_MAPS: [&str; 5] = [
+    map_names::SNAT_ORIG,
+    map_names::SNAT_REPLY,
+    map_names::HP_ORIG,
+    map_names::HP_REPLY,
+    map_names::FW_CT,
+];
+
 /// Sizes of the maps that are sized at load time.
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
-    pub conntrack: u32,
+    /// Entries of each connection-tracking map. `None`: pinned maps keep
+    /// the size they were created with, new ones get
+    /// [`DEFAULT_CONNTRACK_ENTRIES`]. A size asked for is checked against
+    /// the pins: a pinned map of another size is refused, never reused.
+    pub conntrack: Option<u32>,
     pub masq_sources: u32,
 }
 
 impl Default for MapSizes {
     fn default() -> Self {
         Self {
-            conntrack: 65536,
+            conntrack: None,
             masq_sources: 65536,
         }
     }
+}
+
+/// Compares the pinned connection-tracking maps' sizes with the size the
+/// agent was asked for (if it was). Without a size, a pinned map keeps its
+/// own, and the log says so.
+fn check_pinned_sizes(layout: &PinLayout, sizes: MapSizes) -> Result<(), DatapathError> {
+    for name in CONNTRACK_MAPS {
+        let path = layout.map_path(name);
+        if !path.exists() {
+            continue;
+        }
+        let info =
+            MapInfo::from_pin(&path).map_err(|source| DatapathError::Map { name, source })?;
+        match sizes.conntrack {
+            Some(asked) if asked != info.max_entries() => {
+                return Err(DatapathError::SizeMismatch {
+                    path,
+                    found: info.max_entries(),
+                    asked,
+                })
+            }
+            Some(_) => {}
+            None => log::info!(
+                "{name} keeps its pinned size of {} entries (--conntrack-size not given)",
+                info.max_entries()
+            ),
+        }
+    }
+    Ok(())
 }
 
 /// Loads the embedded object, reusing the maps pinned under `layout` (after
@@ -192,16 +238,16 @@ impl Default for MapSizes {
 pub fn load_pinned(layout: &PinLayout, sizes: MapSizes) -> Result<Ebpf, DatapathError> {
     layout.create()?;
     check_pinned_maps(layout)?;
+    check_pinned_sizes(layout, sizes)?;
     let maps_dir = layout.maps_dir();
+    let conntrack = sizes.conntrack.unwrap_or(DEFAULT_CONNTRACK_ENTRIES);
     let mut loader = EbpfLoader::new();
     loader
         .default_map_pin_directory(&maps_dir)
-        .map_max_entries(map_names::SNAT_ORIG, sizes.conntrack)
-        .map_max_entries(map_names::SNAT_REPLY, sizes.conntrack)
-        .map_max_entries(map_names::HP_ORIG, sizes.conntrack)
-        .map_max_entries(map_names::HP_REPLY, sizes.conntrack)
-        .map_max_entries(map_names::MASQ_SOURCES, sizes.masq_sources)
-        .map_max_entries(map_names::FW_CT, sizes.conntrack);
+        .map_max_entries(map_names::MASQ_SOURCES, sizes.masq_sources);
+    for name in CONNTRACK_MAPS {
+        loader.map_max_entries(name, conntrack);
+    }
     Ok(loader.load(EBPF_OBJECT)?)
 }
 
