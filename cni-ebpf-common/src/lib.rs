@@ -584,9 +584,17 @@ pub mod stat {
     /// New masquerade bindings that took over the port of a closed
     /// connection (RST, or FIN both ways) instead of waiting for expiry.
     pub const SNAT_PORT_REUSED: u32 = 16;
+    /// New masquerade bindings that kept the pod's own source port.
+    pub const SNAT_PORT_KEPT: u32 = 17;
+    /// Connections of the node itself translated because a pod's binding
+    /// held their tuple (netfilter does the same for local connections).
+    pub const SNAT_NODE_FLOW: u32 = 18;
+    /// Candidate ports passed over because a socket of the node or a
+    /// hostPort uses them.
+    pub const SNAT_PORT_IN_USE: u32 = 19;
 
     /// Names of the slots, as the agent reports them.
-    pub const NAMES: [(u32, &str); 17] = [
+    pub const NAMES: [(u32, &str); 20] = [
         (SNAT_NEW, "snatNew"),
         (SNAT_NO_PORT, "snatNoPort"),
         (SNAT_XLATE, "snatTranslated"),
@@ -604,6 +612,9 @@ pub mod stat {
         (FW_SPOOFED, "firewallSpoofed"),
         (FW_DROPPED, "firewallDropped"),
         (SNAT_PORT_REUSED, "snatPortReused"),
+        (SNAT_PORT_KEPT, "snatPortKept"),
+        (SNAT_NODE_FLOW, "snatNodeFlows"),
+        (SNAT_PORT_IN_USE, "snatPortInUse"),
     ];
     /// Number of slots in the array (room to grow without a new layout).
     pub const COUNT: u32 = 32;

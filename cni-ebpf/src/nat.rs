@@ -2,8 +2,8 @@
 //! the uplink's address and a source port from the configured range; replies
 //! are translated back before the host routes them to the pod.
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::bpf_get_prandom_u32,
+    bindings::{bpf_sock_tuple, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::{bpf_get_prandom_u32, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::{classifier, map},
     maps::HashMap,
     programs::TcContext,
@@ -80,7 +80,7 @@ fn try_snat_egress(ctx: &TcContext) -> Result<i32, ()> {
     // SAFETY: read-only use of a map value during this run.
     let policy: &MasqPolicy = match unsafe { MASQ_SOURCES.get(&src) } {
         Some(p) => p,
-        None => return Ok(NEXT),
+        None => return node_flow_egress(ctx, &pkt),
     };
     // As the reference: never the pod's own network, never multicast.
     if in_prefix(pkt.daddr, policy.exclude_addr[0], policy.exclude_prefix_len)
@@ -129,7 +129,7 @@ fn try_snat_egress(ctx: &TcContext) -> Result<i32, ()> {
         {
             return Ok(NEXT);
         }
-        None => match bind(&pkt, &key, &uplink, bits) {
+        None => match bind(ctx, &pkt, &key, &uplink, bits) {
             Some(port) => (uplink.addr_v4, port),
             None => {
                 // Counted, and logged by the agent at most once a second: a
@@ -153,13 +153,83 @@ fn try_snat_egress(ctx: &TcContext) -> Result<i32, ()> {
     Ok(NEXT)
 }
 
-/// Creates a binding for a new flow: claims a free port by inserting the
-/// reply half with BPF_NOEXIST (the insert is the lock), then writes the
-/// original half. Returns the port in network byte order.
+/// A packet of the node's own, leaving through the uplink. Pods keep their
+/// source port when it is free, so a node socket may pick a tuple a pod's
+/// binding holds (the kernel does not know our bindings): its replies
+/// would go to the pod. As netfilter does for local connections, such a
+/// flow is translated too, to a free port of the range. The common case
+/// costs one lookup in each NAT map.
+#[inline(always)]
+fn node_flow_egress(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, ()> {
+    // SAFETY: __sk_buff is valid for the program's run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let uplink: UplinkConfig = match unsafe { UPLINKS.get(&ifindex) } {
+        Some(u) if u.addr_v4 == pkt.saddr => *u,
+        _ => return Ok(NEXT),
+    };
+    let icmp = pkt.proto == IPPROTO_ICMP;
+    let key = v4_key(
+        pkt.saddr,
+        pkt.daddr,
+        pkt.sport,
+        if icmp { 0 } else { pkt.dport },
+        pkt.proto,
+    );
+    let bits = state_bits(pkt);
+    let port = match SNAT_ORIG.get_ptr_mut(&key) {
+        Some(e) => {
+            touch(e, bits);
+            // SAFETY: valid map value pointer for this run.
+            unsafe { (*e).port }
+        }
+        None => {
+            let rkey = v4_key(
+                pkt.daddr,
+                pkt.saddr,
+                if icmp { 0 } else { pkt.dport },
+                pkt.sport,
+                pkt.proto,
+            );
+            // SAFETY: read-only use of a map value during this run.
+            if unsafe { SNAT_REPLY.get(&rkey) }.is_none() {
+                return Ok(NEXT);
+            }
+            let port = bind(ctx, pkt, &key, &uplink, bits).ok_or(())?;
+            bump(stat::SNAT_NODE_FLOW);
+            port
+        }
+    };
+    if port == pkt.sport {
+        return Ok(NEXT);
+    }
+    rewrite(
+        ctx,
+        pkt,
+        IP_SADDR,
+        pkt.saddr,
+        pkt.saddr,
+        pkt.sport_off(),
+        pkt.sport,
+        port,
+    )?;
+    bump(stat::SNAT_XLATE);
+    Ok(NEXT)
+}
+
+/// Creates a binding for a new flow, as netfilter's MASQUERADE picks one:
+/// the flow's own source port if the translated tuple (uplink address,
+/// port, remote address, remote port) is free, else a port of the range.
+/// A port is free when no binding holds the tuple, no socket of the node
+/// would receive its packets, and it is not a hostPort. The claim is the
+/// reply half inserted with BPF_NOEXIST; the original half is inserted the
+/// same way, so when two CPUs bind the same flow at once one binding wins
+/// and the other CPU gives its claim back and uses the winner's port.
+/// Returns the port in network byte order.
 #[inline(always)]
 fn bind(
+    ctx: &TcContext,
     pkt: &Ipv4Packet,
-    key: &cni_ebpf_common::CtKey,
+    key: &CtKey,
     uplink: &UplinkConfig,
     bits: u8,
 ) -> Option<u16> {
@@ -175,43 +245,116 @@ fn bind(
         _pad2: 0,
         last_seen_ns: ts,
     };
-    // First a free port; only when none of the candidates is free, the
+    let orig_val = |port| NatEntry {
+        addr: [uplink.addr_v4, 0, 0, 0],
+        port,
+        state: bits,
+        _pad: 0,
+        _pad2: 0,
+        last_seen_ns: ts,
+    };
+    let rkey = |port| {
+        if pkt.proto == IPPROTO_ICMP {
+            v4_key(pkt.daddr, uplink.addr_v4, 0, port, pkt.proto)
+        } else {
+            v4_key(pkt.daddr, uplink.addr_v4, pkt.dport, port, pkt.proto)
+        }
+    };
+    // The flow's own port first (ICMP identifiers stay in the range: ping
+    // sockets cannot be looked up).
+    if pkt.proto != IPPROTO_ICMP {
+        let kept = key.sport;
+        if port_in_use(ctx, pkt, uplink.addr_v4, kept) {
+            bump(stat::SNAT_PORT_IN_USE);
+        } else if SNAT_REPLY
+            .insert(&rkey(kept), &reply_val, BPF_NOEXIST)
+            .is_ok()
+        {
+            return finish(key, &rkey(kept), &orig_val(kept), stat::SNAT_PORT_KEPT);
+        }
+    }
+    // Then free ports of the range; only when none of those is free, the
     // port of a closed connection (a free one spares the remote a SYN on a
-    // tuple it may still hold in TIME_WAIT).
+    // tuple it may still hold in TIME_WAIT). The range is kept clear of
+    // the node's ephemeral ports and hostPorts by configuration (checking
+    // each candidate here would take the verifier past its limit).
     for i in 0..2 * PORT_TRIES {
         let take_over = i >= PORT_TRIES;
         let port = ((u32::from(uplink.port_min) + (start.wrapping_add(i % PORT_TRIES) % span))
             as u16)
             .to_be();
-        let rkey = if pkt.proto == IPPROTO_ICMP {
-            v4_key(pkt.daddr, uplink.addr_v4, 0, port, pkt.proto)
-        } else {
-            v4_key(pkt.daddr, uplink.addr_v4, pkt.dport, port, pkt.proto)
-        };
+        let rk = rkey(port);
         let claimed = if take_over {
-            take_over_closed(&rkey, &reply_val, pkt.proto)
+            take_over_closed(&rk, &reply_val, pkt.proto)
         } else {
-            SNAT_REPLY.insert(&rkey, &reply_val, BPF_NOEXIST).is_ok()
+            SNAT_REPLY.insert(&rk, &reply_val, BPF_NOEXIST).is_ok()
         };
-        if !claimed {
-            continue;
+        if claimed {
+            return finish(key, &rk, &orig_val(port), stat::SNAT_NEW);
         }
-        let orig_val = NatEntry {
-            addr: [uplink.addr_v4, 0, 0, 0],
-            port,
-            state: bits,
-            _pad: 0,
-            _pad2: 0,
-            last_seen_ns: ts,
-        };
-        if SNAT_ORIG.insert(key, &orig_val, 0).is_err() {
-            let _ = SNAT_REPLY.remove(&rkey);
-            return None;
-        }
-        bump(stat::SNAT_NEW);
-        return Some(port);
     }
     None
+}
+
+/// Writes the original half of a binding whose reply half `rkey` was just
+/// claimed. When another CPU bound the same flow first, its binding stands:
+/// the claim is given back and the winner's port used.
+#[inline(always)]
+fn finish(key: &CtKey, rkey: &CtKey, orig: &NatEntry, counter: u32) -> Option<u16> {
+    if SNAT_ORIG.insert(key, orig, BPF_NOEXIST).is_err() {
+        let _ = SNAT_REPLY.remove(rkey);
+        // SAFETY: read-only use of a map value during this run.
+        return unsafe { SNAT_ORIG.get(key) }.map(|o| o.port);
+    }
+    bump(counter);
+    Some(orig.port)
+}
+
+/// An IPv4 `struct bpf_sock_tuple`, as the socket lookup helpers take it.
+#[repr(C)]
+struct SockTupleV4 {
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+}
+
+/// `BPF_F_CURRENT_NETNS`: look sockets up in the packet's namespace.
+const CURRENT_NETNS: u64 = u64::MAX;
+
+/// Whether `addr:port` (network byte order) is used for `pkt`'s remote by
+/// the node itself: a hostPort, or a socket of the node's namespace that a
+/// reply to that tuple would reach (a connection or listener for TCP, a
+/// bound socket for UDP). Such a port is never kept for a pod, or its
+/// replies would be stolen from the node.
+#[inline(always)]
+fn port_in_use(ctx: &TcContext, pkt: &Ipv4Packet, addr: u32, port: u16) -> bool {
+    if crate::hostport::lookup(addr, port, pkt.proto, false).is_some() {
+        return true;
+    }
+    let mut tuple = SockTupleV4 {
+        saddr: pkt.daddr,
+        daddr: addr,
+        sport: pkt.dport,
+        dport: port,
+    };
+    let tuple_ptr = &mut tuple as *mut SockTupleV4 as *mut bpf_sock_tuple;
+    let size = core::mem::size_of::<SockTupleV4>() as u32;
+    let skb = ctx.skb.skb as *mut core::ffi::c_void;
+    // SAFETY: the tuple lives on this stack frame; a socket returned by the
+    // lookup is released before returning, as the verifier requires.
+    unsafe {
+        let sk = match pkt.proto {
+            IPPROTO_TCP => bpf_skc_lookup_tcp(skb, tuple_ptr, size, CURRENT_NETNS, 0),
+            IPPROTO_UDP => bpf_sk_lookup_udp(skb, tuple_ptr, size, CURRENT_NETNS, 0),
+            _ => return false,
+        };
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk as *mut core::ffi::c_void);
+    }
+    true
 }
 
 /// Clears the state bits of both halves of a binding whose tuple a new

@@ -286,9 +286,67 @@ pub fn tcp_echo(ns: &NetNs, server: SocketAddr, line: &str) -> Result<Echo, Stri
 /// One UDP datagram round trip from inside `ns` to `server` (three tries,
 /// one second each).
 pub fn udp_echo(ns: &NetNs, server: SocketAddr, payload: &str) -> Result<Echo, String> {
+    udp_echo_from(ns, 0, server, payload)
+}
+
+/// A TCP connection from `local_port` of `ns` to `server` (bound before
+/// connecting, with SO_REUSEADDR so a port just left in TIME_WAIT can be
+/// taken again), kept open by the caller.
+pub fn tcp_connect_from(
+    ns: &NetNs,
+    local_port: u16,
+    server: SocketAddr,
+) -> Result<TcpStream, String> {
+    use nix::sys::socket::{
+        bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn,
+    };
+    in_netns(ns, move || {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(|e| format!("socket: {e}"))?;
+        setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| format!("SO_REUSEADDR: {e}"))?;
+        let local = SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, local_port));
+        bind(fd.as_raw_fd(), &local).map_err(|e| format!("bind port {local_port}: {e}"))?;
+        let SocketAddr::V4(server4) = server else {
+            return Err(format!("{server}: IPv4 only"));
+        };
+        connect(fd.as_raw_fd(), &SockaddrIn::from(server4))
+            .map_err(|e| format!("connect {server} from port {local_port}: {e}"))?;
+        let s = TcpStream::from(fd);
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        Ok(s)
+    })
+}
+
+/// One line round trip on an open connection to an echo server.
+pub fn echo_on(s: &TcpStream, line: &str) -> Result<Echo, String> {
+    let local = s.local_addr().map_err(|e| e.to_string())?;
+    let mut w = s;
+    w.write_all(format!("{line}\n").as_bytes())
+        .map_err(|e| format!("send: {e}"))?;
+    let mut reply = String::new();
+    BufReader::new(s)
+        .read_line(&mut reply)
+        .map_err(|e| format!("echo: {e}"))?;
+    parse_echo(&reply, local)
+}
+
+/// [`udp_echo`] from a given local port (0: any).
+pub fn udp_echo_from(
+    ns: &NetNs,
+    local_port: u16,
+    server: SocketAddr,
+    payload: &str,
+) -> Result<Echo, String> {
     let payload = payload.to_string();
     in_netns(ns, move || {
-        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| e.to_string())?;
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, local_port))
+            .map_err(|e| format!("bind udp port {local_port}: {e}"))?;
         s.connect(server).map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(Duration::from_secs(1)))
             .map_err(|e| e.to_string())?;

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use cni_tests::agentctl::{admin, nat_occupancy, record_of, recorded_masq_ips, AgentProc};
 use cni_tests::prelude::*;
 use cni_tests::traffic::{
-    in_netns, spawn_in_netns, tcp_echo, udp_echo, TcpEchoServer, UdpEchoServer,
+    echo_on, in_netns, spawn_in_netns, tcp_connect_from, tcp_echo, udp_echo, udp_echo_from,
+    TcpEchoServer, UdpEchoServer,
 };
 use cni_tests::uplink::{masq_conf, result_ipv4, External};
 
@@ -453,7 +454,7 @@ fn thousand_concurrent_connections() {
                     match BufReader::new(s).read_line(&mut reply) {
                         Ok(_) if reply.trim_end().ends_with(&format!(" conn {t}/{i}")) => {
                             match reply.split(' ').next().unwrap_or("").parse::<SocketAddr>() {
-                                Ok(peer) => seen.push(peer),
+                                Ok(peer) => seen.push((peer, s.local_addr().ok())),
                                 Err(e) => errors.push(format!("bad peer in {reply:?}: {e}")),
                             }
                         }
@@ -505,14 +506,15 @@ fn thousand_concurrent_connections() {
     );
     let ports: BTreeSet<u16> = peers.iter().map(|p| p.port()).collect();
     assert_eq!(ports.len(), TOTAL, "distinct source ports");
-    assert!(
-        ports.iter().all(|p| (40000..=44999).contains(p)),
-        "ports from the configured NAT range: {:?}..{:?}",
-        ports.first(),
-        ports.last()
-    );
+    // The pod's ports are free on the node side: each connection keeps its
+    // own (netfilter's choice).
+    let kept = seen
+        .iter()
+        .filter(|(peer, local)| local.is_some_and(|l| l.port() == peer.port()))
+        .count();
+    assert_eq!(kept, TOTAL, "every connection keeps the pod's source port");
     // Each client's echo names the port its own connection got.
-    let echoed_ports: BTreeSet<u16> = seen.iter().map(|p| p.port()).collect();
+    let echoed_ports: BTreeSet<u16> = seen.iter().map(|(p, _)| p.port()).collect();
     assert_eq!(echoed_ports, ports, "echoed peers = accepted peers");
 
     // While open: one binding per connection, both halves.
@@ -673,7 +675,8 @@ fn frag_needed_reaches_the_pod() {
 /// With every port of the masquerade range taken for one remote endpoint,
 /// new flows to it are dropped and counted (`snatNoPort` in `cni-agent
 /// status`), and the agent logs that at most once a second instead of a
-/// line per dropped packet.
+/// line per dropped packet. (ICMP echo identifiers always come from the
+/// range: a two-port range holds two pings.)
 #[test]
 fn port_exhaustion_is_counted_and_logged_once_a_second() {
     require_e2e!();
@@ -685,19 +688,19 @@ fn port_exhaustion_is_counted_and_logged_once_a_second() {
     let list = conflist_of(&masq_conf(&node, NET, BRIDGE_NAME, &ext.pod_subnet()));
     let att = Attachment::new("noport-ctr", &pod, "eth0");
     let result = add(&rt, &list, &att);
-    let _udp = UdpEchoServer::start(&ext.ns, UDP_PORT);
-    let server = SocketAddr::from((ext.ext_addr, UDP_PORT));
+    let ext_addr = ext.ext_addr.to_string();
 
-    // Two flows take the two ports; the others find none, for 3 s.
+    // Two pings take the two ports; the others find none, for 3 s.
     let started = Instant::now();
     let mut answered = 0;
     while started.elapsed() < Duration::from_secs(3) {
-        if udp_echo(&pod, server, "flow").is_ok() {
+        let out = pod.run("ping", &["-c", "1", "-W", "1", &ext_addr]);
+        if out.status.success() {
             answered += 1;
         }
     }
     let elapsed = started.elapsed().as_secs() + 1;
-    assert!(answered >= 2, "the first flows get the two ports");
+    assert!(answered >= 1, "the first pings get the ports");
     let dropped = admin(&node, "status")["stats"]["snatNoPort"]
         .as_u64()
         .unwrap_or(0);
@@ -719,5 +722,100 @@ fn port_exhaustion_is_counted_and_logged_once_a_second() {
         "at most one log line a second: {lines} lines for {dropped} drops in {elapsed} s"
     );
     rt.del_list(&list, &att, Some(&result))
+        .unwrap_or_else(|o| panic!("{o}"));
+}
+
+/// Masquerade picks ports as netfilter does: a pod keeps its own source
+/// port when the translated tuple is free (ports are per remote endpoint),
+/// and takes one from the range when another pod's binding, a socket of
+/// the node or a hostPort holds it. A node socket that picks a tuple a
+/// pod's binding holds is translated itself, so neither steals the
+/// other's replies.
+#[test]
+fn source_ports_are_kept_when_free_and_never_collide() {
+    require_e2e!();
+    let fx = fixture("keep", &[]);
+    let (pod_a, pod_b) = (fx.node.pod("keepa"), fx.node.pod("keepb"));
+    let rt = fx.node.runtime(Impl::Ours);
+    let list = fx.conf();
+    let att_a = Attachment::new("keep-a", &pod_a, "eth0");
+    let att_b = Attachment::new("keep-b", &pod_b, "eth0");
+    let res_a = add(&rt, &list, &att_a);
+    let res_b = add(&rt, &list, &att_b);
+    let _tcp = TcpEchoServer::start(&fx.ext.ns, TCP_PORT);
+    let _tcp2 = TcpEchoServer::start(&fx.ext.ns, TCP_PORT + 2);
+    let _udp = UdpEchoServer::start(&fx.ext.ns, UDP_PORT);
+    let node_ip = IpAddr::V4(fx.ext.node_addr);
+    let echo =
+        |s: &TcpStream, what: &str| echo_on(s, what).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let connect = |ns: &NetNs, port: u16, server: SocketAddr, what: &str| {
+        tcp_connect_from(ns, port, server).unwrap_or_else(|e| panic!("{what}: {e}"))
+    };
+
+    // Free: kept.
+    let a1 = connect(&pod_a, 40123, fx.ext_tcp(), "pod a from 40123");
+    let seen = echo(&a1, "a1").seen_as;
+    assert_eq!(seen, SocketAddr::new(node_ip, 40123), "a free port is kept");
+    // Held by pod a's binding: pod b gets another port, both flows live.
+    let b1 = connect(&pod_b, 40123, fx.ext_tcp(), "pod b from 40123");
+    let seen_b = echo(&b1, "b1").seen_as;
+    assert_eq!(seen_b.ip(), node_ip);
+    assert_ne!(seen_b.port(), 40123, "a held tuple is not given twice");
+    assert_eq!(echo(&a1, "a1 again").seen_as.port(), 40123);
+    // Ports are per remote endpoint: the same port to another one is free.
+    let b2 = connect(
+        &pod_b,
+        40123,
+        SocketAddr::from((fx.ext.ext_addr, TCP_PORT + 2)),
+        "pod b from 40123 to another port",
+    );
+    assert_eq!(echo(&b2, "b2").seen_as.port(), 40123);
+
+    // A node connection holds the tuple: the pod's flow goes around it.
+    let n1 = connect(&fx.node.ns, 40200, fx.ext_tcp(), "node from 40200");
+    assert_eq!(echo(&n1, "n1").seen_as, SocketAddr::new(node_ip, 40200));
+    let a2 = connect(&pod_a, 40200, fx.ext_tcp(), "pod a from 40200");
+    assert_ne!(echo(&a2, "a2").seen_as.port(), 40200, "the node's tuple");
+    assert_eq!(echo(&n1, "n1 again").seen_as.port(), 40200);
+
+    // A pod's binding holds the tuple a node socket then picks: the node's
+    // flow is translated, and both keep their replies.
+    let a3 = connect(&pod_a, 40300, fx.ext_tcp(), "pod a from 40300");
+    assert_eq!(echo(&a3, "a3").seen_as.port(), 40300);
+    let n2 = connect(&fx.node.ns, 40300, fx.ext_tcp(), "node from 40300");
+    let seen_n2 = echo(&n2, "n2").seen_as;
+    assert_eq!(seen_n2.ip(), node_ip);
+    assert_ne!(
+        seen_n2.port(),
+        40300,
+        "the node's flow is moved off the pod's tuple"
+    );
+    assert_eq!(echo(&a3, "a3 again").seen_as.port(), 40300);
+    assert_eq!(echo(&n2, "n2 again").seen_as, seen_n2);
+
+    // UDP: a bound node socket holds its port for every remote.
+    let node_sock = in_netns(&fx.node.ns, || {
+        std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 40400)).expect("node udp 40400")
+    });
+    let u1 = udp_echo_from(&pod_a, 40400, fx.ext_udp(), "u1").expect("pod a udp from 40400");
+    assert_ne!(u1.seen_as.port(), 40400, "a port a node socket is bound to");
+    let u2 = udp_echo_from(&pod_a, 40401, fx.ext_udp(), "u2").expect("pod a udp from 40401");
+    assert_eq!(
+        u2.seen_as,
+        SocketAddr::new(node_ip, 40401),
+        "a free UDP port is kept"
+    );
+    drop(node_sock);
+
+    let stats = admin(&fx.node, "status")["stats"].clone();
+    assert!(stats["snatPortKept"].as_u64() >= Some(4), "{stats:#}");
+    assert!(stats["snatNodeFlows"].as_u64() >= Some(1), "{stats:#}");
+    assert!(stats["snatPortInUse"].as_u64() >= Some(2), "{stats:#}");
+    for s in [a1, b1, b2, n1, a2, a3, n2] {
+        drop(s);
+    }
+    rt.del_list(&list, &att_b, Some(&res_b))
+        .unwrap_or_else(|o| panic!("{o}"));
+    rt.del_list(&list, &att_a, Some(&res_a))
         .unwrap_or_else(|o| panic!("{o}"));
 }
