@@ -730,11 +730,6 @@ fn bad_configs_are_refused_and_change_nothing() {
     let before = fx.node.snapshot(&[&fx.pod]);
     for (bw, field, reason) in [
         (
-            json!({"ingressRate": 1000}),
-            "ingressBurst",
-            "if rate is set, burst must also be set",
-        ),
-        (
             json!({"egressBurst": 1000}),
             "egressRate",
             "if burst is set, rate must also be set",
@@ -755,9 +750,9 @@ fn bad_configs_are_refused_and_change_nothing() {
             "",
         ),
         (
-            json!({"runtimeConfig": {"bandwidth": {"egressRate": 1000}}}),
-            "runtimeConfig.bandwidth.egressBurst",
-            "if rate is set",
+            json!({"runtimeConfig": {"bandwidth": {"egressBurst": 1000}}}),
+            "runtimeConfig.bandwidth.egressRate",
+            "if burst is set",
         ),
         (
             json!({"ingressRate": 1000, "ingressBurst": 1000, "shapedSubnets": ["10.0.0.0/8"]}),
