@@ -23,6 +23,7 @@
 pub mod agent;
 pub mod agentctl;
 pub mod bpffs;
+pub mod cri;
 pub mod diff;
 pub mod hostport;
 pub mod hostport_node;

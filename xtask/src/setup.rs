@@ -39,6 +39,12 @@ const REQUIRED: &[(&str, &str)] = &[
         "util-linux",
         "nsenter for running plugins inside a node netns",
     ),
+    // containerd's CRI as a real client (tests/tests/cri.rs): containerd
+    // 1.6 with its CRI plugin (and ctr), runc, and the static busybox the
+    // offline pause and workload images are built from.
+    ("containerd", "the CRI runtime the CRI tests drive"),
+    ("runc", "the OCI runtime containerd starts pods with"),
+    ("busybox-static", "/bin/busybox for the locally built images"),
 ];
 
 /// Installed when the distribution has it (checked with apt-cache policy).
