@@ -49,8 +49,9 @@ enum Cmd {
         reference: bool,
     },
     /// Benchmark our plugins against the reference ones, side by side:
-    /// pod churn, datapath, connection rate, bandwidth, cost (root;
-    /// release build). Writes target/bench/report.{md,json} and charts.
+    /// pod churn, datapath, connection rate, bandwidth, firewall, cost,
+    /// pods through containerd's CRI (root; release build). Writes
+    /// target/bench/report.{md,json} and charts.
     Bench(bench::Opts),
 }
 

@@ -16,9 +16,15 @@
 //!   machine noise spreads evenly over the three. The firewall-rule runs
 //!   use client pods of their own, with 0, 100 and 1,000 rules each.
 //!
+//! - C, cri: a node per chain with a private containerd of its own; N
+//!   pods (at most 100) started through its CRI as kubelet starts them,
+//!   each chain in turn, timed until each answers on its hostPort, then
+//!   stopped and removed, timed (see `cri.rs`).
+//!
 //! Results go to target/bench/report.{md,json} and PNG charts.
 mod charts;
 mod cost;
+mod cri;
 mod progress;
 mod report;
 mod session;
@@ -81,6 +87,10 @@ pub enum Section {
     /// connections/s with 0, 100 and 1,000 firewall rules (needs
     /// ebpf-firewall).
     Firewall,
+    /// RunPodSandbox → ready and StopPodSandbox + RemovePodSandbox through
+    /// containerd's CRI, min(--pods, 100) pods with a hostPort and the
+    /// bandwidth annotations each.
+    Cri,
 }
 
 #[derive(clap::Args)]
@@ -294,6 +304,9 @@ pub struct Results {
     pub bw: Vec<BwSample>,
     #[serde(default)]
     pub fw: Vec<FwSample>,
+    /// The `cri` section's runs (one per chain and repeat).
+    #[serde(default)]
+    pub cri: Vec<cri::CriRun>,
     /// Agent RSS after the traffic phase, KiB.
     pub agent_rss_after_traffic_kib: Option<u64>,
     pub conflists: BTreeMap<String, serde_json::Value>,
@@ -407,6 +420,7 @@ pub fn run(opts: &Opts) -> Result<()> {
             Section::Connrate,
             Section::Bandwidth,
             Section::Firewall,
+            Section::Cri,
         ]
     } else {
         opts.only.clone()
@@ -465,18 +479,37 @@ pub fn run(opts: &Opts) -> Result<()> {
                 .into(),
         );
     }
+    let mut phase_c = cfg.has(Section::Cri);
+    if phase_c {
+        if let Some(why) = crate::cri::missing() {
+            res.not_measured
+                .push(format!("cri: containerd's CRI cannot run here: {why}"));
+            phase_c = false;
+        }
+    }
     let tasks = if phase_b {
         plan_traffic(&cfg, bw, fw)
     } else {
         Vec::new()
     };
-    let total =
-        if phase_a { cfg.repeats * 4 } else { 0 } + if phase_b { 5 + tasks.len() } else { 0 } + 1;
+    let total = if phase_a { cfg.repeats * 4 } else { 0 }
+        + if phase_b { 5 + tasks.len() } else { 0 }
+        + if phase_c { cfg.repeats * 3 } else { 0 }
+        + 1;
     let mut pg = Progress::new(total);
     print_intro(&cfg);
 
     if phase_a {
         churn_phase(&cfg, &env, &mut pg, &mut res)?;
+    }
+    if phase_c {
+        // Not fatal: the other sections' results still get their report.
+        if let Err(e) = cri::phase(&cfg, &env, &mut pg, &mut res) {
+            crate::proc::check_interrupted()?;
+            pg.note(&format!("cri: FAILED: {e:#}"));
+            res.not_measured
+                .push(format!("cri: the section stopped: {e:#}"));
+        }
     }
     if phase_b {
         traffic_phase(&cfg, &env, &tasks, (bw, fw), &mut pg, &mut res)?;
@@ -511,6 +544,13 @@ fn print_intro(cfg: &Config) {
     if !cfg.sockperf {
         println!(
             "    sockperf not installed: request/response uses the benchmark's own TCP client"
+        );
+    }
+    if cfg.has(Section::Cri) {
+        println!(
+            "    cri: {} pods per chain through a private containerd each (min(--pods, {}))",
+            cri::pods(cfg.pods),
+            cri::MAX_PODS
         );
     }
 }

@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
 use super::charts::{self, Bar, BarGroup, BarPanel, Line, LinePanel};
+use super::cri::{CriPod, CriRun};
 use super::stats::{median, percentile, r3, ratio, ratio_value, slope, Spread};
 use super::{ChurnRun, Config, Dir, Extra, Impl, Metric, PathKind, Results, Section};
 use crate::proc;
@@ -156,6 +157,56 @@ fn has_dp(res: &Results, metric: Metric) -> bool {
     res.samples.iter().any(|s| s.metric == metric)
 }
 
+fn cri_runs(res: &Results, imp: Impl) -> Vec<&CriRun> {
+    res.cri.iter().filter(|r| r.imp == imp).collect()
+}
+
+/// The `cri` section's per-pod times: (JSON key, label, value of a pod).
+type CriMetric = (&'static str, &'static str, fn(&CriPod) -> f64);
+const CRI_METRICS: [CriMetric; 5] = [
+    ("ready", "RunPodSandbox → hostPort answers (ready)", |p| {
+        p.ready_ms
+    }),
+    ("run_pod_sandbox", "RunPodSandbox call", |p| p.run_ms),
+    ("stop_pod_sandbox", "StopPodSandbox", |p| p.stop_ms),
+    ("remove_pod_sandbox", "RemovePodSandbox", |p| p.remove_ms),
+    (
+        "stop_and_remove",
+        "StopPodSandbox + RemovePodSandbox",
+        CriPod::stop_remove_ms,
+    ),
+];
+
+/// Per repeat, percentile `p` of `f` over the pods `lo..=hi` (all when
+/// `None`): its spread over the repeats.
+fn cri_stat(
+    runs: &[&CriRun],
+    f: fn(&CriPod) -> f64,
+    p: f64,
+    range: Option<(usize, usize)>,
+) -> Spread {
+    let v: Vec<f64> = runs
+        .iter()
+        .map(|r| {
+            let (lo, hi) = range.unwrap_or((0, r.pods.len().saturating_sub(1)));
+            let xs: Vec<f64> = r
+                .pods
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| (lo..=hi).contains(i))
+                .map(|(_, x)| f(x))
+                .collect();
+            percentile(&xs, p)
+        })
+        .collect();
+    Spread::of(&v)
+}
+
+/// Pods per chain in the `cri` runs (the most any run started).
+fn cri_pods(res: &Results) -> usize {
+    res.cri.iter().map(|r| r.pods.len()).max().unwrap_or(0)
+}
+
 /// `met` / `not met`, and whether the two ranges overlap (then the
 /// difference is within this run's noise).
 fn verdict(met: bool, a: &Spread, b: &Spread) -> String {
@@ -296,6 +347,7 @@ pub fn write(cfg: &Config, res: &Results, dir: &Path) -> Result<()> {
     connrate_section(&mut md, cfg, res);
     bandwidth_section(&mut md, cfg, res);
     firewall_section(&mut md, cfg, res);
+    cri_section(&mut md, cfg, res, &mut summary);
     cost_section(&mut md, cfg, res, &mut summary);
     problems_section(&mut md, cfg, res);
     method_section(&mut md, cfg);
@@ -403,20 +455,40 @@ fn header(md: &mut String, cfg: &Config, res: &Results, m: &Meta) {
             e.reference()
         );
     }
-    let _ = writeln!(
-        md,
-        "- **Scale:** {} pods in the churn; {} hostPort mappings present during the traffic runs. \
-         {} repeat(s), {} s per traffic measurement. Request/response: {}.",
-        cfg.pods,
-        cfg.pods,
-        cfg.repeats,
-        cfg.duration,
-        if cfg.sockperf {
-            "sockperf ping-pong over TCP (full round trips)"
-        } else {
-            "the benchmark's own TCP client (sockperf not installed)"
-        }
-    );
+    let traffic = [
+        Section::Datapath,
+        Section::Connrate,
+        Section::Bandwidth,
+        Section::Firewall,
+    ]
+    .iter()
+    .any(|s| cfg.has(*s));
+    if traffic || cfg.has(Section::Churn) || cfg.has(Section::Cost) {
+        let _ = writeln!(
+            md,
+            "- **Scale:** {} pods in the churn; {} hostPort mappings present during the traffic runs. \
+             {} repeat(s), {} s per traffic measurement. Request/response: {}.",
+            cfg.pods,
+            cfg.pods,
+            cfg.repeats,
+            cfg.duration,
+            if cfg.sockperf {
+                "sockperf ping-pong over TCP (full round trips)"
+            } else {
+                "the benchmark's own TCP client (sockperf not installed)"
+            }
+        );
+    } else {
+        let _ = writeln!(md, "- **Repeats:** {}.", cfg.repeats);
+    }
+    if cfg.has(Section::Cri) {
+        let _ = writeln!(
+            md,
+            "- **CRI:** {} pods per chain started through a private containerd each (min(--pods, {})).",
+            super::cri::pods(cfg.pods),
+            super::cri::MAX_PODS
+        );
+    }
     let _ = writeln!(
         md,
         "- **Reading the figures:** `median [min–max]` over the repeats. Ratios divide the medians. \
@@ -512,6 +584,40 @@ fn summary_rows(
             "del_latency_ms".into(),
             json!({ "ours": od.json(), "reference": rd.json() }),
         );
+    }
+    let (cri_o, cri_r) = (cri_runs(res, Impl::Ours), cri_runs(res, Impl::Reference));
+    if cfg.has(Section::Cri) && !cri_o.is_empty() && !cri_r.is_empty() {
+        let np = cri_pods(res);
+        let [ready, _, _, _, sr] = CRI_METRICS;
+        let o = cri_stat(&cri_o, ready.2, 50.0, None);
+        let r = cri_stat(&cri_r, ready.2, 50.0, None);
+        let goal = if o.is_valid() && r.is_valid() {
+            verdict(
+                o.median <= 0.5 * r.median,
+                &o,
+                &Spread::of(&[0.5 * r.median]),
+            )
+        } else {
+            "n/a".into()
+        };
+        rows.push([
+            format!("RunPodSandbox → hostPort answers, through containerd, {np} pods (ms)"),
+            o.fmt(1),
+            r.fmt(1),
+            "—".into(),
+            format!("ours / reference = {}", ratio(o.median, r.median)),
+            format!("≤ 0.5× reference (issue 13): {goal}"),
+        ]);
+        let so = cri_stat(&cri_o, sr.2, 50.0, None);
+        let sref = cri_stat(&cri_r, sr.2, 50.0, None);
+        rows.push([
+            "StopPodSandbox + RemovePodSandbox, through containerd (ms)".into(),
+            so.fmt(1),
+            sref.fmt(1),
+            "—".into(),
+            format!("ours / reference = {}", ratio(so.median, sref.median)),
+            String::new(),
+        ]);
     }
     let tp = |path: PathKind, imp: Impl| dp(res, path, Metric::Throughput, imp, "gbps");
     let add_dp = |rows: &mut Vec<[String; 6]>,
@@ -1170,6 +1276,171 @@ fn firewall_section(md: &mut String, cfg: &Config, res: &Results) {
     md.push('\n');
 }
 
+fn cri_section(
+    md: &mut String,
+    cfg: &Config,
+    res: &Results,
+    summary: &mut serde_json::Map<String, Value>,
+) {
+    if !cfg.has(Section::Cri) {
+        return;
+    }
+    let _ = writeln!(md, "## CRI: pods through containerd\n");
+    let ours = cri_runs(res, Impl::Ours);
+    let reference = cri_runs(res, Impl::Reference);
+    if ours.is_empty() || reference.is_empty() {
+        let _ = writeln!(
+            md,
+            "Not measured (see \"Not measured, and problems seen\").\n"
+        );
+        return;
+    }
+    let n = cri_pods(res);
+    let _ = writeln!(
+        md,
+        "Kubelet's path: per repeat, a fresh node per chain with a private containerd of its \
+         own (Debian's {}, with its CRI plugin and go-cni) in the node netns, running the \
+         chain's conflist (`conflist-ours.json` / `conflist-reference.json`) with every plugin \
+         and `loopback` from one bin dir. {n} pods per chain, one at a time, the two chains in \
+         turn (the order alternating from pod to pod), so pod *i* sees *i* other sandboxes of \
+         its chain. Each pod is a RunPodSandbox as kubelet sends it: a hostPort{} and the \
+         `kubernetes.io/ingress-bandwidth` / `egress-bandwidth` annotations ({} each){}.\n\n\
+         **Ready** is the time from sending RunPodSandbox until an HTTP GET from the external \
+         netns to the node's address and the pod's hostPort returns the page the sandbox \
+         serves (polled every 2 ms; a refused connection is retried at once). The sandbox image \
+         is busybox httpd instead of a pause that only sleeps, so a sandbox serves as soon as \
+         its process runs: ready = RunPodSandbox (netns, the CNI ADDs of `loopback` and the \
+         conflist, the sandbox container started by runc) + the first answer through the \
+         hostPort. No CreateContainer/StartContainer: their cost is containerd's and runc's, \
+         the same for both chains. Then StopPodSandbox (the CNI DELs) and RemovePodSandbox of \
+         every pod, in reverse, timed each. Figures: per repeat the median, p95 and p99 over \
+         the pods, shown as `median [min–max]` over the repeats.\n",
+        containerd_version(),
+        if cfg.extras.contains(&Extra::Portmap) {
+            ""
+        } else {
+            " (portmap is not in the chain: ready is the pod's own address answering from the node)"
+        },
+        format_args!("{}M", super::CHURN_RATE),
+        if cfg.extras.contains(&Extra::Bandwidth) {
+            ""
+        } else {
+            "; bandwidth is not in the chain, so the annotations change nothing"
+        },
+    );
+    md.push_str(
+        "| per pod (ms) | ours median | ours p95 | ours p99 | reference median | reference p95 | reference p99 | ours / reference (median) |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    let mut js = serde_json::Map::new();
+    js.insert("pods".into(), json!(n));
+    for (key, label, f) in CRI_METRICS {
+        let s = |rs: &[&CriRun], p| cri_stat(rs, f, p, None);
+        let (o50, o95, o99) = (s(&ours, 50.0), s(&ours, 95.0), s(&ours, 99.0));
+        let (r50, r95, r99) = (
+            s(&reference, 50.0),
+            s(&reference, 95.0),
+            s(&reference, 99.0),
+        );
+        let _ = writeln!(
+            md,
+            "| {label} | {} | {} | {} | {} | {} | {} | {} |",
+            o50.fmt(1),
+            o95.fmt(1),
+            o99.fmt(1),
+            r50.fmt(1),
+            r95.fmt(1),
+            r99.fmt(1),
+            ratio(o50.median, r50.median)
+        );
+        js.insert(
+            key.into(),
+            json!({
+                "ours": { "median": o50.json(), "p95": o95.json(), "p99": o99.json() },
+                "reference": { "median": r50.json(), "p95": r95.json(), "p99": r99.json() },
+                "ours_over_reference": ratio_value(o50.median, r50.median),
+            }),
+        );
+    }
+    md.push('\n');
+    let ready = CRI_METRICS[0].2;
+    let d = deciles(n);
+    if d.len() > 1 {
+        let (f, l) = (d[0], d[d.len() - 1]);
+        let g = |rs: &[&CriRun], b: (usize, usize)| cri_stat(rs, ready, 50.0, Some(b));
+        let _ = writeln!(
+            md,
+            "Ready against pods present (median ms): ours {} with {}–{} other sandboxes, {} with \
+             {}–{}; reference {} → {}.\n",
+            g(&ours, f).fmt(1),
+            f.0,
+            f.1,
+            g(&ours, l).fmt(1),
+            l.0,
+            l.1,
+            g(&reference, f).fmt(1),
+            g(&reference, l).fmt(1)
+        );
+    }
+    let o = cri_stat(&ours, ready, 50.0, None);
+    let r = cri_stat(&reference, ready, 50.0, None);
+    let met = (o.is_valid() && r.is_valid()).then_some(o.median <= 0.5 * r.median);
+    let _ = writeln!(
+        md,
+        "Goal (issue 13): through containerd's RunPodSandbox, ours ≤ 0.5× the reference — \
+         ready median ours / reference = {}: **{}**.\n",
+        ratio(o.median, r.median),
+        match met {
+            Some(true) => "met",
+            Some(false) => "not met",
+            None => "n/a",
+        }
+    );
+    if o.is_valid() && r.is_valid() {
+        let _ = writeln!(
+            md,
+            "The reference takes {:.1} ms more per pod (medians): that is the difference of the \
+             two CNI chains as containerd runs them; the rest of RunPodSandbox (the netns, \
+             containerd's bookkeeping, runc starting the sandbox) is the same for both. The goal \
+             needs ours at {:.1} ms or less.\n",
+            r.median - o.median,
+            0.5 * r.median
+        );
+    }
+    js.insert(
+        "goal_ready_ours_at_most_half_of_reference".into(),
+        json!(met),
+    );
+    let start =
+        |rs: &[&CriRun]| Spread::of(&rs.iter().map(|r| r.containerd_start_s).collect::<Vec<_>>());
+    let _ = writeln!(
+        md,
+        "containerd up (CRI answering, images imported), not part of any pod's time: ours {} s, \
+         reference {} s.\n",
+        start(&ours).fmt(1),
+        start(&reference).fmt(1)
+    );
+    for r in res.cri.iter().filter(|r| r.error.is_some()) {
+        let _ = writeln!(
+            md,
+            "- failed: {} repeat {}: {}",
+            r.imp.key(),
+            r.rep + 1,
+            r.error.as_deref().unwrap_or("")
+        );
+    }
+    summary.insert("cri_ms".into(), Value::Object(js));
+}
+
+fn containerd_version() -> String {
+    let v = first_line(proc::cmd("dpkg-query").args(["-W", "-f=${Version}", "containerd"]));
+    if v.is_empty() {
+        "containerd".into()
+    } else {
+        format!("containerd {v}")
+    }
+}
+
 fn cost_section(
     md: &mut String,
     cfg: &Config,
@@ -1511,6 +1782,11 @@ fn problems_section(md: &mut String, cfg: &Config, res: &Results) {
             }
         }
     }
+    for r in &res.cri {
+        if let Some(e) = &r.error {
+            items.push(format!("cri {} repeat {}: {e}", r.imp.label(), r.rep + 1));
+        }
+    }
     for b in &res.bw {
         if let Some(e) = &b.error {
             items.push(format!(
@@ -1801,6 +2077,67 @@ fn draw_charts(
             "firewall.png",
             "Pod → external throughput, p99 latency and connections/s against firewall rules, ours and the reference",
             charts::lines(&dir.join("firewall.png"), (1800, 520), &panels, false),
+        );
+    }
+    let (cri_o, cri_r) = (cri_runs(res, Impl::Ours), cri_runs(res, Impl::Reference));
+    if !cri_o.is_empty() && !cri_r.is_empty() {
+        let n = cri_pods(res);
+        let w = (n / 25).max(1);
+        let panel = |f: fn(&CriPod) -> f64, title: &str| -> LinePanel {
+            let mut lines = Vec::new();
+            for (rs, name, color) in [(&cri_o, "ours", 0), (&cri_r, "reference", 1)] {
+                let mut med = Vec::new();
+                let mut p95 = Vec::new();
+                let mut lo = 0;
+                while lo < n {
+                    let hi = (lo + w - 1).min(n - 1);
+                    let v: Vec<f64> = rs
+                        .iter()
+                        .flat_map(|r| r.pods.iter().skip(lo).take(hi + 1 - lo).map(f))
+                        .collect();
+                    let x = (lo + hi) as f64 / 2.0;
+                    med.push((x, median(&v)));
+                    p95.push((x, percentile(&v, 95.0)));
+                    lo = hi + 1;
+                }
+                let keep = |v: Vec<(f64, f64)>| -> Vec<(f64, f64)> {
+                    v.into_iter().filter(|(_, y)| y.is_finite()).collect()
+                };
+                lines.push(Line {
+                    label: format!("{name} median"),
+                    color,
+                    thin: false,
+                    points: keep(med),
+                });
+                // A p95 of fewer than five pods is their maximum: left out.
+                if w * rs.len() >= 5 {
+                    lines.push(Line {
+                        label: format!("{name} p95"),
+                        color,
+                        thin: true,
+                        points: keep(p95),
+                    });
+                }
+            }
+            LinePanel {
+                title: title.into(),
+                x_desc: "other sandboxes of the chain".into(),
+                y_desc: "ms per pod".into(),
+                lines,
+            }
+        };
+        try_draw(
+            "cri.png",
+            "Through containerd: RunPodSandbox until the hostPort answers, and StopPodSandbox + RemovePodSandbox, against pods present, ours and the reference",
+            charts::lines(
+                &dir.join("cri.png"),
+                (1500, 560),
+                &[
+                    panel(|p| p.ready_ms, "RunPodSandbox → hostPort answers"),
+                    panel(CriPod::stop_remove_ms, "StopPodSandbox + RemovePodSandbox"),
+                ],
+                false,
+            ),
         );
     }
     out
