@@ -44,7 +44,10 @@ const REQUIRED: &[(&str, &str)] = &[
     // offline pause and workload images are built from.
     ("containerd", "the CRI runtime the CRI tests drive"),
     ("runc", "the OCI runtime containerd starts pods with"),
-    ("busybox-static", "/bin/busybox for the locally built images"),
+    (
+        "busybox-static",
+        "/bin/busybox for the locally built images",
+    ),
 ];
 
 /// Installed when the distribution has it (checked with apt-cache policy).
