@@ -39,6 +39,9 @@ pub mod map_names {
     /// [`SockRevKey`](super::SockRevKey) -> [`SockRevValue`](super::SockRevValue):
     /// what a node-local socket redirected to a pod believes it talks to.
     pub const SOCK_REVERSE: &str = "SOCK_REVERSE";
+    /// [0]: the netns cookie of the agent's namespace, the only one whose
+    /// sockets the cgroup hooks rewrite.
+    pub const SOCK_NETNS: &str = "SOCK_NETNS";
     /// [`RateKey`](super::RateKey) -> [`RateBucket`](super::RateBucket):
     /// the token buckets of ebpf-bandwidth.
     pub const RATE_BUCKETS: &str = "RATE_BUCKETS";

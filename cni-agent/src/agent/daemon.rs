@@ -47,7 +47,8 @@ pub struct AgentConfig {
     /// Where hostPort DNAT runs on the uplinks.
     pub hostport_mode: HostPortMode,
     /// cgroup (v2 directory) whose processes reach hostPorts through the
-    /// socket hooks; none = node-local clients are not served.
+    /// socket hooks; `None`: the cgroup v2 root. Either way only sockets of
+    /// the agent's network namespace are rewritten.
     pub cgroup: Option<PathBuf>,
     /// How often uplinks are rescanned and bindings expired.
     pub interval: Duration,
@@ -257,9 +258,18 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         "datapath loaded, maps pinned under {}; {taken} pinned links now run this build's programs",
         layout.maps_dir().display()
     );
-    if let Some(cg) = &cfg.cgroup {
-        attach_cgroup(&mut ebpf, &layout, cg)?;
-    }
+    // The socket hooks: at the cgroup v2 root unless told otherwise, acting
+    // only on sockets of this namespace.
+    let cookie = crate::datapath::cgroup::claim_netns(&layout)?;
+    let cgroup = match &cfg.cgroup {
+        Some(cg) => cg.clone(),
+        None => crate::datapath::cgroup::cgroup2_root(&cfg.paths.state_dir.join("cgroupv2"))?,
+    };
+    attach_cgroup(&mut ebpf, &layout, &cgroup)?;
+    log::info!(
+        "node-local hostPort clients: socket hooks on cgroup {} for netns cookie {cookie}",
+        cgroup.display()
+    );
     let stop = Arc::new(AtomicBool::new(false));
 
     let nl = Netlink::connect()?;

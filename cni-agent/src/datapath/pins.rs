@@ -108,6 +108,7 @@ pub fn map_specs() -> Vec<MapSpec> {
         spec::<CtKey, NatEntry>(map_names::HP_ORIG, MapType::LruHash),
         spec::<CtKey, HpReply>(map_names::HP_REPLY, MapType::LruHash),
         spec::<SockRevKey, SockRevValue>(map_names::SOCK_REVERSE, MapType::LruHash),
+        spec::<u32, u64>(map_names::SOCK_NETNS, MapType::Array),
         spec::<cni_ebpf_common::RateKey, cni_ebpf_common::RateBucket>(
             map_names::RATE_BUCKETS,
             MapType::Hash,
