@@ -56,6 +56,10 @@ pub mod map_names {
     pub const FW_CT: &str = "FW_CT";
     /// ebpf-firewall: verdicts of fragmented datagrams [`FwFragKey`](super::FwFragKey) -> action.
     pub const FW_FRAGS: &str = "FW_FRAGS";
+    /// Fragmented datagrams the NAT programs (masquerade, hostPort) translated:
+    /// [`NatFragKey`](super::NatFragKey) -> [`NatFragPorts`](super::NatFragPorts),
+    /// so the fragments after the first get the same translation.
+    pub const NAT_FRAGS: &str = "NAT_FRAGS";
     /// ebpf-firewall: per-CPU per-attachment counters (ifindex -> [`FwStats`](super::FwStats)).
     pub const FW_STATS: &str = "FW_STATS";
     /// ebpf-firewall: per-CPU rule hits [`FwRuleKey`](super::FwRuleKey) -> packets.
@@ -473,6 +477,38 @@ pub struct FwFragKey {
     pub dst: [u32; 4],
 }
 
+/// A fragmented datagram as one NAT program saw it before translating it
+/// (addresses as they were at that hook): only its first fragment carries
+/// the transport header, so the others are matched by this key instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NatFragKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// IP identification as found in the packet (IPv4: the 16-bit field in
+    /// network order, zero-extended; room for IPv6's 32-bit one).
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// What the first fragment of a datagram said, for the fragments after it:
+/// its ports (network order; ICMP echo: the identifier in both), which is
+/// all the NAT lookups need.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatFragPorts {
+    pub sport: u16,
+    pub dport: u16,
+    /// ICMP type of the first fragment (0 for TCP and UDP).
+    pub icmp_type: u8,
+    pub _pad: [u8; 3],
+    /// bpf_ktime_get_ns() when the first fragment passed: an entry older
+    /// than the reassembly timeout belongs to an earlier datagram.
+    pub first_seen_ns: u64,
+}
+
 /// Per-attachment counters (`fw::STAT_*` slots), per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -584,9 +620,15 @@ pub mod stat {
     /// New masquerade bindings that took over the port of a closed
     /// connection (RST, or FIN both ways) instead of waiting for expiry.
     pub const SNAT_PORT_REUSED: u32 = 16;
+    /// First fragments of datagrams translated by the masquerade or hostPort
+    /// programs, remembered (NAT_FRAGS) for the fragments after them.
+    pub const FRAG_FIRST: u32 = 17;
+    /// Fragments after the first translated from what their first fragment
+    /// left in NAT_FRAGS (addresses only: they carry no transport header).
+    pub const FRAG_TRANSLATED: u32 = 18;
 
     /// Names of the slots, as the agent reports them.
-    pub const NAMES: [(u32, &str); 17] = [
+    pub const NAMES: [(u32, &str); 19] = [
         (SNAT_NEW, "snatNew"),
         (SNAT_NO_PORT, "snatNoPort"),
         (SNAT_XLATE, "snatTranslated"),
@@ -604,6 +646,8 @@ pub mod stat {
         (FW_SPOOFED, "firewallSpoofed"),
         (FW_DROPPED, "firewallDropped"),
         (SNAT_PORT_REUSED, "snatPortReused"),
+        (FRAG_FIRST, "fragFirstRemembered"),
+        (FRAG_TRANSLATED, "fragTranslated"),
     ];
     /// Number of slots in the array (room to grow without a new layout).
     pub const COUNT: u32 = 32;
@@ -636,6 +680,8 @@ mod pod {
     unsafe impl aya::Pod for super::FwCtKey {}
     unsafe impl aya::Pod for super::FwCtEntry {}
     unsafe impl aya::Pod for super::FwFragKey {}
+    unsafe impl aya::Pod for super::NatFragKey {}
+    unsafe impl aya::Pod for super::NatFragPorts {}
     unsafe impl aya::Pod for super::FwStats {}
     unsafe impl aya::Pod for super::FwRuleKey {}
 }
