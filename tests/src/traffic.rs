@@ -353,8 +353,11 @@ impl UdpBlobServer {
                     match sock.recv_from(&mut buf) {
                         Ok((n, peer)) => {
                             let data = buf[..n].to_vec();
-                            let _ = sock.send_to(&blob_reply(&data), peer);
+                            let reply = blob_reply(&data);
+                            // Kept before answering: a client holding the
+                            // reply finds its datagram here.
                             received.lock().unwrap().push((peer, data));
+                            let _ = sock.send_to(&reply, peer);
                         }
                         Err(e)
                             if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
