@@ -186,6 +186,11 @@ pub fn parse_icmp_error(ctx: &TcContext, outer: &Ipv4Packet) -> Option<IcmpError
     if ihl < 20 {
         return None;
     }
+    // A quoted fragment after the first has payload where ports would be.
+    let frag = frag::position(u16::from_be(ctx.load::<u16>(l3 + IP_FRAG_OFF).ok()?));
+    if frag == Frag::Later {
+        return None;
+    }
     let proto: u8 = ctx.load(l3 + 9).ok()?;
     let saddr: u32 = ctx.load(l3 + IP_SADDR).ok()?;
     let daddr: u32 = ctx.load(l3 + IP_DADDR).ok()?;
