@@ -57,13 +57,24 @@ pub fn cgroup2_root(private: &Path) -> Result<PathBuf, DatapathError> {
         None::<&str>,
     )
     .map_err(|e| err(private, io::Error::from(e)))?;
-    log::info!("no cgroup2 mount found: mounted one at {}", private.display());
+    log::info!(
+        "no cgroup2 mount found: mounted one at {}",
+        private.display()
+    );
     Ok(private.to_path_buf())
 }
 
 /// The netns cookie of the calling thread's network namespace.
 pub fn own_netns_cookie() -> io::Result<u64> {
-    let sock = std::net::UdpSocket::bind(("127.0.0.1", 0))?;
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    // An unbound socket is enough (and needs no address: lo may be down).
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(io::Error::from)?;
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: a valid socket, and an out-buffer of the size passed.
@@ -110,7 +121,10 @@ mod tests {
             cgroup2_mount(hybrid),
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
-        assert_eq!(cgroup2_mount("24 23 0:21 / /sys rw - sysfs sysfs rw\n"), None);
+        assert_eq!(
+            cgroup2_mount("24 23 0:21 / /sys rw - sysfs sysfs rw\n"),
+            None
+        );
     }
 
     #[test]
