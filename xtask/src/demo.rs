@@ -8,13 +8,19 @@
 //! The demo is a list of steps; each one checks what it shows, and the demo
 //! exits 0 only if every step held. New features (hostPort, firewall, ...)
 //! are new steps.
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use cni_cri::api::{ContainerState, PodSandboxState};
+use cni_cri::sandbox::pod_ips;
+use cni_cri::{ContainerSpec, HostPort, PodSpec, SandboxInfo};
 use serde_json::Value;
 
 use crate::agent::Agent;
 use crate::cni::{self, Attachment, Conflist, Runtime};
+use crate::cri::{Cri, Plugins, HTTPD_IMAGE, HTTPD_PORT, PAUSE_IMAGE, PAYLOAD};
 use crate::netns::{self, Netns, TempDir};
 use crate::proc;
 
@@ -41,6 +47,15 @@ const NODE_UPLINK_ADDR: &str = "198.18.0.1/24";
 const EXTERNAL_ADDR: &str = "198.18.0.2/24";
 const EXTERNAL_IP: &str = "198.18.0.2";
 const NODE_UPLINK_IP: &str = "198.18.0.1";
+/// The hostPort of the pod containerd starts, and its bandwidth
+/// annotations (both directions).
+const CRI_HOST_PORT: u16 = 30081;
+const CRI_BANDWIDTH: &str = "10M";
+const CRI_RATE_BPS: u64 = 10_000_000;
+/// How long the workload may take to answer on its hostPort.
+const CRI_SERVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Title prefix of the steps that go through containerd's CRI.
+const CRI_STEP: &str = "CRI: ";
 
 struct Pod {
     label: &'static str,
@@ -49,8 +64,18 @@ struct Pod {
     result: Option<Value>,
 }
 
-/// Field order is drop order: pods' namespaces first, then the agent (so
-/// its bpffs can go), the external and node namespaces, then the files.
+/// The pod containerd runs, as kubelet knows it.
+struct CriPod {
+    id: String,
+    spec: PodSpec,
+    container: Option<String>,
+}
+
+/// Field order is drop order: containerd first (its sandboxes are stopped
+/// and removed through the CRI while the agent still serves their DELs,
+/// then it is stopped and whatever it left is killed, unmounted and
+/// removed), the pods' namespaces, then the agent (so its bpffs can go),
+/// the external and node namespaces, then the files.
 struct Demo {
     bin_dir: PathBuf,
     /// Plugin types: bridge, IPAM, portmap, firewall, bandwidth.
@@ -58,6 +83,8 @@ struct Demo {
     /// Servers the demo runs in the pods and the external netns; killed
     /// before their namespaces go.
     servers: Vec<std::process::Child>,
+    cri: Option<Cri>,
+    cri_pod: Option<CriPod>,
     pods: Vec<Pod>,
     agent: Option<Agent>,
     runtime: Option<Runtime>,
@@ -81,6 +108,17 @@ impl Drop for Demo {
                 .map(|n| n.name.as_str()),
         );
         proc::heading("Cleanup");
+        if let Some(c) = &self.cri {
+            println!(
+                "    stopping containerd{}: its sandboxes removed through the CRI, then its processes, mounts and {}",
+                c.containerd()
+                    .ok()
+                    .and_then(|c| c.pid())
+                    .map(|p| format!(" (pid {p})"))
+                    .unwrap_or_default(),
+                c.dir().display()
+            );
+        }
         if let Some(a) = &self.agent {
             println!(
                 "    stopping cni-agent (pid {}), unmounting its bpffs",
@@ -142,6 +180,26 @@ const STEPS: &[(&str, StepFn)] = &[
         "Nothing is left: no veths, IP reservations or records",
         Demo::nothing_left,
     ),
+    (
+        "CRI: a private containerd in the node netns runs the same conflist",
+        Demo::cri_start,
+    ),
+    (
+        "CRI: RunPodSandbox as kubelet sends it (hostPort 30081, bandwidth annotations), then a workload container",
+        Demo::cri_run_pod,
+    ),
+    (
+        "CRI: external host -> node:30081 -> the workload (hostPort)",
+        Demo::cri_host_port,
+    ),
+    (
+        "CRI: StopPodSandbox + RemovePodSandbox leave no veth, IP reservation or record",
+        Demo::cri_remove_pod,
+    ),
+    (
+        "CRI: stop containerd; none of its processes, mounts or files is left",
+        Demo::cri_stop,
+    ),
 ];
 
 /// `reference`: the same steps with the reference plugins, for comparison.
@@ -166,6 +224,8 @@ pub fn run(reference: bool) -> Result<()> {
         bin_dir,
         plugins,
         servers: Vec::new(),
+        cri: None,
+        cri_pod: None,
         pods: Vec::new(),
         agent: None,
         runtime: None,
@@ -175,6 +235,12 @@ pub fn run(reference: bool) -> Result<()> {
         tmp: TempDir::create("cni-xtask-demo")?,
     };
     for (i, (title, step)) in STEPS.iter().enumerate() {
+        if title.starts_with(CRI_STEP) && !STEPS[i - 1].0.starts_with(CRI_STEP) {
+            proc::heading(
+                "Part 2: a pod started through containerd's CRI, as kubelet starts it \
+                 (same node, conflist and plugins)",
+            );
+        }
         proc::heading(&format!("Step {}/{}: {title}", i + 1, STEPS.len()));
         if let Err(e) = step(&mut d) {
             if let Some(a) = &d.agent {
@@ -183,6 +249,9 @@ pub fn run(reference: bool) -> Result<()> {
                     a.log.display(),
                     a.log_tail(20)
                 );
+            }
+            if let Some(c) = &d.cri {
+                println!("    containerd log, last lines:\n{}", c.log_tail(30));
             }
             return Err(e.context(format!("step {} ({title}) did not hold", i + 1)));
         }
@@ -295,11 +364,10 @@ impl Demo {
         Ok(())
     }
 
-    fn write_conflist(&mut self) -> Result<()> {
-        // Written as text to keep the familiar key order on screen; the
-        // reference plugins (v1.1.1) stop at spec 1.0.0. Our plugins get
-        // the agent's private paths, so the demo never touches the
-        // node-wide defaults.
+    /// The demo's conflist as text (to keep the familiar key order on
+    /// screen) at spec `version`. Our plugins get the agent's private
+    /// paths, so the demo never touches the node-wide defaults.
+    fn conflist_text(&self, version: &str) -> String {
         let q = |v: &dyn std::fmt::Display| Value::String(v.to_string()).to_string();
         let mut paths = String::new();
         if let Some(a) = &self.agent {
@@ -307,7 +375,7 @@ impl Demo {
                 paths.push_str(&format!("      {}: {v},\n", q(&k)));
             }
         }
-        let text = format!(
+        format!(
             r#"{{
   "cniVersion": {version},
   "name": "demo",
@@ -339,7 +407,7 @@ impl Demo {
   ]
 }}
 "#,
-            version = q(&self.version()),
+            version = q(&version),
             bridge_type = q(&self.plugins[0]),
             bridge = q(&BRIDGE),
             ipam_type = q(&self.plugins[1]),
@@ -348,7 +416,12 @@ impl Demo {
             bandwidth_type = q(&self.plugins[4]),
             subnet = q(&POD_SUBNET),
             data = q(&self.ipam_dir().display()),
-        );
+        )
+    }
+
+    fn write_conflist(&mut self) -> Result<()> {
+        // The reference plugins (v1.1.1) stop at spec 1.0.0.
+        let text = self.conflist_text(self.version());
         let raw: Value = serde_json::from_str(&text).context("demo conflist")?;
         let path = self.tmp.path.join("10-demo.conflist");
         std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
@@ -717,6 +790,404 @@ impl Demo {
         );
         ensure!(records.is_empty(), "attachment records left behind");
         agent.show("status")?;
+        Ok(())
+    }
+
+    fn cri(&self) -> Result<&Cri> {
+        self.cri.as_ref().context("containerd is not running")
+    }
+
+    fn cri_pod(&self) -> Result<&CriPod> {
+        self.cri_pod.as_ref().context("no pod sandbox")
+    }
+
+    /// Veths in the node netns other than the uplink.
+    fn pod_veths(&self) -> Result<Vec<String>> {
+        let out = self.node()?.ip(&["-o", "link", "show", "type", "veth"])?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .filter(|n| n != UPLINK)
+            .collect())
+    }
+
+    /// Our per-attachment records of the demo network.
+    fn records(&self) -> Vec<String> {
+        let Some(agent) = &self.agent else {
+            return Vec::new();
+        };
+        let dir = agent.state_dir.join("attachments").join("demo");
+        let mut v: Vec<String> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A private containerd (Debian's 1.6 with its CRI plugin) in the node
+    /// netns, with the demo's conflist and every plugin in one bin dir.
+    fn cri_start(&mut self) -> Result<()> {
+        let node = self.node()?;
+        if self.is_reference() {
+            proc::run_checked(node.exec("iptables").args(["-P", "FORWARD", "ACCEPT"]))?;
+            println!(
+                "    iptables -P FORWARD ACCEPT again: under DROP the reference refuses a new hostPort connection (step 15)"
+            );
+        } else {
+            println!("    the node netns keeps iptables FORWARD policy DROP from step 15");
+        }
+        // containerd 1.6's go-cni (libcni 1.1) speaks CNI up to 1.0.0.
+        let text = self.conflist_text("1.0.0");
+        let plugins = if self.is_reference() {
+            Plugins::Reference
+        } else {
+            Plugins::Ours(&self.bin_dir)
+        };
+        let cri = Cri::start(&node.path(), &text, plugins, PAUSE_IMAGE)?;
+        let c = cri.containerd()?;
+        println!(
+            "    $ nsenter --net={} -- containerd --config {}   (pid {})",
+            node.path().display(),
+            c.config().config_file().display(),
+            c.pid().map(|p| p.to_string()).unwrap_or_default()
+        );
+        println!(
+            "    every path it writes is under {}; it serves the CRI on {}",
+            cri.dir().display(),
+            c.socket().display()
+        );
+        println!(
+            "    conf_dir: {} (the conflist above{})",
+            cri.conf_file.display(),
+            if self.is_reference() {
+                ""
+            } else {
+                " at cniVersion 1.0.0, the newest containerd 1.6's go-cni speaks"
+            }
+        );
+        println!("    bin_dir: {}", cri.bin_dir.display());
+        if !self.is_reference() {
+            let mut links: Vec<(String, String)> = std::fs::read_dir(&cri.bin_dir)?
+                .flatten()
+                .map(|e| {
+                    let target = std::fs::read_link(e.path())
+                        .map(|t| t.display().to_string())
+                        .unwrap_or_default();
+                    (e.file_name().to_string_lossy().into_owned(), target)
+                })
+                .collect();
+            links.sort();
+            for (name, target) in links {
+                println!("      {name} -> {target}");
+            }
+        } else {
+            println!("      (the reference plugins' directory, with its own loopback)");
+        }
+        let cl = cri.client()?;
+        let v = cl.version()?;
+        println!(
+            "    CRI Version: {} {} (CRI {})",
+            v.runtime_name, v.runtime_version, v.runtime_api_version
+        );
+        let mut tags: Vec<String> = cl
+            .list_images()?
+            .into_iter()
+            .flat_map(|i| i.repo_tags)
+            .collect();
+        tags.sort();
+        println!(
+            "    images (built here from /bin/busybox, nothing pulled): {}",
+            tags.join(", ")
+        );
+        ensure!(
+            tags.iter().any(|t| t == PAUSE_IMAGE) && tags.iter().any(|t| t == HTTPD_IMAGE),
+            "the pause and workload images were not imported"
+        );
+        self.cri = Some(cri);
+        Ok(())
+    }
+
+    fn cri_run_pod(&mut self) -> Result<()> {
+        let cri = self.cri.as_ref().context("containerd is not running")?;
+        let cl = cri.client()?;
+        let spec = PodSpec::new(
+            "web",
+            "default",
+            &crate::netns::unique("xtask-demo-uid"),
+            &cri.log_dir,
+        )
+        .host_port(HostPort::tcp(HTTPD_PORT, CRI_HOST_PORT))
+        .bandwidth(CRI_BANDWIDTH, CRI_BANDWIDTH);
+        let config = spec.sandbox_config();
+        println!(
+            "    RunPodSandbox: pod default/web, port {HTTPD_PORT}/TCP with hostPort {CRI_HOST_PORT}, annotations"
+        );
+        let mut ann: Vec<_> = config.annotations.iter().collect();
+        ann.sort();
+        for (k, v) in ann {
+            println!("      {k}: {v}");
+        }
+        let t = Instant::now();
+        let id = cl.run_pod_sandbox(config.clone()).with_context(|| {
+            format!(
+                "RunPodSandbox of default/web; containerd log:\n{}",
+                cri.log_tail(30)
+            )
+        })?;
+        println!(
+            "    sandbox {id} ready in {} ms (netns, CNI ADD of loopback and the conflist, pause container)",
+            t.elapsed().as_millis()
+        );
+        self.cri_pod = Some(CriPod {
+            id: id.clone(),
+            spec,
+            container: None,
+        });
+        let status = cl.pod_sandbox_status(&id)?;
+        let state = status.status.as_ref().map(|s| s.state);
+        ensure!(
+            state == Some(PodSandboxState::SandboxReady as i32),
+            "sandbox state {state:?}, not SANDBOX_READY"
+        );
+        let ips = pod_ips(&status);
+        println!(
+            "    PodSandboxStatus: SANDBOX_READY, pod IP {} (what kubelet reports as status.podIP)",
+            ips.join(", ")
+        );
+        let subnet: std::net::Ipv4Addr =
+            POD_SUBNET.split('/').next().unwrap_or_default().parse()?;
+        let ip: std::net::Ipv4Addr = ips
+            .first()
+            .context("containerd reports no pod IP")?
+            .parse()
+            .context("the pod IP")?;
+        ensure!(
+            ips.len() == 1 && ip.octets()[..3] == subnet.octets()[..3],
+            "pod IPs {ips:?} are not one address of {POD_SUBNET}"
+        );
+        let info = SandboxInfo::from_status(&status)?;
+        let netns = info
+            .netns()
+            .context("no network namespace in the sandbox info")?;
+        println!(
+            "    the pod's netns, made by containerd: {}",
+            netns.display()
+        );
+        let addr = proc::show(
+            proc::cmd("nsenter")
+                .arg(format!("--net={}", netns.display()))
+                .args(["--", "ip", "-br", "addr", "show", "dev", "eth0"]),
+        )?;
+        ensure!(
+            addr.contains(&format!("{ip}/")),
+            "eth0 in the pod does not hold {ip}"
+        );
+        let held = cni::ipam_reservations(&self.ipam_dir().join("demo"))?;
+        println!("    IPAM reservations: {held:?}");
+        ensure!(
+            held == vec![ip.to_string()],
+            "the IPAM store should hold exactly {ip}"
+        );
+        let veths = self.pod_veths()?;
+        println!("    host-side veth in the node: {veths:?}");
+        ensure!(veths.len() == 1, "one pod veth expected in the node");
+        match &self.agent {
+            Some(a) => {
+                let st = a.status_json()?;
+                let buckets = st["rateLimits"].as_array().cloned().unwrap_or_default();
+                for b in &buckets {
+                    println!(
+                        "    agent: rate limit on {} {}: {} bit/s",
+                        b["ifname"].as_str().unwrap_or("?"),
+                        b["direction"].as_str().unwrap_or("?"),
+                        b["rateBps"]
+                    );
+                }
+                println!(
+                    "    agent: hostPorts {}, records {}",
+                    st["hostPorts"], st["records"]
+                );
+                ensure!(
+                    st["hostPorts"] == 1 && st["records"] == 1,
+                    "the agent should hold one hostPort and one record"
+                );
+                ensure!(
+                    buckets.len() == 2 && buckets.iter().all(|b| b["rateBps"] == CRI_RATE_BPS),
+                    "both directions should be limited to {CRI_RATE_BPS} bit/s by the annotations"
+                );
+                ensure!(self.records().len() == 1, "one attachment record expected");
+            }
+            None => {
+                self.node()?
+                    .show_ip(&["-br", "link", "show", "type", "ifb"])?;
+                proc::show(
+                    self.node()?
+                        .exec("tc")
+                        .args(["qdisc", "show", "dev", &veths[0]]),
+                )?;
+            }
+        }
+        let ctr_spec = ContainerSpec::new("web", HTTPD_IMAGE);
+        let pod = self.cri_pod()?;
+        let ctr = cl
+            .create_container(&id, ctr_spec.container_config(&pod.spec), config)
+            .with_context(|| format!("CreateContainer; containerd log:\n{}", cri.log_tail(30)))?;
+        if let Some(p) = self.cri_pod.as_mut() {
+            p.container = Some(ctr.clone());
+        }
+        cl.start_container(&ctr)
+            .with_context(|| format!("StartContainer; containerd log:\n{}", cri.log_tail(30)))?;
+        let cs = cl.container_status(&ctr)?;
+        println!(
+            "    CreateContainer + StartContainer: container web ({HTTPD_IMAGE}, busybox httpd on :{HTTPD_PORT}) {ctr}: {}",
+            if cs.state == ContainerState::ContainerRunning as i32 {
+                "CONTAINER_RUNNING"
+            } else {
+                "not running"
+            }
+        );
+        ensure!(
+            cs.state == ContainerState::ContainerRunning as i32,
+            "the workload is not running: {cs:?}"
+        );
+        Ok(())
+    }
+
+    fn cri_host_port(&mut self) -> Result<()> {
+        let target: SocketAddr = format!("{NODE_UPLINK_IP}:{CRI_HOST_PORT}").parse()?;
+        let took = crate::cri::wait_served(&self.external()?.path(), target, CRI_SERVE_TIMEOUT)?;
+        println!(
+            "    external {EXTERNAL_IP} -> GET http://{target}/ -> 200 {:?} (after {} ms of polling)",
+            PAYLOAD.trim_end(),
+            took.as_millis()
+        );
+        if let Some(a) = &self.agent {
+            let st = a.status_json()?;
+            println!(
+                "    agent: hostPort DNATs since it started: {}",
+                st["stats"]["hostPortDnat"]
+            );
+        }
+        Ok(())
+    }
+
+    fn cri_remove_pod(&mut self) -> Result<()> {
+        let cri = self.cri()?;
+        let cl = cri.client()?;
+        let pod = self.cri_pod()?;
+        if let Some(ctr) = &pod.container {
+            cl.stop_container(ctr, 2)?;
+            println!("    StopContainer web: ok");
+        }
+        let t = Instant::now();
+        cl.stop_pod_sandbox(&pod.id)
+            .with_context(|| format!("StopPodSandbox; containerd log:\n{}", cri.log_tail(30)))?;
+        println!(
+            "    StopPodSandbox {}: ok in {} ms (CNI DEL of the conflist)",
+            pod.id,
+            t.elapsed().as_millis()
+        );
+        let t = Instant::now();
+        cl.remove_pod_sandbox(&pod.id)?;
+        println!(
+            "    RemovePodSandbox {}: ok in {} ms",
+            pod.id,
+            t.elapsed().as_millis()
+        );
+        let left = cl.list_pod_sandbox()?;
+        println!("    ListPodSandbox: {} sandbox(es)", left.len());
+        ensure!(left.is_empty(), "sandboxes left: {left:?}");
+        let veths = self.pod_veths()?;
+        println!("    pod veths in the node: {veths:?}");
+        ensure!(veths.is_empty(), "pod veths left in the node netns");
+        let store = self.ipam_dir().join("demo");
+        let held = cni::ipam_reservations(&store)?;
+        println!(
+            "    IPAM store {}: {} reservation(s) {held:?}",
+            store.display(),
+            held.len()
+        );
+        ensure!(held.is_empty(), "IP reservations left behind");
+        let target: SocketAddr = format!("{NODE_UPLINK_IP}:{CRI_HOST_PORT}").parse()?;
+        let refused = crate::netns::in_netns(&self.external()?.path(), || {
+            Ok(crate::cri::http_get(target, Duration::from_secs(2)).is_err())
+        })?;
+        println!(
+            "    external -> {target}: {}",
+            if refused { "refused" } else { "still answers" }
+        );
+        ensure!(refused, "the hostPort still answers after the pod is gone");
+        if let Some(a) = &self.agent {
+            let records = self.records();
+            println!("    attachment records: {} {records:?}", records.len());
+            ensure!(records.is_empty(), "attachment records left behind");
+            let st = a.status_json()?;
+            let buckets = st["rateLimits"].as_array().map(Vec::len).unwrap_or(0);
+            println!(
+                "    agent: hostPorts {}, masqSources {}, records {}, rate limits {buckets}",
+                st["hostPorts"], st["masqSources"], st["records"]
+            );
+            ensure!(
+                st["hostPorts"] == 0
+                    && st["masqSources"] == 0
+                    && st["records"] == 0
+                    && buckets == 0,
+                "the agent still holds entries of the pod"
+            );
+        } else {
+            let ifbs = self.node()?.ip(&["-o", "link", "show", "type", "ifb"])?;
+            ensure!(ifbs.trim().is_empty(), "ifb devices left: {ifbs}");
+        }
+        self.cri_pod = None;
+        Ok(())
+    }
+
+    fn cri_stop(&mut self) -> Result<()> {
+        let mut cri = self.cri.take().context("containerd is not running")?;
+        let pid = cri.containerd()?.pid();
+        let dir = cri.dir().to_path_buf();
+        let t = cri.shutdown().context("containerd was already stopped")?;
+        println!(
+            "    containerd (pid {}) stopped; sandboxes its teardown still found: {}",
+            pid.map(|p| p.to_string()).unwrap_or_default(),
+            t.sandboxes_removed.len()
+        );
+        if !t.forced.is_empty() {
+            println!("    cleaned up by force: {:?}", t.forced);
+        }
+        ensure!(t.errors.is_empty(), "containerd teardown: {:?}", t.errors);
+        ensure!(
+            t.sandboxes_removed.is_empty(),
+            "sandboxes were still there: {:?}",
+            t.sandboxes_removed
+        );
+        let alive = pid.is_some_and(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .map(|s| !s.contains(") Z "))
+                .unwrap_or(false)
+        });
+        ensure!(!alive, "containerd is still running");
+        let mounts = cni_cri::cleanup::mounts_below(&dir);
+        ensure!(
+            mounts.is_empty(),
+            "mounts left below {}: {mounts:?}",
+            dir.display()
+        );
+        println!(
+            "    {}: {}; mounts below it: none",
+            dir.display(),
+            if dir.exists() {
+                "still there"
+            } else {
+                "removed"
+            }
+        );
+        ensure!(!dir.exists(), "{} is still there", dir.display());
+        drop(cri);
         Ok(())
     }
 }

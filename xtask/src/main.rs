@@ -5,6 +5,7 @@
 mod agent;
 mod bench;
 mod cni;
+mod cri;
 mod demo;
 mod netns;
 mod proc;

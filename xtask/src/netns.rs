@@ -102,6 +102,31 @@ impl Drop for Netns {
     }
 }
 
+/// Moves the calling thread (only it) into the netns at `path`. A socket
+/// belongs to the namespace of the thread that creates it, for life.
+pub fn enter_thread(path: &Path) -> Result<()> {
+    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: setns on an fd we hold open; affects only this thread.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("setns {}", path.display()));
+    }
+    Ok(())
+}
+
+/// Runs `f` on a new thread inside the netns at `ns` and returns its
+/// result; the calling thread never changes namespace.
+pub fn in_netns<T: Send>(ns: &Path, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter_thread(ns)?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("a thread inside {} panicked", ns.display()))?
+    })
+}
+
 /// Makes `c` run in the network namespace `ns` (an open /run/netns file):
 /// `nsenter --net=<ns>` without the extra process. Unlike `ip netns exec`
 /// it leaves the mount namespace (/sys, cgroups) alone.

@@ -21,31 +21,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::netns::enter_on_exec;
+pub use crate::netns::in_netns;
+use crate::netns::{enter_on_exec, enter_thread as enter};
 use crate::proc;
-
-/// Moves the calling thread (only it) into the netns at `path`.
-fn enter(path: &Path) -> Result<()> {
-    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: setns on an fd we hold open; affects only this thread.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("setns {}", path.display()));
-    }
-    Ok(())
-}
-
-/// Runs `f` on a new thread inside the netns and returns its result.
-pub fn in_netns<T: Send>(ns: &Path, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            enter(ns)?;
-            f()
-        })
-        .join()
-        .map_err(|_| anyhow!("a traffic thread panicked"))?
-    })
-}
 
 fn spawn_in<T: Send + 'static>(
     ns: &Path,

@@ -1,0 +1,316 @@
+//! containerd's CRI as the runtime, for the demo and the benchmark: a
+//! private containerd (crate `cni-cri`) started with `nsenter --net=` in a
+//! node netns the caller made, whose CRI plugin runs one conflist from a
+//! conf dir of its own with every plugin (and `loopback`) from one bin
+//! dir, and the offline busybox images it runs pods from.
+//!
+//! Everything containerd makes lives under a private directory in /tmp
+//! ([`CriDir`]): its root and state, its sockets, runc's state, the pods'
+//! network namespace bind mounts. Dropping a [`Cri`] stops and removes
+//! every sandbox through the CRI (so the CNI DELs run), stops containerd,
+//! then kills, unmounts and removes whatever is left, even when containerd
+//! never came up. Directories of an xtask that died without cleaning up
+//! are reaped by the next one.
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use cni_cri::cleanup::cleanup_runtime_dir;
+use cni_cri::{BlockingCriClient, Containerd, ContainerdConfig, ImageBuilder, Teardown};
+
+use crate::netns::{self, TempDir};
+use crate::proc;
+
+/// The pause image: the sandbox's process sleeps.
+pub const PAUSE_IMAGE: &str = "localhost/cni-xtask/pause:1";
+/// busybox httpd serving [`PAYLOAD`] on [`HTTPD_PORT`]: the demo's
+/// workload container, and the benchmark's sandbox image (so that a
+/// sandbox answers on its hostPort as soon as it runs).
+pub const HTTPD_IMAGE: &str = "localhost/cni-xtask/httpd:1";
+pub const HTTPD_PORT: u16 = 8080;
+/// What [`HTTPD_IMAGE`] serves at `/`.
+pub const PAYLOAD: &str = "hello from a pod that containerd started\n";
+
+/// Our plugins containerd needs in its one bin dir (it runs `loopback`
+/// for every sandbox).
+pub const OUR_PLUGINS: [&str; 6] = [
+    "ebpf-bridge",
+    "ebpf-host-local",
+    "ebpf-portmap",
+    "ebpf-firewall",
+    "ebpf-bandwidth",
+    "loopback",
+];
+/// The reference plugins' directory (it has `loopback` too).
+pub const REFERENCE_DIR: &str = "/usr/lib/cni";
+
+/// Name prefix of the containerd directories in /tmp: `<prefix><pid>-<n>`.
+const DIR_PREFIX: &str = "cnix-cri-";
+
+/// Why containerd's CRI cannot run here (`cargo xtask setup` installs all
+/// of it), or `None`.
+pub fn missing() -> Option<String> {
+    for tool in [
+        "containerd",
+        "ctr",
+        "containerd-shim-runc-v2",
+        "runc",
+        "nsenter",
+    ] {
+        if which(tool).is_none() {
+            return Some(format!(
+                "`{tool}` is not installed (apt-get install containerd runc util-linux, or `cargo xtask setup`)"
+            ));
+        }
+    }
+    if !Path::new(cni_cri::image::HOST_BUSYBOX).is_file() {
+        return Some(format!(
+            "{} is missing (apt-get install busybox-static, or `cargo xtask setup`)",
+            cni_cri::image::HOST_BUSYBOX
+        ));
+    }
+    None
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(PathBuf::from))
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// A private containerd directory, `/tmp/cnix-cri-<pid>-<n>` (short:
+/// containerd's sockets live inside). Dropping it kills the processes of
+/// the runtime rooted there, unmounts everything below it and removes it.
+pub struct CriDir {
+    pub path: PathBuf,
+}
+
+impl CriDir {
+    pub fn create() -> Result<CriDir> {
+        static REAP: Once = Once::new();
+        REAP.call_once(reap_stale);
+        let path = std::env::temp_dir().join(netns::unique(DIR_PREFIX.trim_end_matches('-')));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(CriDir { path })
+    }
+}
+
+impl Drop for CriDir {
+    fn drop(&mut self) {
+        let report = cleanup_runtime_dir(&self.path, &self.path.join("containerd.sock"));
+        if !report.is_empty() {
+            eprintln!(
+                "cleanup: containerd dir {}: {report:?}",
+                self.path.display()
+            );
+        }
+    }
+}
+
+/// Cleans up the containerd directories of xtask processes that are gone.
+fn reap_stale() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(DIR_PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let p = e.path();
+            let report = cleanup_runtime_dir(&p, &p.join("containerd.sock"));
+            eprintln!(
+                "removed the stale containerd dir {}: {report:?}",
+                p.display()
+            );
+        }
+    }
+}
+
+/// Where containerd finds the plugins.
+pub enum Plugins<'a> {
+    /// Our binaries in this build dir, linked into a bin dir of their own
+    /// together with our `loopback`.
+    Ours(&'a Path),
+    /// The reference plugins' directory as it is.
+    Reference,
+}
+
+/// A running private containerd. Field order is drop order: containerd
+/// (every sandbox removed through the CRI, then stopped), then whatever is
+/// left below its directory, then the conf, bin, image and log files.
+pub struct Cri {
+    containerd: Option<Containerd>,
+    dir: CriDir,
+    _files: TempDir,
+    /// The one directory every plugin comes from.
+    pub bin_dir: PathBuf,
+    /// The conflist containerd loaded.
+    pub conf_file: PathBuf,
+    /// Log directory for the pods' containers.
+    pub log_dir: PathBuf,
+}
+
+impl Cri {
+    /// Writes `conflist` (text, so its key order stays as written) into a
+    /// conf dir of its own, makes the bin dir, builds the pause and httpd
+    /// images, starts containerd in the netns at `netns` with
+    /// `sandbox_image` as the pause image, and imports the images.
+    pub fn start(
+        netns: &Path,
+        conflist: &str,
+        plugins: Plugins,
+        sandbox_image: &str,
+    ) -> Result<Cri> {
+        if let Some(why) = missing() {
+            bail!("cannot run containerd's CRI: {why}");
+        }
+        let name = serde_json::from_str::<serde_json::Value>(conflist)
+            .context("the conflist for containerd")?["name"]
+            .as_str()
+            .context("the conflist has no name")?
+            .to_string();
+        let files = TempDir::create("cni-xtask-cri")?;
+        let conf_dir = files.path.join("conf");
+        let log_dir = files.path.join("logs");
+        let images = files.path.join("images");
+        for d in [&conf_dir, &log_dir, &images] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        let conf_file = conf_dir.join(format!("10-{name}.conflist"));
+        std::fs::write(&conf_file, conflist)
+            .with_context(|| format!("writing {}", conf_file.display()))?;
+        let bin_dir = match plugins {
+            Plugins::Ours(build) => {
+                let d = files.path.join("bin");
+                std::fs::create_dir_all(&d)?;
+                for p in OUR_PLUGINS {
+                    let target = build.join(p);
+                    if !target.is_file() {
+                        bail!("{} is missing (not built?)", target.display());
+                    }
+                    std::os::unix::fs::symlink(&target, d.join(p))
+                        .with_context(|| format!("linking {p} into {}", d.display()))?;
+                }
+                d
+            }
+            Plugins::Reference => PathBuf::from(REFERENCE_DIR),
+        };
+        let archives = build_images(&images)?;
+        let dir = CriDir::create()?;
+        let cfg = ContainerdConfig::new(&dir.path, netns, &bin_dir, &conf_dir, sandbox_image);
+        let containerd = Containerd::start(cfg).context("starting containerd")?;
+        for a in &archives {
+            containerd
+                .import_image(a)
+                .with_context(|| format!("importing {}", a.display()))?;
+        }
+        Ok(Cri {
+            containerd: Some(containerd),
+            dir,
+            _files: files,
+            bin_dir,
+            conf_file,
+            log_dir,
+        })
+    }
+
+    pub fn containerd(&self) -> Result<&Containerd> {
+        self.containerd.as_ref().context("containerd was stopped")
+    }
+
+    pub fn client(&self) -> Result<&BlockingCriClient> {
+        Ok(self.containerd()?.client())
+    }
+
+    /// containerd's private directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir.path
+    }
+
+    /// The last lines of containerd's log (for error messages).
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.containerd
+            .as_ref()
+            .map(|c| c.log_tail(lines))
+            .unwrap_or_default()
+    }
+
+    /// Stops containerd now (see [`Containerd::shutdown`]); `None` if it
+    /// was already stopped.
+    pub fn shutdown(&mut self) -> Option<Teardown> {
+        self.containerd.take().map(Containerd::shutdown)
+    }
+}
+
+/// Writes the pause and httpd images into `dir`; returns the tarballs.
+fn build_images(dir: &Path) -> Result<Vec<PathBuf>> {
+    let busybox = Path::new(cni_cri::image::HOST_BUSYBOX);
+    let pause = ImageBuilder::busybox(PAUSE_IMAGE, busybox)?.entrypoint([
+        "/bin/busybox",
+        "sleep",
+        "2147483647",
+    ]);
+    let httpd = ImageBuilder::busybox(HTTPD_IMAGE, busybox)?
+        .dir("www")
+        .file("www/index.html", PAYLOAD)
+        .entrypoint(["/bin/busybox", "httpd", "-f", "-p"])
+        .cmd([HTTPD_PORT.to_string(), "-h".into(), "/www".into()]);
+    let mut out = Vec::new();
+    for img in [pause, httpd] {
+        let path = cni_cri::image::archive_path(dir, img.name());
+        img.write_docker_archive(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        out.push(path);
+    }
+    Ok(out)
+}
+
+/// One HTTP/1.0 GET of `/` from the calling thread's netns; the body.
+pub fn http_get(server: SocketAddr, connect_timeout: Duration) -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&server, connect_timeout)
+        .with_context(|| format!("connecting to {server}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: pod\r\n\r\n")
+        .with_context(|| format!("sending to {server}"))?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .with_context(|| format!("reading from {server}"))?;
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        bail!("no HTTP response from {server}: {text:?}");
+    };
+    if !head.starts_with("HTTP/1.") || !head.contains(" 200 ") {
+        bail!("{server} answered {:?}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.to_string())
+}
+
+/// Polls `server` with GETs from the netns at `ns` until one returns
+/// [`PAYLOAD`] (a refused connection is retried at once, a lost SYN after
+/// 1 s) or `within` has passed; the time it took.
+pub fn wait_served(ns: &Path, server: SocketAddr, within: Duration) -> Result<Duration> {
+    netns::in_netns(ns, || {
+        let t = Instant::now();
+        loop {
+            proc::check_interrupted()?;
+            let last = match http_get(server, Duration::from_secs(1)) {
+                Ok(body) if body == PAYLOAD => return Ok(t.elapsed()),
+                Ok(body) => format!("served {body:?}"),
+                Err(e) => format!("{e:#}"),
+            };
+            if t.elapsed() > within {
+                bail!("{server} did not serve the pod's page within {within:?} (last: {last})");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    })
+}
