@@ -159,7 +159,7 @@ impl PortmapConfig {
             .filter(|(_, i)| i.sandbox.as_deref().is_some_and(|s| !s.is_empty()))
             .map(|(n, _)| n)
             .collect();
-        let pod_ip = prev
+        let pod_ips: Vec<IpAddr> = prev
             .ips
             .iter()
             .filter(|ip| {
@@ -167,16 +167,33 @@ impl PortmapConfig {
                     .is_none_or(|i| sandboxed.is_empty() || sandboxed.contains(&i))
             })
             .map(|ip| ip.address.addr())
-            .find(IpAddr::is_ipv4)
-            .ok_or_else(|| {
-                CniError::internal(
-                    "prevResult has no IPv4 address of the container to map ports to",
-                )
-            })?;
+            .collect();
+        // The reference maps every family the pod has. The datapath's
+        // hostPorts are IPv4: a mapping that would need IPv6 is refused
+        // rather than half done.
+        let pod_v6 = pod_ips.iter().find(|ip| ip.is_ipv6());
+        for (i, m) in self.mappings.iter().enumerate() {
+            let at = format!("runtimeConfig.portMappings[{i}]");
+            match (m.host_ip, pod_v6) {
+                (Some(h @ IpAddr::V6(_)), _) => {
+                    return Err(invalid(format!(
+                        "{at}.hostIP: {h} is IPv6, and hostPorts over IPv6 are not supported by the eBPF datapath yet"
+                    )))
+                }
+                (None, Some(v6)) => {
+                    return Err(invalid(format!(
+                        "{at}: the pod has the IPv6 address {v6}, and hostPorts over IPv6 are not supported by the eBPF datapath yet (a hostIP of the node's IPv4 maps IPv4 only)"
+                    )))
+                }
+                _ => {}
+            }
+        }
+        let pod_ip = pod_ips.into_iter().find(IpAddr::is_ipv4).ok_or_else(|| {
+            invalid("prevResult has no IPv4 address of the container to map ports to (hostPorts over IPv6 are not supported by the eBPF datapath yet)".into())
+        })?;
         let mut entries: Vec<Entry> = self
             .mappings
             .iter()
-            .filter(|m| m.host_ip.is_none_or(|h| h.is_ipv4()))
             .map(|m| Entry::HostPort {
                 host_ip: m.host_ip,
                 host_port: m.host_port,
