@@ -239,6 +239,80 @@ bad_input_case!(
     }
 );
 
+bad_input_case!(
+    bridge_name_with_nul,
+    Case {
+        codes: &[7],
+        msg_any: &["bridge"],
+        setup: no_setup,
+        // Netlink would stop at the NUL: ADD on a bridge named "fz".
+        mutate: |_, conf, _| conf["bridge"] = json!("fz\u{0}b1"),
+    }
+);
+
+bad_input_case!(
+    bridge_name_too_long,
+    Case {
+        codes: &[7],
+        msg_any: &["bridge"],
+        setup: no_setup,
+        mutate: |_, conf, _| conf["bridge"] = json!("a-bridge-name-of-20"),
+    }
+);
+
+/// A container ID of 5,000 characters (the spec sets no limit, runtimes
+/// hash or concatenate IDs): the full chain's ADD, CHECK and DEL work, the
+/// record is found again, and DEL leaves nothing.
+#[test]
+fn very_long_container_ids_work() {
+    require_e2e!();
+    use cni_tests::agentctl::AgentProc;
+    use cni_tests::residue::residue;
+    use cni_tests::uplink::{masq_conf, External};
+    let node = Node::new("longid");
+    let ext = External::direct(&node);
+    let _agent = AgentProc::start(&node, &[]);
+    let pod = node.pod("longidpod");
+    let rt = node.runtime(Impl::Ours);
+    let list = conflist_of(&masq_conf(
+        &node,
+        "longidnet",
+        "cnilongid",
+        &ext.pod_subnet(),
+    ));
+    let warm = Attachment::new("longid-warm", &pod, "eth0");
+    let res = rt.add_list(&list, &warm).unwrap_or_else(|o| panic!("{o}"));
+    rt.del_list(&list, &warm, Some(&res))
+        .unwrap_or_else(|o| panic!("{o}"));
+    let baseline = residue(&node, &pod, "longidnet");
+
+    let id: String = (0..5000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let att = Attachment::new(&id, &pod, "eth0");
+    let res = rt
+        .add_list(&list, &att)
+        .unwrap_or_else(|o| panic!("ADD with a 5,000-character ID: {o}"));
+    rt.check_list(&list, &att, &res)
+        .unwrap_or_else(|o| panic!("CHECK: {o}"));
+    let records = cni_tests::agentctl::admin(&node, "records");
+    assert!(
+        cni_tests::agentctl::record_of(&records, "longidnet", &id, "eth0").is_some(),
+        "the record holds the whole ID"
+    );
+    rt.del_list(&list, &att, Some(&res))
+        .unwrap_or_else(|o| panic!("DEL: {o}"));
+    rt.del_list(&list, &att, Some(&res))
+        .unwrap_or_else(|o| panic!("second DEL: {o}"));
+    assert_json_eq(
+        "baseline",
+        &baseline,
+        "after DEL",
+        &residue(&node, &pod, "longidnet"),
+        "a 5,000-character container ID",
+    );
+}
+
 /// Harness self-test: the reference fails these cases with no change too,
 /// so a zero-change failure of ours is not snapshot noise.
 #[test]
