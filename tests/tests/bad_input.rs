@@ -358,3 +358,80 @@ fn harness_reference_zero_change() {
         run_case(name, case, Impl::Reference);
     }
 }
+
+/// The agent is the authority on where records and pins live: a plugin
+/// config whose `stateDir` or `bpffsRoot` is not the agent's fails ADD with
+/// code 7 naming the key (instead of records split between two dirs that
+/// DEL then leaks); a `stateDir` that is a file, or a `bpffsRoot` off any
+/// bpf filesystem, too. The runtime's DEL after the failure leaves nothing.
+#[test]
+fn path_keys_must_be_the_agents() {
+    require_e2e!();
+    use cni_tests::agentctl::{admin, AgentProc};
+    use cni_tests::residue::residue;
+    use cni_tests::uplink::{masq_conf, External};
+    let node = Node::new("paths");
+    let ext = External::direct(&node);
+    let _agent = AgentProc::start(&node, &[]);
+    let pod = node.pod("pathspod");
+    let rt = node.runtime(Impl::Ours);
+    let conf = masq_conf(&node, "pathsnet", "cnipaths", &ext.pod_subnet());
+    let warm = Attachment::new("paths-warm", &pod, "eth0");
+    let list = conflist_of(&conf);
+    let res = rt.add_list(&list, &warm).unwrap_or_else(|o| panic!("{o}"));
+    rt.del_list(&list, &warm, Some(&res))
+        .unwrap_or_else(|o| panic!("{o}"));
+    let baseline = residue(&node, &pod, "pathsnet");
+
+    let elsewhere = TempDir::new("paths-elsewhere");
+    let a_file = elsewhere.path().join("a-file");
+    std::fs::write(&a_file, "x").expect("write a file");
+    for (key, value, says) in [
+        (
+            "stateDir",
+            elsewhere.path().join("state"),
+            "differs from the agent's",
+        ),
+        ("stateDir", a_file.clone(), "not a directory"),
+        (
+            "bpffsRoot",
+            elsewhere.path().to_path_buf(),
+            "not on a bpf filesystem",
+        ),
+    ] {
+        let mut bad = conf.clone();
+        bad[key] = json!(value);
+        let list = conflist_of(&bad);
+        let att = Attachment::new("paths-ctr", &pod, "eth0");
+        let out = rt
+            .add_list(&list, &att)
+            .expect_err("ADD with foreign path keys");
+        let err = out.expect_error();
+        assert_eq!(err.code, 7, "{key}={}: {err:?}", value.display());
+        assert!(
+            err.msg.contains(key) && err.msg.contains(says),
+            "{key}: {} should name it and say {says:?}",
+            err.msg
+        );
+        assert_json_eq(
+            "baseline",
+            &baseline,
+            "after the refused ADD",
+            &residue(&node, &pod, "pathsnet"),
+            key,
+        );
+        assert_eq!(admin(&node, "records"), json!([]), "{key}: no record left");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(elsewhere.path())
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        leftovers.iter().all(|n| n == "a-file" || n == "state"),
+        "{leftovers:?}"
+    );
+    let stray = cni_tests::residue::files(&elsewhere.path().join("state"));
+    assert!(
+        stray.is_empty(),
+        "records left in the foreign stateDir: {stray:?}"
+    );
+}

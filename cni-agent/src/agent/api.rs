@@ -12,8 +12,15 @@ pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/cni-ebpf";
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
-    /// Record `record` durably, then create its entries.
-    Add { record: Record },
+    /// Record `record` durably, then create its entries. `paths` are the
+    /// plugin's `stateDir`/`bpffsRoot`: the agent refuses a request whose
+    /// paths are not its own, since the plugin would then look for the
+    /// record where the agent never wrote it, and DEL would leak it.
+    Add {
+        record: Record,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        paths: Option<crate::agent::ops::Paths>,
+    },
     /// Remove the entries of the attachment's record (only `owner`'s, if
     /// given), then the record once empty.
     Del {

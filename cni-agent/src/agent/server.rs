@@ -95,11 +95,40 @@ fn ok(data: serde_json::Value) -> Response {
     Response::Ok { data }
 }
 
+/// The plugin's path keys must name the agent's own directories.
+fn same_paths(own: &Paths, asked: Option<&Paths>) -> Result<(), CniError> {
+    let Some(asked) = asked else {
+        return Ok(());
+    };
+    for (key, flag, theirs, ours) in [
+        ("stateDir", "--state-dir", &asked.state_dir, &own.state_dir),
+        (
+            "bpffsRoot",
+            "--bpffs-root",
+            &asked.bpffs_root,
+            &own.bpffs_root,
+        ),
+    ] {
+        if theirs != ours {
+            return Err(CniError::invalid_config(format!(
+                "{key} {} differs from the agent's {flag} {}: set {key} to {} (or leave it out for the default)",
+                theirs.display(),
+                ours.display(),
+                ours.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn dispatch(paths: &Paths, req: Request) -> Response {
     let res: Result<serde_json::Value, CniError> = match req {
-        Request::Add { record } => ops::add(paths, &record.key, &record.entries)
-            .map(|()| json!(null))
-            .map_err(Into::into),
+        Request::Add {
+            record,
+            paths: asked,
+        } => same_paths(paths, asked.as_ref())
+            .and_then(|()| ops::add(paths, &record.key, &record.entries).map_err(Into::into))
+            .map(|()| json!(null)),
         Request::Del { key, owner } => ops::del(paths, &key, owner)
             .map(|()| json!(null))
             .map_err(Into::into),

@@ -14,7 +14,7 @@
 //! aya creates and pins it, the older maps are reused as they are, so no
 //! version bump is needed for a new map, only for a changed one.
 use std::{
-    fs, io,
+    fs,
     mem::size_of,
     path::{Path, PathBuf},
 };
@@ -70,15 +70,16 @@ impl PinLayout {
                 path: self.root.clone(),
                 source,
             })?;
-        let st = nix::sys::statfs::statfs(&self.root).map_err(|e| DatapathError::Pins {
-            path: self.root.clone(),
-            source: io::Error::from(e),
-        })?;
-        if st.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+        if !on_bpffs(&self.root) {
             return Err(DatapathError::NotBpffs(self.root.clone()));
         }
         Ok(())
     }
+}
+
+/// Whether `path` is on a bpf filesystem.
+pub fn on_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|st| st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
 }
 
 /// Definition of a pinned map as this build expects it.
