@@ -40,6 +40,9 @@ pub enum Request {
         network: String,
         valid: Vec<AttachmentKey>,
     },
+    /// Whether `paths` are the agent's own (asked before a plugin writes a
+    /// record itself): error code 7 naming the differing key otherwise.
+    SamePaths { paths: crate::agent::ops::Paths },
     /// Agent and datapath health plus occupancy.
     Status,
     /// Every NAT binding.

@@ -138,6 +138,9 @@ fn dispatch(paths: &Paths, req: Request) -> Response {
         Request::Gc { network, valid } => ops::gc(paths, &network, &valid)
             .map(|removed| json!({ "removed": removed }))
             .map_err(Into::into),
+        Request::SamePaths { paths: asked } => {
+            same_paths(paths, Some(&asked)).map(|()| json!(null))
+        }
         Request::Status => status(paths),
         Request::Nat => NatTable::open(&paths.layout())
             .map(|t| json!(t.dump()))

@@ -84,6 +84,14 @@ impl DatapathConf {
     /// itself (a link); needs no agent.
     pub fn record(&self, key: &AttachmentKey, entry: Entry) -> Result<(), CniError> {
         self.validate()?;
+        // A record the agent would never see (its dirs are others) is
+        // refused before it exists. Without an agent the plugin keeps its
+        // own records, and that is consistent.
+        let paths = self.paths();
+        match client::call(&self.agent_socket, &Request::SamePaths { paths }) {
+            Ok(_) | Err(ClientError::Unreachable { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
         ops::record(&self.paths(), key, &[entry]).map_err(Into::into)
     }
 
@@ -135,7 +143,19 @@ impl DatapathConf {
             owner: Some(owner),
         };
         match client::call(&self.agent_socket, &req) {
-            Ok(_) => Ok(()),
+            // The agent removed what its own record lists. A record still
+            // here was written under other paths than the agent's (a config
+            // changed since the ADD): it goes too, or it would stay forever.
+            Ok(_) => match paths.records().read(key) {
+                Ok(Some(_)) => {
+                    log::warn!(
+                        "{key}: record left in {} after the agent's DEL; removing it directly",
+                        paths.state_dir.display()
+                    );
+                    ops::del(&paths, key, Some(owner)).map_err(Into::into)
+                }
+                _ => Ok(()),
+            },
             Err(ClientError::Unreachable { .. }) => {
                 log::info!("cni-agent unreachable; removing {key} directly");
                 ops::del(&paths, key, Some(owner)).map_err(Into::into)
