@@ -79,7 +79,7 @@ impl PinLayout {
 
 /// Whether `path` is on a bpf filesystem.
 pub fn on_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|st| st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|st| st.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 /// Definition of a pinned map as this build expects it.
