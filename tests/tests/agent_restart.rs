@@ -562,3 +562,58 @@ fn conntrack_size_is_checked_against_the_pins() {
         agent.log_text()
     );
 }
+
+/// The agent never fails quietly: when its background worker (uplink
+/// scans, NAT expiry) dies, it exits non-zero for its supervisor to
+/// restart it, saying why. (A debug build's panic point stands for a bug.)
+#[test]
+fn agent_exits_when_its_worker_dies() {
+    require_e2e!();
+    let node = Node::new("workerdies");
+    let _ext = External::direct(&node);
+    let mut agent =
+        AgentProc::start_with_env(&node, &[], &[("CNI_EBPF_PANIC_AT", "datapath-worker")]);
+    let status = agent.wait_exit(Duration::from_secs(30));
+    assert!(!status.success(), "the agent must exit with an error");
+    let log = agent.log_text();
+    assert!(
+        log.contains("datapath worker") && log.contains("supervisor"),
+        "the log says why: {log}"
+    );
+}
+
+/// Requests are bounded: a client that never sends its line does not hold
+/// up others, and an oversized request gets an error instead of memory.
+#[test]
+fn agent_requests_are_bounded() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    require_e2e!();
+    let node = Node::new("bounded");
+    let _ext = External::direct(&node);
+    let _agent = AgentProc::start(&node, &[]);
+    let _silent = UnixStream::connect(node.agent_socket()).expect("connect");
+    assert!(admin(&node, "status").is_object(), "others are served");
+
+    let mut big = UnixStream::connect(node.agent_socket()).expect("connect");
+    big.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let chunk = vec![b'x'; 1 << 20];
+    let writer = {
+        let mut w = big.try_clone().expect("clone");
+        std::thread::spawn(move || {
+            for _ in 0..8 {
+                if w.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let mut reply = String::new();
+    BufReader::new(&big)
+        .read_line(&mut reply)
+        .expect("a reply to the oversized request");
+    assert!(reply.contains("larger than"), "{reply}");
+    drop(big);
+    let _ = writer.join();
+}

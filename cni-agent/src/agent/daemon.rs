@@ -15,7 +15,7 @@ use std::{
 use aya::{programs::cgroup_sock_addr::CgroupSockAddr, Ebpf};
 use cni_ebpf_common::prog_names;
 
-use super::{ops::Paths, server};
+use super::{health::Health, ops::Paths, server};
 use crate::{
     datapath::{
         conntrack::{NatTable, Timeouts},
@@ -68,6 +68,8 @@ pub enum AgentError {
     Netlink(#[from] crate::netlink::NetlinkError),
     #[error("runtime: {0}")]
     Runtime(#[source] std::io::Error),
+    #[error("{0}: exiting so that the supervisor restarts the agent")]
+    WorkerStopped(String),
 }
 
 /// An uplink as discovered: name, index, first IPv4 address.
@@ -291,13 +293,18 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     }
     drop(nl);
 
+    let health = Health::new(cfg.interval);
+    health.beat();
     let worker = {
         let stop = stop.clone();
         let interval = cfg.interval;
         let timeouts = cfg.timeouts;
+        let health = health.clone();
         thread::Builder::new()
             .name("datapath".into())
             .spawn(move || {
+                // Marks the worker stopped however this thread ends.
+                let _alive = health.worker_guard();
                 let nl = match Netlink::connect() {
                     Ok(nl) => nl,
                     Err(e) => {
@@ -327,6 +334,8 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                             Err(e) => log::warn!("NAT expiry: {e}"),
                         }
                     }
+                    crate::crash::panic_point("datapath-worker");
+                    health.beat();
                 }
                 // Dropping `mgr` closes our fds; the pinned links stay.
             })
@@ -337,7 +346,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         .enable_all()
         .build()
         .map_err(AgentError::Runtime)?;
-    let res = rt.block_on(server::serve(cfg.socket.clone(), cfg.paths.clone()));
+    let res = rt.block_on(server::serve(cfg.socket.clone(), cfg.paths.clone(), health));
     stop.store(true, Ordering::Relaxed);
     worker.thread().unpark();
     let _ = worker.join();
