@@ -16,3 +16,16 @@ pub fn point(name: &str) {
     #[cfg(not(debug_assertions))]
     let _ = name;
 }
+
+/// Panics here if the environment names this point (debug builds only):
+/// a bug in a background thread, for the tests of what the agent does
+/// about it.
+#[inline]
+pub fn panic_point(name: &str) {
+    #[cfg(debug_assertions)]
+    if std::env::var("CNI_EBPF_PANIC_AT").is_ok_and(|v| v == name) {
+        panic!("panic point {name}");
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = name;
+}

@@ -39,6 +39,9 @@ pub mod map_names {
     /// [`SockRevKey`](super::SockRevKey) -> [`SockRevValue`](super::SockRevValue):
     /// what a node-local socket redirected to a pod believes it talks to.
     pub const SOCK_REVERSE: &str = "SOCK_REVERSE";
+    /// [0]: the netns cookie of the agent's namespace, the only one whose
+    /// sockets the cgroup hooks rewrite.
+    pub const SOCK_NETNS: &str = "SOCK_NETNS";
     /// [`RateKey`](super::RateKey) -> [`RateBucket`](super::RateBucket):
     /// the token buckets of ebpf-bandwidth.
     pub const RATE_BUCKETS: &str = "RATE_BUCKETS";
@@ -56,6 +59,10 @@ pub mod map_names {
     pub const FW_CT: &str = "FW_CT";
     /// ebpf-firewall: verdicts of fragmented datagrams [`FwFragKey`](super::FwFragKey) -> action.
     pub const FW_FRAGS: &str = "FW_FRAGS";
+    /// Fragmented datagrams the NAT programs (masquerade, hostPort) translated:
+    /// [`NatFragKey`](super::NatFragKey) -> [`NatFragPorts`](super::NatFragPorts),
+    /// so the fragments after the first get the same translation.
+    pub const NAT_FRAGS: &str = "NAT_FRAGS";
     /// ebpf-firewall: per-CPU per-attachment counters (ifindex -> [`FwStats`](super::FwStats)).
     pub const FW_STATS: &str = "FW_STATS";
     /// ebpf-firewall: per-CPU rule hits [`FwRuleKey`](super::FwRuleKey) -> packets.
@@ -473,6 +480,38 @@ pub struct FwFragKey {
     pub dst: [u32; 4],
 }
 
+/// A fragmented datagram as one NAT program saw it before translating it
+/// (addresses as they were at that hook): only its first fragment carries
+/// the transport header, so the others are matched by this key instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NatFragKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// IP identification as found in the packet (IPv4: the 16-bit field in
+    /// network order, zero-extended; room for IPv6's 32-bit one).
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// What the first fragment of a datagram said, for the fragments after it:
+/// its ports (network order; ICMP echo: the identifier in both), which is
+/// all the NAT lookups need.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatFragPorts {
+    pub sport: u16,
+    pub dport: u16,
+    /// ICMP type of the first fragment (0 for TCP and UDP).
+    pub icmp_type: u8,
+    pub _pad: [u8; 3],
+    /// bpf_ktime_get_ns() when the first fragment passed: an entry older
+    /// than the reassembly timeout belongs to an earlier datagram.
+    pub first_seen_ns: u64,
+}
+
 /// Per-attachment counters (`fw::STAT_*` slots), per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -592,9 +631,15 @@ pub mod stat {
     /// Candidate ports passed over because a socket of the node or a
     /// hostPort uses them.
     pub const SNAT_PORT_IN_USE: u32 = 19;
+    /// First fragments of datagrams translated by the masquerade or hostPort
+    /// programs, remembered (NAT_FRAGS) for the fragments after them.
+    pub const FRAG_FIRST: u32 = 20;
+    /// Fragments after the first translated from what their first fragment
+    /// left in NAT_FRAGS (addresses only: they carry no transport header).
+    pub const FRAG_TRANSLATED: u32 = 21;
 
     /// Names of the slots, as the agent reports them.
-    pub const NAMES: [(u32, &str); 20] = [
+    pub const NAMES: [(u32, &str); 22] = [
         (SNAT_NEW, "snatNew"),
         (SNAT_NO_PORT, "snatNoPort"),
         (SNAT_XLATE, "snatTranslated"),
@@ -615,6 +660,8 @@ pub mod stat {
         (SNAT_PORT_KEPT, "snatPortKept"),
         (SNAT_NODE_FLOW, "snatNodeFlows"),
         (SNAT_PORT_IN_USE, "snatPortInUse"),
+        (FRAG_FIRST, "fragFirstRemembered"),
+        (FRAG_TRANSLATED, "fragTranslated"),
     ];
     /// Number of slots in the array (room to grow without a new layout).
     pub const COUNT: u32 = 32;
@@ -647,6 +694,8 @@ mod pod {
     unsafe impl aya::Pod for super::FwCtKey {}
     unsafe impl aya::Pod for super::FwCtEntry {}
     unsafe impl aya::Pod for super::FwFragKey {}
+    unsafe impl aya::Pod for super::NatFragKey {}
+    unsafe impl aya::Pod for super::NatFragPorts {}
     unsafe impl aya::Pod for super::FwStats {}
     unsafe impl aya::Pod for super::FwRuleKey {}
 }

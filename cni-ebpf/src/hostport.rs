@@ -11,7 +11,8 @@
 //!   since a packet whose source is a local address would be dropped as
 //!   martian by the host's input routing.
 //!
-//! Node-local clients are served at the socket layer (`sock.rs`).
+//! Node-local clients are served at the socket layer (`sock.rs`). Every
+//! fragment of a datagram gets its first fragment's translation (`frag`).
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_get_prandom_u32, bpf_redirect_neigh},
@@ -26,6 +27,7 @@ use cni_ebpf_common::{
 
 use crate::{
     conntrack::{now, state_bits, v4_key},
+    frag::{self, Frag},
     parsing::{parse_ipv4, Ipv4Packet, IPPROTO_TCP, IPPROTO_UDP, IP_DADDR, IP_SADDR},
     rewrite::{fix_l4_csum, rewrite},
     stats::bump,
@@ -148,7 +150,8 @@ pub fn hostport_ingress(ctx: TcContext) -> i32 {
     let Some(pkt) = tcp_or_udp(&ctx) else {
         return NEXT;
     };
-    // Already translated at XDP: only the transport checksum is left.
+    // Already translated at XDP: only the transport checksum is left (the
+    // XDP program leaves no metadata on a later fragment, which has none).
     if let Some(m) = xdp_dnat_meta(&ctx) {
         if fix_l4_csum(&ctx, &pkt, m.old_daddr, pkt.daddr, m.old_dport, pkt.dport).is_err() {
             return TC_ACT_SHOT;
@@ -158,7 +161,9 @@ pub fn hostport_ingress(ctx: TcContext) -> i32 {
     let Some(t) = lookup(pkt.daddr, pkt.dport, pkt.proto, false) else {
         return NEXT;
     };
-    note_reply(&pkt, &t, (pkt.saddr, pkt.sport), 0);
+    if pkt.frag != Frag::Later {
+        note_reply(&pkt, &t, (pkt.saddr, pkt.sport), 0);
+    }
     if rewrite(
         &ctx,
         &pkt,
@@ -173,6 +178,7 @@ pub fn hostport_ingress(ctx: TcContext) -> i32 {
     {
         return TC_ACT_SHOT;
     }
+    frag::translated(&pkt);
     bump(stat::HOSTPORT_DNAT);
     NEXT
 }
@@ -209,6 +215,7 @@ pub fn hostport_egress(ctx: TcContext) -> i32 {
     {
         return TC_ACT_SHOT;
     }
+    frag::translated(&pkt);
     bump(stat::HOSTPORT_REPLY);
     NEXT
 }
@@ -261,6 +268,7 @@ fn try_bridge_from_pods(ctx: &TcContext) -> Result<i32, ()> {
             pkt.dport,
             r.dst_port,
         )?;
+        frag::translated(&pkt);
         bump(stat::HOSTPORT_HAIRPIN);
         return Ok(redirect(ifindex));
     }
@@ -276,6 +284,8 @@ fn try_bridge_from_pods(ctx: &TcContext) -> Result<i32, ()> {
             (*e).last_seen_ns = now();
             ((*e).addr[0], (*e).port)
         },
+        // A later fragment opens no binding: its first fragment did.
+        None if pkt.frag == Frag::Later => return Ok(NEXT),
         None => match hairpin_bind(&pkt, &t, ifindex, &okey) {
             Some(b) => b,
             None => {
@@ -306,6 +316,7 @@ fn try_bridge_from_pods(ctx: &TcContext) -> Result<i32, ()> {
             sport,
         )?;
     }
+    frag::translated(&pkt);
     bump(stat::HOSTPORT_HAIRPIN);
     Ok(redirect(ifindex))
 }

@@ -7,14 +7,19 @@
 //! the XDP metadata, and it updates the checksum with the kernel's helper,
 //! which knows. The TC program also catches what this one passes on
 //! untranslated (IPv4 options), so both modes give the same results.
+//!
+//! A fragment after the first gets the translation of its first fragment
+//! (`frag`): its destination and header checksum only, and no metadata
+//! (it has no transport checksum), so TC leaves it alone.
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_xdp_adjust_meta, macros::xdp, programs::XdpContext,
 };
 use cni_ebpf_common::{stat, XdpDnatMeta, XDP_DNAT_MAGIC};
 
 use crate::{
+    frag::{self, Frag},
     hostport::{lookup, note_reply},
-    parsing::{Ipv4Packet, ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP},
+    parsing::{Ipv4Packet, ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP, IP_DADDR, IP_FRAG_OFF, IP_ID},
     stats::bump,
 };
 
@@ -72,16 +77,20 @@ fn try_hostport_xdp(ctx: &XdpContext) -> Option<u32> {
     if unsafe { *vihl } != 0x45 {
         return None;
     }
-    let frag: *mut u16 = ptr_at(ctx, l3 + 6)?;
-    if u16::from_be(unsafe { *frag }) & 0x1fff != 0 {
-        return None;
-    }
+    let frag_off: *mut u16 = ptr_at(ctx, l3 + IP_FRAG_OFF)?;
+    let frag = frag::position(u16::from_be(unsafe { *frag_off }));
+    let id: u16 = unsafe { *ptr_at::<u16>(ctx, l3 + IP_ID)? };
     let proto: u8 = unsafe { *ptr_at::<u8>(ctx, l3 + 9)? };
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return None;
     }
     let saddr_p: *mut u32 = ptr_at(ctx, l3 + 12)?;
     let daddr_p: *mut u32 = ptr_at(ctx, l3 + 16)?;
+    if frag == Frag::Later {
+        // SAFETY: bounds checked by ptr_at.
+        let (saddr, daddr) = unsafe { (*saddr_p, *daddr_p) };
+        return later_fragment(ctx, l3, proto, saddr, daddr, id);
+    }
     let l4 = l3 + 20;
     let sport_p: *mut u16 = ptr_at(ctx, l4)?;
     let dport_p: *mut u16 = ptr_at(ctx, l4 + 2)?;
@@ -107,6 +116,8 @@ fn try_hostport_xdp(ctx: &XdpContext) -> Option<u32> {
         tcp_flags,
         icmp_type: 0,
         l4_csum,
+        frag,
+        id,
     };
     note_reply(&pkt, &t, (saddr, sport), 0);
 
@@ -136,6 +147,34 @@ fn try_hostport_xdp(ctx: &XdpContext) -> Option<u32> {
         *daddr_p = t.addr[0];
         *dport_p = t.port;
     }
+    frag::translated(&pkt);
+    bump(stat::HOSTPORT_DNAT);
+    bump(stat::HOSTPORT_DNAT_XDP);
+    Some(xdp_action::XDP_PASS)
+}
+
+/// A fragment after the first: the destination of its first fragment's
+/// mapping, if that one was translated here. No transport header, so no
+/// metadata for TC.
+#[inline(always)]
+fn later_fragment(
+    ctx: &XdpContext,
+    l3: usize,
+    proto: u8,
+    saddr: u32,
+    daddr: u32,
+    id: u16,
+) -> Option<u32> {
+    let first = frag::recall(saddr, daddr, id, proto)?;
+    let t = lookup(daddr, first.dport, proto, false)?;
+    let ip_csum: *mut u16 = ptr_at(ctx, l3 + 10)?;
+    let daddr_p: *mut u32 = ptr_at(ctx, l3 + IP_DADDR)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        *ip_csum = csum_update(*ip_csum, &halves(daddr), &halves(t.addr[0]));
+        *daddr_p = t.addr[0];
+    }
+    bump(stat::FRAG_TRANSLATED);
     bump(stat::HOSTPORT_DNAT);
     bump(stat::HOSTPORT_DNAT_XDP);
     Some(xdp_action::XDP_PASS)

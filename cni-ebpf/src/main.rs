@@ -1,6 +1,7 @@
 //! Kernel-side programs of the CNI datapath, one module per concern:
 //! `parsing` (headers), `rewrite` (checksummed rewrites), `conntrack` (NAT
-//! bindings), `nat` (masquerade), `hostport` (hostPort DNAT and hairpin),
+//! bindings), `frag` (fragments after the first get their first fragment's
+//! translation), `nat` (masquerade), `hostport` (hostPort DNAT and hairpin),
 //! `sock` (node-local hostPort clients), `counters` (per-interface
 //! counters), `stats` (datapath counters); ebpf-firewall: `policy` (rules,
 //! ingressPolicy, connection tracking), `spoof` (anti-spoofing), `forward`
@@ -13,6 +14,7 @@
 mod conntrack;
 mod counters;
 mod forward;
+mod frag;
 mod hostport;
 mod hostport_xdp;
 mod nat;

@@ -1,6 +1,7 @@
 //! Masquerade (source NAT) on the uplink: pod traffic leaving the node gets
 //! the uplink's address and a source port from the configured range; replies
-//! are translated back before the host routes them to the pod.
+//! are translated back before the host routes them to the pod. Every
+//! fragment of a datagram gets its first fragment's translation (`frag`).
 use aya_ebpf::{
     bindings::{bpf_sock_tuple, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_get_prandom_u32, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
@@ -15,6 +16,7 @@ use cni_ebpf_common::{
 
 use crate::{
     conntrack::{now, state_bits, touch, v4_key, SNAT_ORIG, SNAT_REPLY},
+    frag::{self, Frag},
     parsing::{
         parse_icmp_error, parse_ipv4, Ipv4Packet, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPPROTO_ICMP,
         IPPROTO_TCP, IPPROTO_UDP, IP_CSUM, IP_DADDR, IP_SADDR, TCP_FLAG_ACK, TCP_FLAG_SYN,
@@ -129,6 +131,9 @@ fn try_snat_egress(ctx: &TcContext) -> Result<i32, ()> {
         {
             return Ok(NEXT);
         }
+        // A later fragment never opens a binding: its first fragment did,
+        // or the datagram is not ours.
+        None if pkt.frag == Frag::Later => return Ok(NEXT),
         None => match bind(ctx, &pkt, &key, &uplink, bits) {
             Some(port) => (uplink.addr_v4, port),
             None => {
@@ -149,6 +154,7 @@ fn try_snat_egress(ctx: &TcContext) -> Result<i32, ()> {
         pkt.sport,
         nat_port,
     )?;
+    frag::translated(&pkt);
     bump(stat::SNAT_XLATE);
     Ok(NEXT)
 }
@@ -182,6 +188,8 @@ fn node_flow_egress(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, ()> {
             // SAFETY: valid map value pointer for this run.
             unsafe { (*e).port }
         }
+        // Later fragments carry no ports to move.
+        None if pkt.frag == Frag::Later => return Ok(NEXT),
         None => {
             let rkey = v4_key(
                 pkt.daddr,
@@ -406,7 +414,9 @@ fn take_over_closed(rkey: &CtKey, reply_val: &NatEntry, proto: u8) -> bool {
 fn try_snat_ingress(ctx: &TcContext) -> Result<i32, ()> {
     let pkt = parse_ipv4(ctx).ok_or(())?;
     if pkt.proto == IPPROTO_ICMP && pkt.icmp_type != ICMP_ECHO_REPLY {
-        if pkt.icmp_type == ICMP_ECHO_REQUEST {
+        // An error quotes a header right after its own, which a later
+        // fragment does not have.
+        if pkt.icmp_type == ICMP_ECHO_REQUEST || pkt.frag == Frag::Later {
             return Ok(NEXT);
         }
         return icmp_error_ingress(ctx, &pkt);
@@ -418,7 +428,7 @@ fn try_snat_ingress(ctx: &TcContext) -> Result<i32, ()> {
     };
     let rkey = v4_key(pkt.saddr, pkt.daddr, sport, dport, pkt.proto);
     let Some(rev) = SNAT_REPLY.get_ptr_mut(&rkey) else {
-        if pkt.proto == IPPROTO_UDP {
+        if pkt.proto == IPPROTO_UDP && pkt.frag != Frag::Later {
             note_inbound(&pkt);
         }
         return Ok(NEXT);
@@ -457,6 +467,7 @@ fn try_snat_ingress(ctx: &TcContext) -> Result<i32, ()> {
         pkt.dport,
         pod_port,
     )?;
+    frag::translated(&pkt);
     bump(stat::SNAT_REPLY_XLATE);
     Ok(NEXT)
 }

@@ -1,9 +1,12 @@
 //! Header parsing: just enough of Ethernet, IPv4, TCP, UDP and ICMP to find
-//! a connection tuple and the offsets the rewriters need.
+//! a connection tuple and the offsets the rewriters need. A fragment after
+//! the first gets the ports of its first fragment from `frag`.
 //!
 //! Reads go through bpf_skb_load_bytes (`TcContext::load`), which checks
 //! bounds itself, so variable offsets (IPv4 options) stay verifier-friendly.
 use aya_ebpf::programs::TcContext;
+
+use crate::frag::{self, Frag};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -16,6 +19,8 @@ pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 
 /// Offsets of IPv4 header fields, relative to the start of the IP header.
+pub const IP_ID: usize = 4;
+pub const IP_FRAG_OFF: usize = 6;
 pub const IP_CSUM: usize = 10;
 pub const IP_SADDR: usize = 12;
 pub const IP_DADDR: usize = 16;
@@ -44,6 +49,12 @@ pub struct Ipv4Packet {
     pub icmp_type: u8,
     /// The transport checksum as found (UDP uses 0 for "none").
     pub l4_csum: u16,
+    /// Fragment position. A `Frag::Later` packet has no transport header:
+    /// its ports and ICMP type are its first fragment's (`frag::recall`),
+    /// `l4` points at payload, and only its addresses may be rewritten.
+    pub frag: Frag,
+    /// IP identification (network order).
+    pub id: u16,
 }
 
 impl Ipv4Packet {
@@ -67,8 +78,9 @@ impl Ipv4Packet {
 }
 
 /// Parses an Ethernet frame carrying IPv4 TCP, UDP or ICMP echo. Returns
-/// `None` for anything else, including non-first fragments (they carry no
-/// transport header to translate).
+/// `None` for anything else, including a fragment after the first whose
+/// first fragment no NAT program translated with these addresses (or that
+/// overtook it): without its ports there is nothing to match it with.
 #[inline(always)]
 pub fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4Packet> {
     let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
@@ -84,10 +96,8 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4Packet> {
     if ihl < 20 {
         return None;
     }
-    let frag = u16::from_be(ctx.load::<u16>(l3 + 6).ok()?);
-    if frag & 0x1fff != 0 {
-        return None;
-    }
+    let frag = frag::position(u16::from_be(ctx.load::<u16>(l3 + IP_FRAG_OFF).ok()?));
+    let id: u16 = ctx.load(l3 + IP_ID).ok()?;
     let proto: u8 = ctx.load(l3 + 9).ok()?;
     let saddr: u32 = ctx.load(l3 + IP_SADDR).ok()?;
     let daddr: u32 = ctx.load(l3 + IP_DADDR).ok()?;
@@ -103,7 +113,16 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4Packet> {
         tcp_flags: 0,
         icmp_type: 0,
         l4_csum: 0,
+        frag,
+        id,
     };
+    if frag == Frag::Later {
+        let first = frag::recall(saddr, daddr, id, proto)?;
+        pkt.sport = first.sport;
+        pkt.dport = first.dport;
+        pkt.icmp_type = first.icmp_type;
+        return Some(pkt);
+    }
     match proto {
         IPPROTO_TCP => {
             pkt.sport = ctx.load(l4).ok()?;
@@ -165,6 +184,11 @@ pub fn parse_icmp_error(ctx: &TcContext, outer: &Ipv4Packet) -> Option<IcmpError
     }
     let ihl = usize::from(vihl & 0x0f) * 4;
     if ihl < 20 {
+        return None;
+    }
+    // A quoted fragment after the first has payload where ports would be.
+    let frag = frag::position(u16::from_be(ctx.load::<u16>(l3 + IP_FRAG_OFF).ok()?));
+    if frag == Frag::Later {
         return None;
     }
     let proto: u8 = ctx.load(l3 + 9).ok()?;

@@ -2,16 +2,25 @@
 //! updates (bpf_l3_csum_replace / bpf_l4_csum_replace): no full recompute
 //! over variable-length data, and the L4 helper with BPF_F_PSEUDO_HDR keeps
 //! CHECKSUM_PARTIAL skbs (veth) right as well.
+//!
+//! A fragment after the first of a datagram (`Frag::Later`) has no
+//! transport header: only its address and the IPv4 header checksum change.
+//! The transport checksum, in the first fragment, covers the whole datagram
+//! and is updated there (pseudo-header included).
 use aya_ebpf::programs::TcContext;
 
-use crate::parsing::{Ipv4Packet, IPPROTO_TCP, IPPROTO_UDP, IP_CSUM};
+use crate::{
+    frag::Frag,
+    parsing::{Ipv4Packet, IPPROTO_TCP, IPPROTO_UDP, IP_CSUM},
+};
 
 const BPF_F_PSEUDO_HDR: u64 = 0x10;
 const BPF_F_MARK_MANGLED_0: u64 = 0x20;
 
 /// Rewrites one address and one port (ICMP: the echo id) with incremental
 /// checksum updates. The L4 helper with BPF_F_PSEUDO_HDR keeps the checksum
-/// right for CHECKSUM_PARTIAL skbs from veths as well.
+/// right for CHECKSUM_PARTIAL skbs from veths as well. A later fragment
+/// gets the address only.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn rewrite(
@@ -24,6 +33,11 @@ pub fn rewrite(
     old_port: u16,
     new_port: u16,
 ) -> Result<(), ()> {
+    if pkt.frag == Frag::Later {
+        ctx.l3_csum_replace(pkt.l3 + IP_CSUM, old_addr as u64, new_addr as u64, 4)
+            .map_err(|_| ())?;
+        return ctx.store(pkt.l3 + addr_field, &new_addr, 0).map_err(|_| ());
+    }
     let csum_off = pkt.l4_csum_off();
     match pkt.proto {
         IPPROTO_TCP => {
@@ -77,6 +91,9 @@ pub fn fix_l4_csum(
     old_port: u16,
     new_port: u16,
 ) -> Result<(), ()> {
+    if pkt.frag == Frag::Later {
+        return Ok(());
+    }
     let csum_off = pkt.l4_csum_off();
     let mangled = if pkt.proto == IPPROTO_UDP {
         if pkt.l4_csum == 0 {

@@ -5,10 +5,15 @@
 //! recvmsg4/getpeername4 hooks show the client node:hostPort again as its
 //! peer, so a UDP client checking where replies come from (a DNS resolver)
 //! accepts them.
+//!
+//! The agent attaches these hooks at the cgroup v2 root by default, where
+//! they run for every process of the machine, whatever its network
+//! namespace: they act only on sockets of the agent's own namespace (its
+//! netns cookie in SOCK_NETNS), so nothing outside the node is rewritten.
 use aya_ebpf::{
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map},
-    maps::LruHashMap,
+    maps::{Array, LruHashMap},
     programs::SockAddrContext,
 };
 use cni_ebpf_common::{stat, SockRevKey, SockRevValue, FAMILY_V4};
@@ -24,6 +29,17 @@ const SOCK_DGRAM: u32 = 2;
 
 #[map(name = "SOCK_REVERSE")]
 static SOCK_REVERSE: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::pinned(65536, 0);
+
+#[map(name = "SOCK_NETNS")]
+static SOCK_NETNS: Array<u64> = Array::pinned(1, 0);
+
+/// Whether the socket belongs to the agent's network namespace.
+#[inline(always)]
+fn in_agent_netns(ctx: &SockAddrContext) -> bool {
+    // SAFETY: the helper only reads the context's socket.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut _) };
+    SOCK_NETNS.get(0).is_some_and(|c| *c != 0 && *c == cookie)
+}
 
 #[inline(always)]
 fn proto_of(type_: u32) -> Option<u8> {
@@ -51,6 +67,9 @@ fn rev_key(ctx: &SockAddrContext, addr: u32, port: u16, proto: u8) -> SockRevKey
 /// socket for the reverse direction.
 #[inline(always)]
 fn redirect(ctx: &SockAddrContext) -> i32 {
+    if !in_agent_netns(ctx) {
+        return 1;
+    }
     // SAFETY: the context's bpf_sock_addr is valid for the program's run.
     let sa = unsafe { &mut *ctx.sock_addr };
     let Some(proto) = proto_of(sa.type_) else {
@@ -76,6 +95,9 @@ fn redirect(ctx: &SockAddrContext) -> i32 {
 /// that were redirected.
 #[inline(always)]
 fn reverse(ctx: &SockAddrContext) -> i32 {
+    if !in_agent_netns(ctx) {
+        return 1;
+    }
     // SAFETY: the context's bpf_sock_addr is valid for the program's run.
     let sa = unsafe { &mut *ctx.sock_addr };
     let Some(proto) = proto_of(sa.type_) else {

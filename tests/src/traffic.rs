@@ -363,3 +363,191 @@ pub fn udp_echo_from(
         Err(format!("no UDP echo from {server}: {last}"))
     })
 }
+
+/// `len` bytes of a pattern that differs from one position to the next
+/// (period 251, shifted by `seed`), so a missing, duplicated or misplaced
+/// fragment shows in the reassembled datagram.
+pub fn blob(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i % 251) as u8).wrapping_add(seed))
+        .collect()
+}
+
+/// What a [`UdpBlobServer`] answers to `request`: the same number of
+/// bytes, each inverted, so a reply cannot pass for the request reflected.
+pub fn blob_reply(request: &[u8]) -> Vec<u8> {
+    request.iter().map(|b| !b).collect()
+}
+
+/// Datagrams as a server received them: (source as seen, bytes).
+pub type Datagrams = Vec<(SocketAddr, Vec<u8>)>;
+
+/// A UDP server for datagrams of any size up to 64 KiB — larger than the
+/// path MTU, they travel as IPv4 fragments both ways. It keeps every
+/// datagram with the source it came from and answers each with
+/// [`blob_reply`], one datagram of the same size. Stopped on drop.
+pub struct UdpBlobServer {
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+    received: Arc<Mutex<Datagrams>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpBlobServer {
+    pub fn start(ns: &NetNs, port: u16) -> UdpBlobServer {
+        let sock = in_netns(ns, || {
+            UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
+                .unwrap_or_else(|e| panic!("bind udp port {port}: {e}"))
+        });
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("udp timeout");
+        let stop = Arc::new(AtomicBool::new(false));
+        let received: Arc<Mutex<Datagrams>> = Arc::default();
+        let thread = {
+            let (stop, received) = (stop.clone(), received.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    match sock.recv_from(&mut buf) {
+                        Ok((n, peer)) => {
+                            let data = buf[..n].to_vec();
+                            let reply = blob_reply(&data);
+                            // Kept before answering: a client holding the
+                            // reply finds its datagram here.
+                            received.lock().unwrap().push((peer, data));
+                            let _ = sock.send_to(&reply, peer);
+                        }
+                        Err(e)
+                            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                        Err(_) => return,
+                    }
+                }
+            })
+        };
+        UdpBlobServer {
+            port,
+            stop,
+            received,
+            thread: Some(thread),
+        }
+    }
+
+    /// Every datagram received so far, with its source as the server saw it.
+    pub fn received(&self) -> Datagrams {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+impl Drop for UdpBlobServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The answer to one large datagram.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobReply {
+    /// The client's own socket address.
+    pub local: SocketAddr,
+    /// Where the reply came from (the socket is not connected, so it takes
+    /// a reply from anywhere and this shows the source it arrived with).
+    pub from: SocketAddr,
+    pub data: Vec<u8>,
+}
+
+/// Sends `payload` as one datagram from an unconnected UDP socket inside
+/// `ns` to `server` and returns the first datagram that comes back (three
+/// tries, two seconds each; each try is a new datagram).
+pub fn udp_blob(ns: &NetNs, server: SocketAddr, payload: &[u8]) -> Result<BlobReply, String> {
+    let payload = payload.to_vec();
+    in_netns(ns, move || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 65536];
+        let mut last = String::new();
+        for _ in 0..3 {
+            s.send_to(&payload, server)
+                .map_err(|e| format!("send {} bytes to {server}: {e}", payload.len()))?;
+            match s.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    // The local address is known once the socket sent
+                    // (its port) and the reply named the address it hit.
+                    let port = s.local_addr().map_err(|e| e.to_string())?.port();
+                    let local = local_address_towards(server, port)?;
+                    return Ok(BlobReply {
+                        local,
+                        from,
+                        data: buf[..n].to_vec(),
+                    });
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(format!(
+            "no reply to a {}-byte datagram from {server}: {last}",
+            payload.len()
+        ))
+    })
+}
+
+/// The source address the current namespace uses towards `dest` (a
+/// connected UDP socket's local address: no packet is sent), with `port`.
+fn local_address_towards(dest: SocketAddr, port: u16) -> Result<SocketAddr, String> {
+    let probe = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| e.to_string())?;
+    probe.connect(dest).map_err(|e| e.to_string())?;
+    let mut local = probe.local_addr().map_err(|e| e.to_string())?;
+    local.set_port(port);
+    Ok(local)
+}
+
+/// The kernel's IPv4 fragmentation and reassembly counters of one network
+/// namespace (`Ip:` of /proc/net/snmp, as the namespace sees it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FragCounters {
+    /// Fragments received that needed reassembly.
+    pub reasm_reqds: u64,
+    /// Datagrams reassembled.
+    pub reasm_oks: u64,
+    /// Datagrams fragmented (sent or forwarded).
+    pub frag_oks: u64,
+}
+
+impl FragCounters {
+    /// Reads the counters of `ns`.
+    pub fn of(ns: &NetNs) -> FragCounters {
+        let text = in_netns(ns, || {
+            std::fs::read_to_string("/proc/thread-self/net/snmp").expect("read /proc/net/snmp")
+        });
+        let mut ip = text.lines().filter(|l| l.starts_with("Ip:"));
+        let (names, values) = (ip.next(), ip.next());
+        let (Some(names), Some(values)) = (names, values) else {
+            panic!("no Ip: lines in /proc/net/snmp:\n{text}");
+        };
+        let field = |name: &str| -> u64 {
+            names
+                .split_whitespace()
+                .zip(values.split_whitespace())
+                .find(|(n, _)| *n == name)
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in /proc/net/snmp:\n{text}"))
+        };
+        FragCounters {
+            reasm_reqds: field("ReasmReqds"),
+            reasm_oks: field("ReasmOKs"),
+            frag_oks: field("FragOKs"),
+        }
+    }
+
+    /// The increase since `before`.
+    pub fn since(self, before: FragCounters) -> FragCounters {
+        FragCounters {
+            reasm_reqds: self.reasm_reqds - before.reasm_reqds,
+            reasm_oks: self.reasm_oks - before.reasm_oks,
+            frag_oks: self.frag_oks - before.frag_oks,
+        }
+    }
+}

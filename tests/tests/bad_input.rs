@@ -239,6 +239,80 @@ bad_input_case!(
     }
 );
 
+bad_input_case!(
+    bridge_name_with_nul,
+    Case {
+        codes: &[7],
+        msg_any: &["bridge"],
+        setup: no_setup,
+        // Netlink would stop at the NUL: ADD on a bridge named "fz".
+        mutate: |_, conf, _| conf["bridge"] = json!("fz\u{0}b1"),
+    }
+);
+
+bad_input_case!(
+    bridge_name_too_long,
+    Case {
+        codes: &[7],
+        msg_any: &["bridge"],
+        setup: no_setup,
+        mutate: |_, conf, _| conf["bridge"] = json!("a-bridge-name-of-20"),
+    }
+);
+
+/// A container ID of 5,000 characters (the spec sets no limit, runtimes
+/// hash or concatenate IDs): the full chain's ADD, CHECK and DEL work, the
+/// record is found again, and DEL leaves nothing.
+#[test]
+fn very_long_container_ids_work() {
+    require_e2e!();
+    use cni_tests::agentctl::AgentProc;
+    use cni_tests::residue::residue;
+    use cni_tests::uplink::{masq_conf, External};
+    let node = Node::new("longid");
+    let ext = External::direct(&node);
+    let _agent = AgentProc::start(&node, &[]);
+    let pod = node.pod("longidpod");
+    let rt = node.runtime(Impl::Ours);
+    let list = conflist_of(&masq_conf(
+        &node,
+        "longidnet",
+        "cnilongid",
+        &ext.pod_subnet(),
+    ));
+    let warm = Attachment::new("longid-warm", &pod, "eth0");
+    let res = rt.add_list(&list, &warm).unwrap_or_else(|o| panic!("{o}"));
+    rt.del_list(&list, &warm, Some(&res))
+        .unwrap_or_else(|o| panic!("{o}"));
+    let baseline = residue(&node, &pod, "longidnet");
+
+    let id: String = (0..5000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let att = Attachment::new(&id, &pod, "eth0");
+    let res = rt
+        .add_list(&list, &att)
+        .unwrap_or_else(|o| panic!("ADD with a 5,000-character ID: {o}"));
+    rt.check_list(&list, &att, &res)
+        .unwrap_or_else(|o| panic!("CHECK: {o}"));
+    let records = cni_tests::agentctl::admin(&node, "records");
+    assert!(
+        cni_tests::agentctl::record_of(&records, "longidnet", &id, "eth0").is_some(),
+        "the record holds the whole ID"
+    );
+    rt.del_list(&list, &att, Some(&res))
+        .unwrap_or_else(|o| panic!("DEL: {o}"));
+    rt.del_list(&list, &att, Some(&res))
+        .unwrap_or_else(|o| panic!("second DEL: {o}"));
+    assert_json_eq(
+        "baseline",
+        &baseline,
+        "after DEL",
+        &residue(&node, &pod, "longidnet"),
+        "a 5,000-character container ID",
+    );
+}
+
 /// Harness self-test: the reference fails these cases with no change too,
 /// so a zero-change failure of ours is not snapshot noise.
 #[test]
@@ -283,4 +357,81 @@ fn harness_reference_zero_change() {
     for (name, case) in cases {
         run_case(name, case, Impl::Reference);
     }
+}
+
+/// The agent is the authority on where records and pins live: a plugin
+/// config whose `stateDir` or `bpffsRoot` is not the agent's fails ADD with
+/// code 7 naming the key (instead of records split between two dirs that
+/// DEL then leaks); a `stateDir` that is a file, or a `bpffsRoot` off any
+/// bpf filesystem, too. The runtime's DEL after the failure leaves nothing.
+#[test]
+fn path_keys_must_be_the_agents() {
+    require_e2e!();
+    use cni_tests::agentctl::{admin, AgentProc};
+    use cni_tests::residue::residue;
+    use cni_tests::uplink::{masq_conf, External};
+    let node = Node::new("paths");
+    let ext = External::direct(&node);
+    let _agent = AgentProc::start(&node, &[]);
+    let pod = node.pod("pathspod");
+    let rt = node.runtime(Impl::Ours);
+    let conf = masq_conf(&node, "pathsnet", "cnipaths", &ext.pod_subnet());
+    let warm = Attachment::new("paths-warm", &pod, "eth0");
+    let list = conflist_of(&conf);
+    let res = rt.add_list(&list, &warm).unwrap_or_else(|o| panic!("{o}"));
+    rt.del_list(&list, &warm, Some(&res))
+        .unwrap_or_else(|o| panic!("{o}"));
+    let baseline = residue(&node, &pod, "pathsnet");
+
+    let elsewhere = TempDir::new("paths-elsewhere");
+    let a_file = elsewhere.path().join("a-file");
+    std::fs::write(&a_file, "x").expect("write a file");
+    for (key, value, says) in [
+        (
+            "stateDir",
+            elsewhere.path().join("state"),
+            "differs from the agent's",
+        ),
+        ("stateDir", a_file.clone(), "not a directory"),
+        (
+            "bpffsRoot",
+            elsewhere.path().to_path_buf(),
+            "not on a bpf filesystem",
+        ),
+    ] {
+        let mut bad = conf.clone();
+        bad[key] = json!(value);
+        let list = conflist_of(&bad);
+        let att = Attachment::new("paths-ctr", &pod, "eth0");
+        let out = rt
+            .add_list(&list, &att)
+            .expect_err("ADD with foreign path keys");
+        let err = out.expect_error();
+        assert_eq!(err.code, 7, "{key}={}: {err:?}", value.display());
+        assert!(
+            err.msg.contains(key) && err.msg.contains(says),
+            "{key}: {} should name it and say {says:?}",
+            err.msg
+        );
+        assert_json_eq(
+            "baseline",
+            &baseline,
+            "after the refused ADD",
+            &residue(&node, &pod, "pathsnet"),
+            key,
+        );
+        assert_eq!(admin(&node, "records"), json!([]), "{key}: no record left");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(elsewhere.path())
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        leftovers.iter().all(|n| n == "a-file" || n == "state"),
+        "{leftovers:?}"
+    );
+    let stray = cni_tests::residue::files(&elsewhere.path().join("state"));
+    assert!(
+        stray.is_empty(),
+        "records left in the foreign stateDir: {stray:?}"
+    );
 }

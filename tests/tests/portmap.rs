@@ -571,6 +571,57 @@ fn node_local_xdp() {
     node_local_clients("locxdp", Mode::Xdp);
 }
 
+/// With the agent's defaults (no `--cgroup`), a process of the node
+/// reaches a hostPort on the node's address and on 127.0.0.1, as with the
+/// reference portmap; the hooks sit at the cgroup v2 root, so they see
+/// every process of the machine, and a process in another network
+/// namespace connecting to the same address and port is left alone (it
+/// reaches its own listener there, not the pod).
+#[test]
+fn node_local_clients_with_agent_defaults() {
+    require_e2e!();
+    let fx = fixture("nldef", Setup::mode(Mode::Tc));
+    let list = fx.list(None);
+    const HP: u16 = 30140;
+    let pod = fx.add_pod(
+        &list,
+        "nldef-ctr",
+        vec![
+            mapping(HP.into(), POD_PORT.into(), "tcp"),
+            mapping(HP.into(), POD_PORT.into(), "udp"),
+        ],
+    );
+    let _tcp = TcpEchoServer::start(&pod.ns, POD_PORT);
+    let _udp = UdpEchoServer::start(&pod.ns, POD_PORT);
+    let gw = IpAddr::V4(fx.ext.pod_gateway());
+    for via in [fx.ext.node_addr, Ipv4Addr::LOCALHOST] {
+        let target = SocketAddr::from((via, HP));
+        let t = tcp_echo(&fx.node.ns, target, "node-local tcp")
+            .unwrap_or_else(|e| panic!("node -> {target} (tcp): {e}"));
+        assert_eq!(t.seen_as.ip(), gw, "TCP {target}: the pod answered");
+        let u = udp_echo(&fx.node.ns, target, "node-local udp")
+            .unwrap_or_else(|e| panic!("node -> {target} (udp): {e}"));
+        assert_eq!(u.seen_as.ip(), gw, "UDP {target}: the pod answered");
+    }
+
+    // Another namespace, with its own listener on the same port: untouched.
+    let other = NetNs::new("nldefother");
+    other.ip(&["link", "set", "lo", "up"]);
+    let _own = TcpEchoServer::start(&other, HP);
+    let target = SocketAddr::from((Ipv4Addr::LOCALHOST, HP));
+    let t = tcp_echo(&other, target, "elsewhere")
+        .unwrap_or_else(|e| panic!("other netns -> {target}: {e}"));
+    assert_eq!(
+        t.seen_as.ip(),
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        "a socket of another namespace is not rewritten"
+    );
+    drop(_own);
+    let r = tcp_echo(&other, target, "nobody");
+    assert!(r.is_err(), "other netns reached something: {r:?}");
+    fx.del_pod(&list, &pod);
+}
+
 /// A node-local UDP client that does not connect its socket (sendto, as
 /// DNS stub resolvers do) must get the reply from the address it sent to,
 /// node:hostPort, as with the reference's conntrack DNAT: resolvers drop

@@ -467,3 +467,81 @@ fn gc_removes_stale_mappings() {
     fx.del_pod(&list, &keep);
     fx.del_pod(&list, &gone);
 }
+
+/// hostPorts over IPv6 are not done by the datapath yet: a mapping that
+/// needs them — an IPv6 `hostIP`, or any mapping of a pod with an IPv6
+/// address (the reference maps every family the pod has) — fails ADD with
+/// code 7 naming the mapping, and the runtime's DEL after it leaves the
+/// node as it was. Never a silent half-done ADD.
+#[test]
+fn ipv6_hostports_are_refused_not_half_done() {
+    require_e2e!();
+    use cni_tests::agentctl::AgentProc;
+    use cni_tests::residue::residue;
+    let node = Node::new("hp6");
+    let _agent = AgentProc::start(&node, &[]);
+    let pod = node.pod("hp6pod");
+    let rt = node.runtime(Impl::Ours);
+    let ranges = |v6: bool| {
+        let mut r = vec![json!([{"subnet": "10.66.0.0/24"}])];
+        if v6 {
+            r.push(json!([{"subnet": "fd00:66::/64"}]));
+        }
+        Value::Array(r)
+    };
+    let list = |v6: bool| {
+        let keys = node.path_keys();
+        let mut bridge = json!({
+            "type": "ebpf-bridge", "bridge": "cnihp6", "isGateway": true,
+            "ipam": {"type": "ebpf-host-local", "ranges": ranges(v6),
+                     "dataDir": node.data_dir()}});
+        merge(&mut bridge, &keys);
+        let mut portmap = json!({"type": "ebpf-portmap", "capabilities": {"portMappings": true}});
+        merge(&mut portmap, &keys);
+        json!({"cniVersion": "1.0.0", "name": "hp6net", "plugins": [bridge, portmap]})
+    };
+    // A first ADD+DEL of a dual-stack pod (bridge only) leaves what stays
+    // by design: the bridge and its gateway addresses.
+    let warm = Attachment::new("hp6-warm", &pod, "eth0");
+    let mut bridge_only = list(true);
+    bridge_only["plugins"]
+        .as_array_mut()
+        .expect("plugins")
+        .truncate(1);
+    let res = rt
+        .add_list(&bridge_only, &warm)
+        .unwrap_or_else(|o| panic!("warm-up: {o}"));
+    rt.del_list(&bridge_only, &warm, Some(&res))
+        .unwrap_or_else(|o| panic!("warm-up DEL: {o}"));
+    let baseline = residue(&node, &pod, "hp6net");
+
+    for (v6_pod, mapping, expect) in [
+        (
+            true,
+            json!({"hostPort": 30160, "containerPort": 80, "protocol": "tcp"}),
+            "portMappings[0]: the pod has the IPv6 address fd00:66::",
+        ),
+        (
+            false,
+            json!({"hostPort": 30161, "containerPort": 80, "protocol": "tcp", "hostIP": "fd00:1::1"}),
+            "portMappings[0].hostIP: fd00:1::1 is IPv6",
+        ),
+    ] {
+        let mut att = Attachment::new("hp6-ctr", &pod, "eth0");
+        att.capability_args
+            .insert("portMappings".into(), json!([mapping]));
+        let out = rt
+            .add_list(&list(v6_pod), &att)
+            .expect_err("an IPv6 hostPort must not be accepted");
+        let err = out.expect_error();
+        assert_eq!(err.code, 7, "{err:?}");
+        assert!(err.msg.contains(expect), "{} should say {expect}", err.msg);
+        assert_json_eq(
+            "baseline",
+            &baseline,
+            "after the refused ADD and the runtime's DEL",
+            &residue(&node, &pod, "hp6net"),
+            expect,
+        );
+    }
+}

@@ -409,10 +409,10 @@ fn status_bridge_without_agent_is_50() {
 #[test]
 fn status_bridge_with_agent_ok() {
     require_e2e!();
-    if Agent::binary().is_none() {
-        eprintln!("SKIPPED status_bridge_with_agent_ok: cni-agent binary not built");
-        return;
-    }
+    assert!(
+        Agent::binary().is_some(),
+        "cni-agent is not built (cargo build -p cni-agent --bins)"
+    );
     let node = Node::new("stag");
     let _agent = Agent::start(&node, &[]);
     let rt = node.runtime(Impl::Ours);

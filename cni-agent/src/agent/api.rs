@@ -12,8 +12,15 @@ pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/cni-ebpf";
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
-    /// Record `record` durably, then create its entries.
-    Add { record: Record },
+    /// Record `record` durably, then create its entries. `paths` are the
+    /// plugin's `stateDir`/`bpffsRoot`: the agent refuses a request whose
+    /// paths are not its own, since the plugin would then look for the
+    /// record where the agent never wrote it, and DEL would leak it.
+    Add {
+        record: Record,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        paths: Option<crate::agent::ops::Paths>,
+    },
     /// Remove the entries of the attachment's record (only `owner`'s, if
     /// given), then the record once empty.
     Del {
@@ -33,6 +40,9 @@ pub enum Request {
         network: String,
         valid: Vec<AttachmentKey>,
     },
+    /// Whether `paths` are the agent's own (asked before a plugin writes a
+    /// record itself): error code 7 naming the differing key otherwise.
+    SamePaths { paths: crate::agent::ops::Paths },
     /// Agent and datapath health plus occupancy.
     Status,
     /// Every NAT binding.

@@ -15,7 +15,7 @@ use std::{
 use aya::{programs::cgroup_sock_addr::CgroupSockAddr, Ebpf};
 use cni_ebpf_common::prog_names;
 
-use super::{ops::Paths, server};
+use super::{health::Health, ops::Paths, server};
 use crate::{
     datapath::{
         conntrack::{NatTable, Timeouts},
@@ -47,7 +47,8 @@ pub struct AgentConfig {
     /// Where hostPort DNAT runs on the uplinks.
     pub hostport_mode: HostPortMode,
     /// cgroup (v2 directory) whose processes reach hostPorts through the
-    /// socket hooks; none = node-local clients are not served.
+    /// socket hooks; `None`: the cgroup v2 root. Either way only sockets of
+    /// the agent's network namespace are rewritten.
     pub cgroup: Option<PathBuf>,
     /// How often uplinks are rescanned and bindings expired.
     pub interval: Duration,
@@ -67,6 +68,8 @@ pub enum AgentError {
     Netlink(#[from] crate::netlink::NetlinkError),
     #[error("runtime: {0}")]
     Runtime(#[source] std::io::Error),
+    #[error("{0}: exiting so that the supervisor restarts the agent")]
+    WorkerStopped(String),
 }
 
 /// An uplink as discovered: name, index, first IPv4 address.
@@ -257,9 +260,18 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         "datapath loaded, maps pinned under {}; {taken} pinned links now run this build's programs",
         layout.maps_dir().display()
     );
-    if let Some(cg) = &cfg.cgroup {
-        attach_cgroup(&mut ebpf, &layout, cg)?;
-    }
+    // The socket hooks: at the cgroup v2 root unless told otherwise, acting
+    // only on sockets of this namespace.
+    let cookie = crate::datapath::cgroup::claim_netns(&layout)?;
+    let cgroup = match &cfg.cgroup {
+        Some(cg) => cg.clone(),
+        None => crate::datapath::cgroup::cgroup2_root(&cfg.paths.state_dir.join("cgroupv2"))?,
+    };
+    attach_cgroup(&mut ebpf, &layout, &cgroup)?;
+    log::info!(
+        "node-local hostPort clients: socket hooks on cgroup {} for netns cookie {cookie}",
+        cgroup.display()
+    );
     let stop = Arc::new(AtomicBool::new(false));
 
     let nl = Netlink::connect()?;
@@ -281,13 +293,18 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     }
     drop(nl);
 
+    let health = Health::new(cfg.interval);
+    health.beat();
     let worker = {
         let stop = stop.clone();
         let interval = cfg.interval;
         let timeouts = cfg.timeouts;
+        let health = health.clone();
         thread::Builder::new()
             .name("datapath".into())
             .spawn(move || {
+                // Marks the worker stopped however this thread ends.
+                let _alive = health.worker_guard();
                 let nl = match Netlink::connect() {
                     Ok(nl) => nl,
                     Err(e) => {
@@ -317,6 +334,8 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                             Err(e) => log::warn!("NAT expiry: {e}"),
                         }
                     }
+                    crate::crash::panic_point("datapath-worker");
+                    health.beat();
                 }
                 // Dropping `mgr` closes our fds; the pinned links stay.
             })
@@ -327,7 +346,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         .enable_all()
         .build()
         .map_err(AgentError::Runtime)?;
-    let res = rt.block_on(server::serve(cfg.socket.clone(), cfg.paths.clone()));
+    let res = rt.block_on(server::serve(cfg.socket.clone(), cfg.paths.clone(), health));
     stop.store(true, Ordering::Relaxed);
     worker.thread().unpark();
     let _ = worker.join();

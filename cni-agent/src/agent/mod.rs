@@ -4,5 +4,6 @@
 pub mod api;
 pub mod client;
 pub mod daemon;
+pub mod health;
 pub mod ops;
 pub mod server;

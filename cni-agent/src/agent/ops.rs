@@ -59,7 +59,8 @@ impl From<OpsError> for CniError {
 }
 
 /// Paths one instance of the suite works with.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Paths {
     pub state_dir: PathBuf,
     pub bpffs_root: PathBuf,

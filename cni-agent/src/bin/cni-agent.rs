@@ -64,7 +64,9 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "tc")]
         hostport_mode: HostPortMode,
         /// cgroup v2 directory whose processes reach hostPorts on the node's
-        /// addresses and 127.0.0.1 (socket hooks). Default: none.
+        /// addresses and 127.0.0.1 (socket hooks). Default: the cgroup v2
+        /// root (mounted privately under the state dir if none is). Only
+        /// sockets of the agent's network namespace are rewritten.
         #[arg(long)]
         cgroup: Option<PathBuf>,
     },

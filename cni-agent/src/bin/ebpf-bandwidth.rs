@@ -4,5 +4,5 @@ use std::process::ExitCode;
 use cni_agent::{plugins::bandwidth::BandwidthPlugin, spec::skel};
 
 fn main() -> ExitCode {
-    skel::run(&BandwidthPlugin)
+    skel::run(&BandwidthPlugin::new())
 }

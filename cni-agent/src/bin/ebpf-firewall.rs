@@ -5,5 +5,5 @@ use std::process::ExitCode;
 use cni_agent::{plugins::firewall::FirewallPlugin, spec::skel};
 
 fn main() -> ExitCode {
-    skel::run(&FirewallPlugin)
+    skel::run(&FirewallPlugin::new())
 }

@@ -4,5 +4,5 @@ use std::process::ExitCode;
 use cni_agent::{plugins::portmap::PortmapPlugin, spec::skel};
 
 fn main() -> ExitCode {
-    skel::run(&PortmapPlugin)
+    skel::run(&PortmapPlugin::new())
 }

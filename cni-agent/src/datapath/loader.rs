@@ -40,6 +40,12 @@ pub enum DatapathError {
         found: u32,
         asked: u32,
     },
+    #[error("cgroup hooks: {path}: {source}")]
+    Cgroup {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("tcx link {0}")]
     Link(String),
     #[error("map {name}: {source}")]

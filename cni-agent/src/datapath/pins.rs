@@ -9,9 +9,12 @@
 //! A new layout version gets new directories, so an old agent's maps are
 //! never read with a new layout. Within a version, aya reuses a pinned map
 //! by name without comparing its definition; [`check_pinned_maps`] does that
-//! comparison first and refuses a mismatch.
+//! comparison first and refuses a mismatch. A map this build adds to the
+//! object (e.g. NAT_FRAGS) is simply missing from an older agent's pins:
+//! aya creates and pins it, the older maps are reused as they are, so no
+//! version bump is needed for a new map, only for a changed one.
 use std::{
-    fs, io,
+    fs,
     mem::size_of,
     path::{Path, PathBuf},
 };
@@ -22,7 +25,7 @@ use aya::{
 };
 use cni_ebpf_common::{
     map_names, BridgeInfo, CtKey, HostPortKey, HostPortTarget, HpReply, IpKey, MasqPolicy,
-    NatEntry, SockRevKey, SockRevValue, UplinkConfig, MAP_LAYOUT_VERSION,
+    NatEntry, NatFragKey, NatFragPorts, SockRevKey, SockRevValue, UplinkConfig, MAP_LAYOUT_VERSION,
 };
 
 use super::{loader::DatapathError, object::EBPF_OBJECT};
@@ -67,15 +70,16 @@ impl PinLayout {
                 path: self.root.clone(),
                 source,
             })?;
-        let st = nix::sys::statfs::statfs(&self.root).map_err(|e| DatapathError::Pins {
-            path: self.root.clone(),
-            source: io::Error::from(e),
-        })?;
-        if st.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+        if !on_bpffs(&self.root) {
             return Err(DatapathError::NotBpffs(self.root.clone()));
         }
         Ok(())
     }
+}
+
+/// Whether `path` is on a bpf filesystem.
+pub fn on_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|st| st.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 /// Definition of a pinned map as this build expects it.
@@ -107,7 +111,9 @@ pub fn map_specs() -> Vec<MapSpec> {
         spec::<u32, BridgeInfo>(map_names::BRIDGES, MapType::Hash),
         spec::<CtKey, NatEntry>(map_names::HP_ORIG, MapType::LruHash),
         spec::<CtKey, HpReply>(map_names::HP_REPLY, MapType::LruHash),
+        spec::<NatFragKey, NatFragPorts>(map_names::NAT_FRAGS, MapType::LruHash),
         spec::<SockRevKey, SockRevValue>(map_names::SOCK_REVERSE, MapType::LruHash),
+        spec::<u32, u64>(map_names::SOCK_NETNS, MapType::Array),
         spec::<cni_ebpf_common::RateKey, cni_ebpf_common::RateBucket>(
             map_names::RATE_BUCKETS,
             MapType::Hash,
@@ -193,6 +199,12 @@ pub struct MapSizes {
     /// the pins: a pinned map of another size is refused, never reused.
     pub conntrack: Option<u32>,
     pub masq_sources: u32,
+    /// NAT_FRAGS (LRU): one entry per fragmented datagram whose first
+    /// fragment was translated, needed only while its later fragments
+    /// pass. 16,384 entries (about 100 bytes each) keep an entry for over a
+    /// second at 1 Gbit/s of 8 KiB datagrams, far longer than a datagram's
+    /// fragments take; Cilium's default is 8,192.
+    pub frags: u32,
 }
 
 impl Default for MapSizes {
@@ -200,6 +212,7 @@ impl Default for MapSizes {
         Self {
             conntrack: None,
             masq_sources: 65536,
+            frags: 16384,
         }
     }
 }
@@ -244,7 +257,8 @@ pub fn load_pinned(layout: &PinLayout, sizes: MapSizes) -> Result<Ebpf, Datapath
     let mut loader = EbpfLoader::new();
     loader
         .default_map_pin_directory(&maps_dir)
-        .map_max_entries(map_names::MASQ_SOURCES, sizes.masq_sources);
+        .map_max_entries(map_names::MASQ_SOURCES, sizes.masq_sources)
+        .map_max_entries(map_names::NAT_FRAGS, sizes.frags);
     for name in CONNTRACK_MAPS {
         loader.map_max_entries(name, conntrack);
     }

@@ -130,27 +130,36 @@ impl Store {
         range_id: usize,
     ) -> Result<bool, StoreError> {
         let path = self.ip_path(ip);
-        let mut file = match OpenOptions::new()
-            .read(true)
+        // The reservation appears whole or not at all: its content is
+        // written and synced under a temporary name (never an address, so
+        // no scan reads it), then hard-linked to the address's name, which
+        // fails if the address is taken (as O_EXCL would). A crash leaves at
+        // most the temporary file, never an empty reservation.
+        let tmp = self
+            .dir
+            .join(format!(".reserve-{}-{ip}", std::process::id()));
+        let content = format!("{}{LINE_BREAK}{ifname}", id.trim());
+        let written = OpenOptions::new()
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(true)
             .mode(0o644)
-            .open(&path)
-        {
-            Ok(f) => f,
+            .open(&tmp)
+            .and_then(|mut f| {
+                f.write_all(content.as_bytes())?;
+                f.sync_all()
+            });
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(StoreError::io("failed to write", &tmp, e));
+        }
+        let linked = fs::hard_link(&tmp, &path);
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
             Err(e) => return Err(StoreError::io("failed to create", &path, e)),
-        };
-        let content = format!("{}{LINE_BREAK}{ifname}", id.trim());
-        if let Err(e) = file
-            .write_all(content.as_bytes())
-            .and_then(|()| file.sync_all())
-        {
-            drop(file);
-            let _ = fs::remove_file(&path);
-            return Err(StoreError::io("failed to write", &path, e));
         }
-        drop(file);
         let last = self.last_ip_path(range_id);
         if let Err(e) = write_file(&last, ip.to_string().as_bytes()) {
             // Do not leave a reservation behind for an ADD that fails.

@@ -10,13 +10,19 @@ use serde::Deserialize;
 
 use crate::{
     netlink::{NetNs, Netlink, NetlinkError},
-    plugins::datapath::DatapathConf,
-    spec::{CmdArgs, CniError, CniResult, NetConf, Plugin},
+    plugins::{
+        chained::{Chained, ChainedPlugin},
+        datapath::DatapathConf,
+    },
+    spec::{CmdArgs, CniError, CniResult, NetConf},
     state::record::{Entry, Owner, VethHook},
 };
 use cni_ebpf_common::prog_names;
 
-pub struct BandwidthPlugin;
+/// ebpf-bandwidth, the binary's plugin.
+pub type BandwidthPlugin = ChainedPlugin<Bandwidth>;
+
+pub struct Bandwidth;
 
 /// What went wrong, mapped once to CNI codes below.
 #[derive(Debug, thiserror::Error)]
@@ -27,8 +33,6 @@ pub enum BandwidthError {
     InvalidLimit { field: String, reason: &'static str },
     #[error("field `{0}` is not supported by ebpf-bandwidth (it shapes all of the pod's traffic)")]
     Unsupported(&'static str),
-    #[error("must be called as chained plugin: prevResult is missing")]
-    NotChained,
     #[error("no interfaces provided in prevResult")]
     NoInterfaces,
     #[error("CNI_NETNS is required to find the host side of {0}")]
@@ -50,9 +54,9 @@ impl From<BandwidthError> for CniError {
         match e {
             BandwidthError::Netlink(n) => n.into(),
             BandwidthError::NoNetns(_) => CniError::invalid_env(e.to_string()),
-            BandwidthError::InvalidLimit { .. }
-            | BandwidthError::Unsupported(_)
-            | BandwidthError::NotChained => CniError::invalid_config(e.to_string()),
+            BandwidthError::InvalidLimit { .. } | BandwidthError::Unsupported(_) => {
+                CniError::invalid_config(e.to_string())
+            }
             BandwidthError::NoInterfaces
             | BandwidthError::NoVethPeer { .. }
             | BandwidthError::PeerNotHere(_)
@@ -283,56 +287,31 @@ fn host_veth(prev: &CniResult, args: &CmdArgs) -> Result<String, BandwidthError>
         .ok_or(BandwidthError::PeerNotInResult(host.name))
 }
 
-fn required_prev(conf: &NetConf) -> Result<CniResult, CniError> {
-    conf.prev_result()?
-        .ok_or_else(|| BandwidthError::NotChained.into())
-}
+impl Chained for Bandwidth {
+    type Config = BandwidthConfig;
+    const OWNER: Owner = Owner::Bandwidth;
+    const CONTEXT: &'static str = "bandwidth";
+    const ABOUT: &'static str = "ebpf-bandwidth: pod rate limits in eBPF (CNI spec 0.1.0 - 1.1.0)";
 
-impl Plugin for BandwidthPlugin {
-    fn add(&self, args: &CmdArgs, conf: &NetConf) -> Result<CniResult, CniError> {
-        let opts = BandwidthConfig::from_conf(conf)?;
-        if opts.is_unlimited() {
-            // Nothing to enforce: pass the previous result through.
-            return Ok(conf.prev_result()?.unwrap_or_else(|| CniResult {
-                cni_version: conf.cni_version.clone(),
-                ..CniResult::default()
-            }));
-        }
-        let prev = required_prev(conf)?;
-        let host = host_veth(&prev, args)?;
-        opts.datapath
-            .add(DatapathConf::key(&conf.name, args), opts.entries(&host))
-            .map_err(|e| e.context("bandwidth"))?;
-        Ok(prev)
+    fn config(conf: &NetConf) -> Result<BandwidthConfig, CniError> {
+        BandwidthConfig::from_conf(conf)
     }
 
-    fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
-        // Everything this plugin recorded for the attachment goes, whatever
-        // this DEL's limits say, and without needing the netns.
-        DatapathConf::from_conf(conf)?.del(&DatapathConf::key(&conf.name, args), Owner::Bandwidth)
+    fn datapath(cfg: &BandwidthConfig) -> &DatapathConf {
+        &cfg.datapath
     }
 
-    fn check(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
-        let opts = BandwidthConfig::from_conf(conf)?;
-        let prev = required_prev(conf)?;
-        if opts.is_unlimited() {
-            return Ok(());
-        }
-        let host = host_veth(&prev, args)?;
-        opts.datapath
-            .check(DatapathConf::key(&conf.name, args), opts.entries(&host))
+    fn idle(cfg: &BandwidthConfig) -> bool {
+        cfg.is_unlimited()
     }
 
-    fn status(&self, _args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
-        BandwidthConfig::from_conf(conf)?.datapath.status()
-    }
-
-    fn gc(&self, _args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
-        DatapathConf::from_conf(conf)?.gc(conf)
-    }
-
-    fn about(&self) -> &'static str {
-        "ebpf-bandwidth: pod rate limits in eBPF (CNI spec 0.1.0 - 1.1.0)"
+    fn entries(
+        cfg: &BandwidthConfig,
+        args: &CmdArgs,
+        prev: &CniResult,
+    ) -> Result<Option<Vec<Entry>>, CniError> {
+        let host = host_veth(prev, args)?;
+        Ok(Some(cfg.entries(&host)))
     }
 }
 

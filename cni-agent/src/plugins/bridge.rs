@@ -196,7 +196,7 @@ fn check_ifname(name: &str) -> Result<(), &'static str> {
         || name == ".."
         || name
             .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace())
+            .any(|c| c == '/' || c == ':' || c == '\0' || c.is_whitespace())
     {
         return Err("is not a valid interface name");
     }

@@ -83,6 +83,15 @@ impl DatapathConf {
     /// Records `entry` for the attachment before the plugin creates it
     /// itself (a link); needs no agent.
     pub fn record(&self, key: &AttachmentKey, entry: Entry) -> Result<(), CniError> {
+        self.validate()?;
+        // A record the agent would never see (its dirs are others) is
+        // refused before it exists. Without an agent the plugin keeps its
+        // own records, and that is consistent.
+        let paths = self.paths();
+        match client::call(&self.agent_socket, &Request::SamePaths { paths }) {
+            Ok(_) | Err(ClientError::Unreachable { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
         ops::record(&self.paths(), key, &[entry]).map_err(Into::into)
     }
 
@@ -93,8 +102,29 @@ impl DatapathConf {
 
     /// ADD: record and create datapath `entries` through the agent.
     pub fn add(&self, key: AttachmentKey, entries: Vec<Entry>) -> Result<(), CniError> {
+        self.validate()?;
         let record = Record { key, entries };
-        client::call(&self.agent_socket, &Request::Add { record })?;
+        let paths = Some(self.paths());
+        client::call(&self.agent_socket, &Request::Add { record, paths })?;
+        Ok(())
+    }
+
+    /// The path keys as an ADD needs them: `stateDir` a directory (or not
+    /// yet there), `bpffsRoot` on a bpf filesystem (or not yet there).
+    /// Errors are code 7 naming the key.
+    pub fn validate(&self) -> Result<(), CniError> {
+        if self.state_dir.exists() && !self.state_dir.is_dir() {
+            return Err(CniError::invalid_config(format!(
+                "stateDir {} is not a directory",
+                self.state_dir.display()
+            )));
+        }
+        if self.bpffs_root.exists() && !crate::datapath::pins::on_bpffs(&self.bpffs_root) {
+            return Err(CniError::invalid_config(format!(
+                "bpffsRoot {} is not on a bpf filesystem (mount -t bpf bpf <dir>)",
+                self.bpffs_root.display()
+            )));
+        }
         Ok(())
     }
 
@@ -113,7 +143,19 @@ impl DatapathConf {
             owner: Some(owner),
         };
         match client::call(&self.agent_socket, &req) {
-            Ok(_) => Ok(()),
+            // The agent removed what its own record lists. A record still
+            // here was written under other paths than the agent's (a config
+            // changed since the ADD): it goes too, or it would stay forever.
+            Ok(_) => match paths.records().read(key) {
+                Ok(Some(_)) => {
+                    log::warn!(
+                        "{key}: record left in {} after the agent's DEL; removing it directly",
+                        paths.state_dir.display()
+                    );
+                    ops::del(&paths, key, Some(owner)).map_err(Into::into)
+                }
+                _ => Ok(()),
+            },
             Err(ClientError::Unreachable { .. }) => {
                 log::info!("cni-agent unreachable; removing {key} directly");
                 ops::del(&paths, key, Some(owner)).map_err(Into::into)

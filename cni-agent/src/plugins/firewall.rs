@@ -73,16 +73,22 @@ use crate::{
         compile, Action, FirewallSpec, IngressPolicy, PortRange, Rule, RuleProtocol, RuleSet,
     },
     netlink::{format_mac, NetNs, Netlink},
-    plugins::datapath::DatapathConf,
+    plugins::{
+        chained::{Chained, ChainedPlugin},
+        datapath::DatapathConf,
+    },
     spec::{
         decode::{get, keys_match},
-        CmdArgs, CniError, CniResult, NetConf, Plugin,
+        CmdArgs, CniError, CniResult, NetConf,
     },
     state::record::{Entry, Owner, VethHook},
 };
 use cni_ebpf_common::{fw, prog_names};
 
-pub struct FirewallPlugin;
+/// ebpf-firewall, the binary's plugin.
+pub type FirewallPlugin = ChainedPlugin<Firewall>;
+
+pub struct Firewall;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -474,49 +480,27 @@ fn container_mac(args: &CmdArgs) -> Result<String, CniError> {
     Ok(format_mac(&link.mac))
 }
 
-fn required_prev(conf: &NetConf) -> Result<CniResult, CniError> {
-    conf.prev_result()?.ok_or_else(|| {
-        CniError::invalid_config(
-            "must be called as a chained plugin: prevResult is missing".to_string(),
-        )
-    })
-}
+impl Chained for Firewall {
+    type Config = FirewallConfig;
+    const OWNER: Owner = Owner::Firewall;
+    const CONTEXT: &'static str = "firewall";
+    const ABOUT: &'static str =
+        "ebpf-firewall: isolation, anti-spoofing and stateful rules in eBPF (CNI spec 0.1.0 - 1.1.0)";
 
-impl Plugin for FirewallPlugin {
-    fn add(&self, args: &CmdArgs, conf: &NetConf) -> Result<CniResult, CniError> {
-        let opts = FirewallConfig::from_conf(conf)?;
-        let prev = required_prev(conf)?;
-        let entries = opts.entries(args, &prev)?;
-        opts.datapath
-            .add(DatapathConf::key(&conf.name, args), entries)
-            .map_err(|e| e.context("firewall"))?;
-        Ok(prev)
+    fn config(conf: &NetConf) -> Result<FirewallConfig, CniError> {
+        FirewallConfig::from_conf(conf)
     }
 
-    fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
-        // Everything recorded goes, whatever this DEL's rules say (they may
-        // even be invalid): only the path keys matter.
-        DatapathConf::from_conf(conf)?.del(&DatapathConf::key(&conf.name, args), Owner::Firewall)
+    fn datapath(cfg: &FirewallConfig) -> &DatapathConf {
+        &cfg.datapath
     }
 
-    fn check(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
-        let opts = FirewallConfig::from_conf(conf)?;
-        let prev = required_prev(conf)?;
-        let entries = opts.entries(args, &prev)?;
-        opts.datapath
-            .check(DatapathConf::key(&conf.name, args), entries)
-    }
-
-    fn status(&self, _args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
-        FirewallConfig::from_conf(conf)?.datapath.status()
-    }
-
-    fn gc(&self, _args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
-        DatapathConf::from_conf(conf)?.gc(conf)
-    }
-
-    fn about(&self) -> &'static str {
-        "ebpf-firewall: isolation, anti-spoofing and stateful rules in eBPF (CNI spec 0.1.0 - 1.1.0)"
+    fn entries(
+        cfg: &FirewallConfig,
+        args: &CmdArgs,
+        prev: &CniResult,
+    ) -> Result<Option<Vec<Entry>>, CniError> {
+        cfg.entries(args, prev).map(Some)
     }
 }
 

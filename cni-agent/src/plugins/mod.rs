@@ -1,6 +1,7 @@
 //! The plugin implementations behind the binaries in src/bin.
 pub mod bandwidth;
 pub mod bridge;
+pub mod chained;
 pub mod datapath;
 pub mod firewall;
 pub mod host_local;

@@ -9,12 +9,18 @@ use serde::Deserialize;
 
 use crate::{
     netlink::Netlink,
-    plugins::datapath::DatapathConf,
-    spec::{CmdArgs, CniError, CniResult, NetConf, Plugin},
+    plugins::{
+        chained::{Chained, ChainedPlugin},
+        datapath::DatapathConf,
+    },
+    spec::{CmdArgs, CniError, CniResult, NetConf},
     state::record::{Entry, Owner, Protocol},
 };
 
-pub struct PortmapPlugin;
+/// ebpf-portmap, the binary's plugin.
+pub type PortmapPlugin = ChainedPlugin<Portmap>;
+
+pub struct Portmap;
 
 /// One `portMappings` element as runtimes send it.
 #[derive(Clone, Debug, Deserialize)]
@@ -159,7 +165,7 @@ impl PortmapConfig {
             .filter(|(_, i)| i.sandbox.as_deref().is_some_and(|s| !s.is_empty()))
             .map(|(n, _)| n)
             .collect();
-        let pod_ip = prev
+        let pod_ips: Vec<IpAddr> = prev
             .ips
             .iter()
             .filter(|ip| {
@@ -167,16 +173,33 @@ impl PortmapConfig {
                     .is_none_or(|i| sandboxed.is_empty() || sandboxed.contains(&i))
             })
             .map(|ip| ip.address.addr())
-            .find(IpAddr::is_ipv4)
-            .ok_or_else(|| {
-                CniError::internal(
-                    "prevResult has no IPv4 address of the container to map ports to",
-                )
-            })?;
+            .collect();
+        // The reference maps every family the pod has. The datapath's
+        // hostPorts are IPv4: a mapping that would need IPv6 is refused
+        // rather than half done.
+        let pod_v6 = pod_ips.iter().find(|ip| ip.is_ipv6());
+        for (i, m) in self.mappings.iter().enumerate() {
+            let at = format!("runtimeConfig.portMappings[{i}]");
+            match (m.host_ip, pod_v6) {
+                (Some(h @ IpAddr::V6(_)), _) => {
+                    return Err(invalid(format!(
+                        "{at}.hostIP: {h} is IPv6, and hostPorts over IPv6 are not supported by the eBPF datapath yet"
+                    )))
+                }
+                (None, Some(v6)) => {
+                    return Err(invalid(format!(
+                        "{at}: the pod has the IPv6 address {v6}, and hostPorts over IPv6 are not supported by the eBPF datapath yet (a hostIP of the node's IPv4 maps IPv4 only)"
+                    )))
+                }
+                _ => {}
+            }
+        }
+        let pod_ip = pod_ips.into_iter().find(IpAddr::is_ipv4).ok_or_else(|| {
+            invalid("prevResult has no IPv4 address of the container to map ports to (hostPorts over IPv6 are not supported by the eBPF datapath yet)".into())
+        })?;
         let mut entries: Vec<Entry> = self
             .mappings
             .iter()
-            .filter(|m| m.host_ip.is_none_or(|h| h.is_ipv4()))
             .map(|m| Entry::HostPort {
                 host_ip: m.host_ip,
                 host_port: m.host_port,
@@ -214,55 +237,29 @@ fn host_bridge(prev: &CniResult) -> Result<Option<String>, CniError> {
     Ok(None)
 }
 
-fn required_prev(conf: &NetConf) -> Result<CniResult, CniError> {
-    conf.prev_result()?.ok_or_else(|| {
-        CniError::invalid_config(
-            "must be called as a chained plugin: prevResult is missing".to_string(),
-        )
-    })
-}
+impl Chained for Portmap {
+    type Config = PortmapConfig;
+    const OWNER: Owner = Owner::Portmap;
+    const CONTEXT: &'static str = "portMappings";
+    const ABOUT: &'static str = "ebpf-portmap: hostPort mappings in eBPF (CNI spec 0.1.0 - 1.1.0)";
 
-impl Plugin for PortmapPlugin {
-    fn add(&self, args: &CmdArgs, conf: &NetConf) -> Result<CniResult, CniError> {
-        let opts = PortmapConfig::from_conf(conf)?;
-        let prev = required_prev(conf)?;
-        if opts.mappings.is_empty() {
-            return Ok(prev);
+    fn config(conf: &NetConf) -> Result<PortmapConfig, CniError> {
+        PortmapConfig::from_conf(conf)
+    }
+
+    fn datapath(cfg: &PortmapConfig) -> &DatapathConf {
+        &cfg.datapath
+    }
+
+    fn entries(
+        cfg: &PortmapConfig,
+        _args: &CmdArgs,
+        prev: &CniResult,
+    ) -> Result<Option<Vec<Entry>>, CniError> {
+        if cfg.mappings.is_empty() {
+            return Ok(None);
         }
-        let entries = opts.entries(&prev)?;
-        opts.datapath
-            .add(DatapathConf::key(&conf.name, args), entries)
-            .map_err(|e| e.context("portMappings"))?;
-        Ok(prev)
-    }
-
-    fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
-        // Everything this plugin recorded for the attachment goes, whatever
-        // the DEL's own portMappings say: nothing is left behind.
-        DatapathConf::from_conf(conf)?.del(&DatapathConf::key(&conf.name, args), Owner::Portmap)
-    }
-
-    fn check(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
-        let opts = PortmapConfig::from_conf(conf)?;
-        let prev = required_prev(conf)?;
-        if opts.mappings.is_empty() {
-            return Ok(());
-        }
-        let entries = opts.entries(&prev)?;
-        opts.datapath
-            .check(DatapathConf::key(&conf.name, args), entries)
-    }
-
-    fn status(&self, _args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
-        PortmapConfig::from_conf(conf)?.datapath.status()
-    }
-
-    fn gc(&self, _args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
-        DatapathConf::from_conf(conf)?.gc(conf)
-    }
-
-    fn about(&self) -> &'static str {
-        "ebpf-portmap: hostPort mappings in eBPF (CNI spec 0.1.0 - 1.1.0)"
+        cfg.entries(prev).map(Some)
     }
 }
 

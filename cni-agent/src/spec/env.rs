@@ -289,9 +289,9 @@ pub fn validate_ifname(name: &str) -> Result<(), CniError> {
     }
     if name
         .chars()
-        .any(|c| c == '/' || c == ':' || c.is_whitespace())
+        .any(|c| c == '/' || c == ':' || c == '\0' || c.is_whitespace())
     {
-        return fail("contains / or : or whitespace characters");
+        return fail("contains /, :, NUL or whitespace characters");
     }
     Ok(())
 }

@@ -206,6 +206,26 @@ pub struct RecordStore {
     root: PathBuf,
 }
 
+/// Container IDs up to this length name their record file directly.
+const MAX_PLAIN_ID: usize = 200;
+
+/// `<containerID>@<ifname>.json`. File names are limited to 255 bytes and
+/// runtimes may use container IDs of thousands of characters (the spec sets
+/// no limit), so a longer ID is named by its first characters and its
+/// SHA-256; the record inside holds the whole key.
+fn file_name(key: &AttachmentKey) -> String {
+    let id = &key.container_id;
+    if id.len() <= MAX_PLAIN_ID {
+        return format!("{id}@{}.json", key.ifname);
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(id.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    // IDs are ASCII (the spec's identifier rule), so any byte index is a
+    // character boundary.
+    format!("{}~{hex}@{}.json", &id[..64], key.ifname)
+}
+
 impl RecordStore {
     pub fn new(state_dir: impl AsRef<Path>) -> Self {
         Self {
@@ -235,10 +255,7 @@ impl RecordStore {
         Self::check_name("network", &key.network)?;
         Self::check_name("containerID", &key.container_id)?;
         Self::check_name("ifname", &key.ifname)?;
-        Ok(self
-            .root
-            .join(&key.network)
-            .join(format!("{}@{}.json", key.container_id, key.ifname)))
+        Ok(self.root.join(&key.network).join(file_name(key)))
     }
 
     /// Durably writes `record`, replacing any previous one for its key.
