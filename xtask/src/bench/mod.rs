@@ -51,6 +51,12 @@ const IPERF_PORT: u16 = 5201;
 const SOCKPERF_PORT: u16 = 11111;
 const CONN_PORT: u16 = 12345;
 const ECHO_PORT: u16 = 12346;
+/// The connection-rate grid: to one endpoint and to this many (ports
+/// MANY_PORT_BASE.., on the external host), with each number of client
+/// threads.
+const MANY_ENDPOINTS: usize = 100;
+const MANY_PORT_BASE: u16 = CONN_PORT + 200;
+const CONN_THREADS: [usize; 2] = [1, 8];
 /// hostPort of a server port on the server pod.
 fn host_port(port: u16) -> u16 {
     port + 10000
@@ -822,6 +828,10 @@ fn start_servers(cfg: &Config, nss: &[PathBuf]) -> Result<Servers> {
             threads.push(traffic::echo_server(ns, ECHO_PORT)?);
         }
         threads.push(traffic::conn_server(ns, CONN_PORT)?);
+        let many: Vec<u16> = (0..MANY_ENDPOINTS as u16)
+            .map(|i| MANY_PORT_BASE + i)
+            .collect();
+        threads.push(traffic::conn_servers(ns, &many)?);
     }
     Ok(Servers {
         _procs: procs,
@@ -1038,6 +1048,11 @@ fn traffic_phase(
                 let before = s.agent_stats();
                 (sample.values, sample.error) =
                     outcome(pg, measure(cfg, metric, |port| endpoint(s, path, port)));
+                if metric == Metric::ConnRate && sample.error.is_none() {
+                    let (grid, error) = outcome(pg, conn_grid(cfg, s, path));
+                    sample.values.extend(grid);
+                    sample.error = error;
+                }
                 sample.counters = delta(&before, &s.agent_stats());
                 res.samples.push(sample);
             }
@@ -1270,6 +1285,42 @@ fn measure(
             )?;
             v.insert("conn_per_s".into(), c.per_sec);
             v.insert("failed".into(), c.failed as f64);
+        }
+    }
+    Ok(v)
+}
+
+/// The connection-rate grid: new connections/s to one endpoint and to
+/// [`MANY_ENDPOINTS`] (pod → external only: a hostPort is one endpoint),
+/// with each of [`CONN_THREADS`] client threads. Keys `cps_e<E>_t<T>` and
+/// `failed_e<E>_t<T>`.
+fn conn_grid(cfg: &Config, s: &Session, path: PathKind) -> Result<BTreeMap<String, f64>> {
+    let mut v = BTreeMap::new();
+    let counts: &[usize] = if path == PathKind::PodToExternal {
+        &[1, MANY_ENDPOINTS]
+    } else {
+        &[1]
+    };
+    for &e in counts {
+        let ports: Vec<u16> = if e == 1 {
+            vec![CONN_PORT]
+        } else {
+            (0..e as u16).map(|i| MANY_PORT_BASE + i).collect()
+        };
+        let mut ns = PathBuf::new();
+        let mut dsts = Vec::new();
+        for p in ports {
+            let (n, ip, port) = endpoint(s, path, p)?;
+            ns = n;
+            dsts.push(SocketAddr::new(ip, port));
+        }
+        for threads in CONN_THREADS {
+            if path == PathKind::PodToExternal {
+                s.wait_nat_below(1000, Duration::from_secs(12));
+            }
+            let c = traffic::conn_rate_to(&ns, &dsts, f64::from(cfg.duration), threads)?;
+            v.insert(format!("cps_e{e}_t{threads}"), c.per_sec);
+            v.insert(format!("failed_e{e}_t{threads}"), c.failed as f64);
         }
     }
     Ok(v)

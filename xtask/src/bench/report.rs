@@ -694,6 +694,36 @@ fn summary_rows(
             0,
             goal,
         );
+        // The grid of issue 10: every point ≥ 1.5× the reference and
+        // ≥ 0.9× the routed ceiling.
+        for (path, key, e, t) in conn_grid_points() {
+            let g = |i| dp(res, path, Metric::ConnRate, i, &key);
+            let (o, r, c) = (g(Impl::Ours), g(Impl::Reference), g(Impl::Routed));
+            if !o.is_valid() {
+                continue;
+            }
+            let goal = format!(
+                "≥ 1.5× reference: {}; ≥ 0.9× ceiling: {} (issue 10)",
+                verdict(o.median >= 1.5 * r.median, &o, &r),
+                verdict(o.median >= 0.9 * c.median, &o, &c)
+            );
+            add_dp(
+                &mut rows,
+                summary,
+                format!(
+                    "{} new connections/s, {e} endpoint{}, {t} client thread{}",
+                    path.label(),
+                    if e == 1 { "" } else { "s" },
+                    if t == 1 { "" } else { "s" }
+                ),
+                &format!("{}_{key}", path.short()),
+                o,
+                r,
+                c,
+                0,
+                goal,
+            );
+        }
     }
     if has_dp(res, Metric::Throughput) {
         let (o, r, c) = (
@@ -1077,6 +1107,23 @@ fn datapath_section(md: &mut String, cfg: &Config, res: &Results) {
     }
 }
 
+/// The points of the connection-rate grid: (path, value key, endpoints,
+/// client threads).
+fn conn_grid_points() -> Vec<(PathKind, String, usize, usize)> {
+    let mut v = Vec::new();
+    for (path, counts) in [
+        (PathKind::PodToExternal, &[1, super::MANY_ENDPOINTS][..]),
+        (PathKind::ExternalToHostPort, &[1][..]),
+    ] {
+        for &e in counts {
+            for t in super::CONN_THREADS {
+                v.push((path, format!("cps_e{e}_t{t}"), e, t));
+            }
+        }
+    }
+    v
+}
+
 fn connrate_section(md: &mut String, cfg: &Config, res: &Results) {
     if !cfg.has(Section::Connrate) || !has_dp(res, Metric::ConnRate) {
         return;
@@ -1098,6 +1145,33 @@ fn connrate_section(md: &mut String, cfg: &Config, res: &Results) {
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} | {} / {} / {} |",
+            path.label(),
+            o.fmt(0),
+            r.fmt(0),
+            c.fmt(0),
+            ratio(o.median, r.median),
+            ratio(o.median, c.median),
+            f(Impl::Ours).fmt(0),
+            f(Impl::Reference).fmt(0),
+            f(Impl::Routed).fmt(0)
+        );
+    }
+    md.push('\n');
+    let _ = writeln!(
+        md,
+        "The grid: to one endpoint and to {} (ports of the external host), with 1 and 8 \
+         client threads; the goal of issue 10 is ≥ 1.5× the reference and ≥ 0.9× the routed \
+         ceiling at every point.\n",
+        super::MANY_ENDPOINTS
+    );
+    md.push_str("| path | endpoints | threads | ours | reference | ceiling | ours/ref | ours/ceiling | failed (ours / ref / ceiling) |\n|---|---|---|---|---|---|---|---|---|\n");
+    for (path, key, e, t) in conn_grid_points() {
+        let g = |i| dp(res, path, Metric::ConnRate, i, &key);
+        let f = |i| dp(res, path, Metric::ConnRate, i, &format!("failed_e{e}_t{t}"));
+        let (o, r, c) = (g(Impl::Ours), g(Impl::Reference), g(Impl::Routed));
+        let _ = writeln!(
+            md,
+            "| {} | {e} | {t} | {} | {} | {} | {} | {} | {} / {} / {} |",
             path.label(),
             o.fmt(0),
             r.fmt(0),

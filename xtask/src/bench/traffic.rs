@@ -323,44 +323,62 @@ enum Serve {
     Echo,
 }
 
-fn serve(ns: &Path, port: u16, how: Serve, acceptors: usize) -> Result<ThreadServer> {
-    let listener = in_netns(ns, || {
-        let l = TcpListener::bind(("0.0.0.0", port))
-            .with_context(|| format!("binding TCP port {port}"))?;
-        l.set_nonblocking(true)?;
-        Ok(l)
+fn serve(ns: &Path, ports: &[u16], how: Serve, acceptors: usize) -> Result<ThreadServer> {
+    let listeners = in_netns(ns, || {
+        ports
+            .iter()
+            .map(|&port| {
+                let l = TcpListener::bind(("0.0.0.0", port))
+                    .with_context(|| format!("binding TCP port {port}"))?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })
+            .collect::<Result<Vec<_>>>()
     })?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     for _ in 0..acceptors {
-        let l = listener.try_clone()?;
+        let ls = listeners
+            .iter()
+            .map(TcpListener::try_clone)
+            .collect::<std::io::Result<Vec<_>>>()?;
         let stop = stop.clone();
-        threads.push(std::thread::spawn(move || accept_loop(l, stop, how)));
+        threads.push(std::thread::spawn(move || accept_loop(ls, stop, how)));
     }
     Ok(ThreadServer { stop, threads })
 }
 
-fn accept_loop(l: TcpListener, stop: Arc<AtomicBool>, how: Serve) {
+/// Accepts on every listener (one poll over all of them) until stopped.
+fn accept_loop(ls: Vec<TcpListener>, stop: Arc<AtomicBool>, how: Serve) {
     let mut conns: Vec<JoinHandle<()>> = Vec::new();
-    while !stop.load(Ordering::Relaxed) {
-        let mut p = libc::pollfd {
+    let mut fds: Vec<libc::pollfd> = ls
+        .iter()
+        .map(|l| libc::pollfd {
             fd: l.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
-        };
-        // SAFETY: one valid pollfd, bounded timeout.
-        if unsafe { libc::poll(&mut p, 1, 100) } <= 0 {
+        })
+        .collect();
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: `fds` is a valid array of its length; bounded timeout.
+        if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) } <= 0 {
             continue;
         }
-        let Ok((mut s, _)) = l.accept() else { continue };
-        match how {
-            Serve::OneByteAndClose => {
-                let _ = s.write_all(b"x");
+        for (l, p) in ls.iter().zip(fds.iter_mut()) {
+            if p.revents == 0 {
+                continue;
             }
-            Serve::Echo => {
-                let stop = stop.clone();
-                conns.retain(|h| !h.is_finished());
-                conns.push(std::thread::spawn(move || echo(s, stop)));
+            p.revents = 0;
+            let Ok((mut s, _)) = l.accept() else { continue };
+            match how {
+                Serve::OneByteAndClose => {
+                    let _ = s.write_all(b"x");
+                }
+                Serve::Echo => {
+                    let stop = stop.clone();
+                    conns.retain(|h| !h.is_finished());
+                    conns.push(std::thread::spawn(move || echo(s, stop)));
+                }
             }
         }
     }
@@ -389,12 +407,17 @@ fn echo(mut s: TcpStream, stop: Arc<AtomicBool>) {
 
 /// The connection-rate server: accept, write one byte, close.
 pub fn conn_server(ns: &Path, port: u16) -> Result<ThreadServer> {
-    serve(ns, port, Serve::OneByteAndClose, 2)
+    conn_servers(ns, &[port])
+}
+
+/// Connection-rate servers on several ports (endpoints), served together.
+pub fn conn_servers(ns: &Path, ports: &[u16]) -> Result<ThreadServer> {
+    serve(ns, ports, Serve::OneByteAndClose, 2)
 }
 
 /// The request/response server for [`own_rr`].
 pub fn echo_server(ns: &Path, port: u16) -> Result<ThreadServer> {
-    serve(ns, port, Serve::Echo, 1)
+    serve(ns, &[port], Serve::Echo, 1)
 }
 
 /// Completed connections: connect, read the server's byte and its close.
@@ -410,14 +433,32 @@ pub struct ConnRate {
 /// byte and FIN have arrived; a connect or read that takes more than 1 s
 /// (a dropped SYN waits that long for its retransmit) counts as failed.
 pub fn conn_rate(ns: &Path, dst: SocketAddr, secs: f64, concurrency: usize) -> Result<ConnRate> {
+    conn_rate_to(ns, &[dst], secs, concurrency)
+}
+
+/// [`conn_rate`] spread over several endpoints: each client thread goes
+/// round the list, starting at its own place in it.
+pub fn conn_rate_to(
+    ns: &Path,
+    dsts: &[SocketAddr],
+    secs: f64,
+    concurrency: usize,
+) -> Result<ConnRate> {
+    if dsts.is_empty() {
+        bail!("no endpoint to connect to");
+    }
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(secs);
     let handles: Vec<_> = (0..concurrency.max(1))
-        .map(|_| {
+        .map(|t| {
+            let dsts = dsts.to_vec();
             spawn_in(ns, move || {
                 let (mut ok, mut failed) = (0u64, 0u64);
                 let mut buf = [0u8; 8];
+                let mut next = t;
                 while Instant::now() < deadline {
+                    let dst = dsts[next % dsts.len()];
+                    next += 1;
                     match TcpStream::connect_timeout(&dst, Duration::from_secs(1)) {
                         Ok(mut s) => {
                             let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
