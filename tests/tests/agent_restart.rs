@@ -595,7 +595,7 @@ fn agent_requests_are_bounded() {
     let _silent = UnixStream::connect(node.agent_socket()).expect("connect");
     assert!(admin(&node, "status").is_object(), "others are served");
 
-    let mut big = UnixStream::connect(node.agent_socket()).expect("connect");
+    let big = UnixStream::connect(node.agent_socket()).expect("connect");
     big.set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
     let chunk = vec![b'x'; 1 << 20];
