@@ -667,35 +667,80 @@ pub mod stat {
     pub const COUNT: u32 = 32;
 }
 
+/// The layout of every shared type, asserted at compile time: the kernel
+/// and the agent read the same bytes, and pinned maps outlive the agent
+/// that created them, so a size that changes must come with a new
+/// [`MAP_LAYOUT_VERSION`], never by accident.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<TrafficCounters>() == 16);
+    assert!(size_of::<IpKey>() == 20);
+    assert!(size_of::<MasqPolicy>() == 20);
+    assert!(size_of::<UplinkConfig>() == 24);
+    assert!(size_of::<CtKey>() == 40);
+    assert!(size_of::<NatEntry>() == 32);
+    assert!(size_of::<HostPortKey>() == 20);
+    assert!(size_of::<HostPortTarget>() == 20);
+    assert!(size_of::<BridgeInfo>() == 8);
+    assert!(size_of::<HpReply>() == 48);
+    assert!(size_of::<RateKey>() == 8);
+    assert!(size_of::<RateBucket>() == 72);
+    assert!(size_of::<FwAttach>() == 36);
+    assert!(size_of::<FwEndpoint>() == 12);
+    assert!(size_of::<FwCidrKey>() == 24);
+    assert!(size_of::<FwVerdict>() == 4);
+    assert!(size_of::<FwRegion>() == 12);
+    assert!(size_of::<FwPortKey>() == 12);
+    assert!(size_of::<FwCtKey>() == 44);
+    assert!(size_of::<FwCtEntry>() == 16);
+    assert!(size_of::<FwFragKey>() == 40);
+    assert!(size_of::<NatFragKey>() == 40);
+    assert!(size_of::<NatFragPorts>() == 16);
+    assert!(size_of::<FwStats>() == 128);
+    assert!(size_of::<FwRuleKey>() == 8);
+    assert!(size_of::<SockRevKey>() == 32);
+    assert!(size_of::<SockRevValue>() == 24);
+    assert!(size_of::<XdpDnatMeta>() == 12);
+};
+
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all of these are plain-old-data, `#[repr(C)]`, without
-    // implicit padding.
-    unsafe impl aya::Pod for super::TrafficCounters {}
-    unsafe impl aya::Pod for super::IpKey {}
-    unsafe impl aya::Pod for super::MasqPolicy {}
-    unsafe impl aya::Pod for super::UplinkConfig {}
-    unsafe impl aya::Pod for super::CtKey {}
-    unsafe impl aya::Pod for super::NatEntry {}
-    unsafe impl aya::Pod for super::HostPortKey {}
-    unsafe impl aya::Pod for super::HostPortTarget {}
-    unsafe impl aya::Pod for super::BridgeInfo {}
-    unsafe impl aya::Pod for super::HpReply {}
-    unsafe impl aya::Pod for super::SockRevKey {}
-    unsafe impl aya::Pod for super::SockRevValue {}
-    unsafe impl aya::Pod for super::RateKey {}
-    unsafe impl aya::Pod for super::RateBucket {}
-    unsafe impl aya::Pod for super::FwAttach {}
-    unsafe impl aya::Pod for super::FwEndpoint {}
-    unsafe impl aya::Pod for super::FwCidrKey {}
-    unsafe impl aya::Pod for super::FwVerdict {}
-    unsafe impl aya::Pod for super::FwRegion {}
-    unsafe impl aya::Pod for super::FwPortKey {}
-    unsafe impl aya::Pod for super::FwCtKey {}
-    unsafe impl aya::Pod for super::FwCtEntry {}
-    unsafe impl aya::Pod for super::FwFragKey {}
-    unsafe impl aya::Pod for super::NatFragKey {}
-    unsafe impl aya::Pod for super::NatFragPorts {}
-    unsafe impl aya::Pod for super::FwStats {}
-    unsafe impl aya::Pod for super::FwRuleKey {}
+    /// `aya::Pod` for each type: the SAFETY argument is the same for all.
+    macro_rules! pod {
+        ($($t:ty),* $(,)?) => {$(
+            // SAFETY: plain-old-data, `#[repr(C)]`, no implicit padding (the
+            // sizes above are the sums of the fields), any bit pattern valid.
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+
+    pod!(
+        super::TrafficCounters,
+        super::IpKey,
+        super::MasqPolicy,
+        super::UplinkConfig,
+        super::CtKey,
+        super::NatEntry,
+        super::HostPortKey,
+        super::HostPortTarget,
+        super::BridgeInfo,
+        super::HpReply,
+        super::RateKey,
+        super::RateBucket,
+        super::FwAttach,
+        super::FwEndpoint,
+        super::FwCidrKey,
+        super::FwVerdict,
+        super::FwRegion,
+        super::FwPortKey,
+        super::FwCtKey,
+        super::FwCtEntry,
+        super::FwFragKey,
+        super::NatFragKey,
+        super::NatFragPorts,
+        super::FwStats,
+        super::FwRuleKey,
+        super::SockRevKey,
+        super::SockRevValue,
+    );
 }

@@ -7,6 +7,7 @@ mod bench;
 mod cni;
 mod cri;
 mod demo;
+mod lint;
 mod netns;
 mod proc;
 mod setup;
@@ -36,7 +37,9 @@ enum Cmd {
         #[arg(long, value_name = "PKG")]
         assume_missing: Vec<String>,
     },
-    /// Set up, build every binary, run the whole test suite (root).
+    /// rustfmt and clippy (warnings are errors), userspace and eBPF.
+    Lint,
+    /// Set up, lint, build every binary, run the whole test suite (root).
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a filter.
         #[arg(last = true)]
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
             dry_run,
             assume_missing,
         } => setup::run(dry_run, &assume_missing),
+        Cmd::Lint => lint::run(),
         Cmd::Test { cargo_test_args } => test(&cargo_test_args),
         Cmd::Demo { reference } => demo::run(reference),
         Cmd::Bench(opts) => bench::run(&opts),
@@ -129,6 +133,7 @@ pub fn target_dir() -> PathBuf {
 fn test(extra: &[String]) -> Result<()> {
     require_root("test")?;
     setup::run(false, &[])?;
+    lint::run()?;
     let bin_dir = build_bins(false)?;
     let root = workspace_root();
     proc::heading(&format!(

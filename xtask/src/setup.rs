@@ -23,6 +23,10 @@ const REQUIRED: &[(&str, &str)] = &[
     ("libzstd-dev", "needed to link bpf-linker"),
     ("zlib1g-dev", "needed to link bpf-linker"),
     ("libxml2-dev", "needed to link bpf-linker"),
+    (
+        "rust-web-clippy",
+        "clippy for the eBPF crate (cargo xtask lint)",
+    ),
     // Reference plugins (/usr/lib/cni) for differential tests and benchmarks.
     ("containernetworking-plugins", "reference CNI plugins"),
     ("iperf3", "traffic for tests"),

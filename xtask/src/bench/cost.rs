@@ -15,8 +15,9 @@ use crate::proc;
 /// including their own reaped children (a plugin's IPAM, iptables, ...),
 /// in ms.
 pub fn children_cpu_ms() -> f64 {
-    // SAFETY: getrusage fills the struct we pass; RUSAGE_CHILDREN is valid.
+    // SAFETY: rusage is plain data; all zeroes is a valid value.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct we pass; RUSAGE_CHILDREN is valid.
     if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
         return f64::NAN;
     }
