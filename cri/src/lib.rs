@@ -9,6 +9,8 @@
 //! - [`containerd`]: starting a containerd whose every path is private,
 //!   inside a given network namespace, and tearing it down.
 //! - [`cleanup`]: forced cleanup of a runtime's processes, mounts, cgroups.
+//! - [`runtime_dir`]: a runtime's private directory, cleaned on drop, and
+//!   whether containerd can run here at all.
 //!
 //! Nothing here depends on the test harness: callers pass the network
 //! namespace path, the directories and the socket.
@@ -18,10 +20,12 @@ pub mod client;
 pub mod containerd;
 pub mod error;
 pub mod image;
+pub mod runtime_dir;
 pub mod sandbox;
 
 pub use client::{BlockingCriClient, CriClient};
 pub use containerd::{Containerd, ContainerdConfig, Teardown};
 pub use error::{Error, Result};
 pub use image::ImageBuilder;
+pub use runtime_dir::{containerd_missing, RuntimeDir};
 pub use sandbox::{ContainerSpec, HostPort, PodSpec, SandboxInfo};

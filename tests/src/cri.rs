@@ -13,12 +13,9 @@
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Once;
 use std::time::Duration;
 
-use cni_cri::cleanup::cleanup_runtime_dir;
-use cni_cri::{Containerd, ContainerdConfig, ImageBuilder};
+use cni_cri::{Containerd, ContainerdConfig, ImageBuilder, RuntimeDir};
 use nix::sched::{setns, CloneFlags};
 use serde_json::{json, Value};
 
@@ -68,102 +65,13 @@ pub const TRACE_ENV: &str = "CNI_TESTS_CRI_TRACE";
 /// containerd directory needs its mounts and processes dealt with first).
 pub const CRI_DIR_PREFIX: &str = "cni-cri-";
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-static REAP_STALE: Once = Once::new();
-
-/// Why containerd's CRI cannot be driven here (`cargo xtask setup`
-/// installs all of it), or `None`.
-pub fn containerd_missing() -> Option<String> {
-    for tool in ["containerd", "ctr", "containerd-shim-runc-v2", "runc"] {
-        if which(tool).is_none() {
-            return Some(format!(
-                "`{tool}` is not installed (apt-get install containerd runc, or `cargo xtask setup`)"
-            ));
-        }
-    }
-    if !Path::new(cni_cri::image::HOST_BUSYBOX).is_file() {
-        return Some(format!(
-            "{} is missing (apt-get install busybox-static, or `cargo xtask setup`)",
-            cni_cri::image::HOST_BUSYBOX
-        ));
-    }
-    None
-}
-
-fn which(tool: &str) -> Option<PathBuf> {
-    std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"])
-        .map(|d| Path::new(d).join(tool))
-        .find(|p| p.is_file())
-}
-
-/// A private containerd directory under /tmp, cleaned up (processes,
-/// mounts, directory) on drop even if containerd never started.
-pub struct CriDir {
-    path: PathBuf,
-}
-
-impl CriDir {
-    /// `/tmp/cni-cri-<pid>-<n>` (short: containerd's sockets live inside).
-    pub fn new() -> CriDir {
-        REAP_STALE.call_once(reap_stale_dirs);
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let path = std::env::temp_dir().join(format!("{CRI_DIR_PREFIX}{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&path)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
-        CriDir { path }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Default for CriDir {
-    fn default() -> Self {
-        CriDir::new()
-    }
-}
-
-impl Drop for CriDir {
-    fn drop(&mut self) {
-        let report = cleanup_runtime_dir(&self.path, &self.path.join("containerd.sock"));
-        if !report.is_empty() {
-            eprintln!(
-                "containerd dir {}: forced cleanup {report:#?}",
-                self.path.display()
-            );
-        }
-    }
-}
-
-/// Cleans up containerd directories of test processes that are gone.
-fn reap_stale_dirs() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(CRI_DIR_PREFIX) else {
-            continue;
-        };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            let p = e.path();
-            let report = cleanup_runtime_dir(&p, &p.join("containerd.sock"));
-            eprintln!("removed stale containerd dir {}: {report:?}", p.display());
-        }
-    }
-}
+/// Why containerd's CRI cannot be driven here, or `None`.
+pub use cni_cri::containerd_missing;
 
 /// A node whose runtime is a private containerd.
 pub struct CriNode {
     pub containerd: Containerd,
-    _cri_dir: CriDir,
+    _cri_dir: RuntimeDir,
     pub agent: Option<AgentProc>,
     pub ext: External,
     pub node: Node,
@@ -233,7 +141,8 @@ impl CriNode {
 
         let images = TempDir::new("criimg");
         let archives = build_images(images.path());
-        let cri_dir = CriDir::new();
+        let cri_dir =
+            RuntimeDir::create(CRI_DIR_PREFIX).unwrap_or_else(|e| panic!("containerd dir: {e}"));
         let cfg = ContainerdConfig::new(
             cri_dir.path(),
             node.ns.path(),

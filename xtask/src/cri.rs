@@ -5,7 +5,7 @@
 //! dir, and the offline busybox images it runs pods from.
 //!
 //! Everything containerd makes lives under a private directory in /tmp
-//! ([`CriDir`]): its root and state, its sockets, runc's state, the pods'
+//! ([`RuntimeDir`]): its root and state, its sockets, runc's state, the pods'
 //! network namespace bind mounts. Dropping a [`Cri`] stops and removes
 //! every sandbox through the CRI (so the CNI DELs run), stops containerd,
 //! then kills, unmounts and removes whatever is left, even when containerd
@@ -14,12 +14,12 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use cni_cri::cleanup::cleanup_runtime_dir;
-use cni_cri::{BlockingCriClient, Containerd, ContainerdConfig, ImageBuilder, Teardown};
+use cni_cri::{
+    BlockingCriClient, Containerd, ContainerdConfig, ImageBuilder, RuntimeDir, Teardown,
+};
 
 use crate::netns::{self, TempDir};
 use crate::proc;
@@ -50,90 +50,9 @@ pub const REFERENCE_DIR: &str = "/usr/lib/cni";
 /// Name prefix of the containerd directories in /tmp: `<prefix><pid>-<n>`.
 const DIR_PREFIX: &str = "cnix-cri-";
 
-/// Why containerd's CRI cannot run here (`cargo xtask setup` installs all
-/// of it), or `None`.
+/// Why containerd's CRI cannot run here, or `None`.
 pub fn missing() -> Option<String> {
-    for tool in [
-        "containerd",
-        "ctr",
-        "containerd-shim-runc-v2",
-        "runc",
-        "nsenter",
-    ] {
-        if which(tool).is_none() {
-            return Some(format!(
-                "`{tool}` is not installed (apt-get install containerd runc util-linux, or `cargo xtask setup`)"
-            ));
-        }
-    }
-    if !Path::new(cni_cri::image::HOST_BUSYBOX).is_file() {
-        return Some(format!(
-            "{} is missing (apt-get install busybox-static, or `cargo xtask setup`)",
-            cni_cri::image::HOST_BUSYBOX
-        ));
-    }
-    None
-}
-
-fn which(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(PathBuf::from))
-        .map(|d| d.join(tool))
-        .find(|p| p.is_file())
-}
-
-/// A private containerd directory, `/tmp/cnix-cri-<pid>-<n>` (short:
-/// containerd's sockets live inside). Dropping it kills the processes of
-/// the runtime rooted there, unmounts everything below it and removes it.
-pub struct CriDir {
-    pub path: PathBuf,
-}
-
-impl CriDir {
-    pub fn create() -> Result<CriDir> {
-        static REAP: Once = Once::new();
-        REAP.call_once(reap_stale);
-        let path = std::env::temp_dir().join(netns::unique(DIR_PREFIX.trim_end_matches('-')));
-        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(CriDir { path })
-    }
-}
-
-impl Drop for CriDir {
-    fn drop(&mut self) {
-        let report = cleanup_runtime_dir(&self.path, &self.path.join("containerd.sock"));
-        if !report.is_empty() {
-            eprintln!(
-                "cleanup: containerd dir {}: {report:?}",
-                self.path.display()
-            );
-        }
-    }
-}
-
-/// Cleans up the containerd directories of xtask processes that are gone.
-fn reap_stale() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(DIR_PREFIX) else {
-            continue;
-        };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            let p = e.path();
-            let report = cleanup_runtime_dir(&p, &p.join("containerd.sock"));
-            eprintln!(
-                "removed the stale containerd dir {}: {report:?}",
-                p.display()
-            );
-        }
-    }
+    cni_cri::containerd_missing()
 }
 
 /// Where containerd finds the plugins.
@@ -150,7 +69,7 @@ pub enum Plugins<'a> {
 /// left below its directory, then the conf, bin, image and log files.
 pub struct Cri {
     containerd: Option<Containerd>,
-    dir: CriDir,
+    dir: RuntimeDir,
     _files: TempDir,
     /// The one directory every plugin comes from.
     pub bin_dir: PathBuf,
@@ -211,8 +130,8 @@ impl Cri {
             Plugins::Reference => PathBuf::from(REFERENCE_DIR),
         };
         let archives = build_images(&images)?;
-        let dir = CriDir::create()?;
-        let cfg = ContainerdConfig::new(&dir.path, netns, &bin_dir, &conf_dir, sandbox_image);
+        let dir = RuntimeDir::create(DIR_PREFIX)?;
+        let cfg = ContainerdConfig::new(dir.path(), netns, &bin_dir, &conf_dir, sandbox_image);
         let containerd = Containerd::start(cfg).context("starting containerd")?;
         for a in &archives {
             containerd
@@ -239,7 +158,7 @@ impl Cri {
 
     /// containerd's private directory.
     pub fn dir(&self) -> &Path {
-        &self.dir.path
+        self.dir.path()
     }
 
     /// The last lines of containerd's log (for error messages).
