@@ -90,6 +90,9 @@ impl DatapathConf {
         let paths = self.paths();
         match client::call(&self.agent_socket, &Request::SamePaths { paths }) {
             Ok(_) | Err(ClientError::Unreachable { .. }) => {}
+            // An agent older than this plugin (mid-upgrade) does not know
+            // the request: its ADD check still catches a mismatch.
+            Err(ClientError::Agent { code: 6, .. }) => {}
             Err(e) => return Err(e.into()),
         }
         ops::record(&self.paths(), key, &[entry]).map_err(Into::into)
