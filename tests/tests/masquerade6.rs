@@ -680,3 +680,70 @@ fn packet_too_big_reaches_the_pod() {
     rt.del_list(&list, &att, Some(&result))
         .unwrap_or_else(|o| panic!("{o}"));
 }
+
+/// The other ICMPv6 errors about masqueraded flows reach the pod too: a
+/// closed UDP port on the far host answers with Destination Unreachable
+/// (the pod's connected socket gets "connection refused"), and a ping
+/// whose hop limit runs out at the router gets Time Exceeded from it (an
+/// error quoting an ICMPv6 echo, whose identifier the masquerade changed).
+#[test]
+fn icmpv6_unreachable_and_time_exceeded_reach_the_pod() {
+    require_e2e!();
+    let node = Node::new("err6");
+    let ext = External::routed_dual(&node, 1500);
+    let _agent = AgentProc::start(&node, &[]);
+    wait_dual_uplink(&node, &ext);
+    let pod = node.pod("err6pod");
+    no_dad(&pod);
+    let rt = node.runtime(Impl::Ours);
+    let list = conflist_of(&masq_conf_dual(
+        &node,
+        NET,
+        BRIDGE_NAME,
+        &ext.pod_subnet(),
+        &ext.pod_subnet6(),
+    ));
+    let att = Attachment::new("err6-ctr", &pod, "eth0");
+    let result = add(&rt, &list, &att);
+    wait_settled(&pod);
+    wait_settled(&node.ns);
+    let far = ext.ext_v6();
+    let ping = ping6(&pod, far, &[]);
+    assert!(
+        ping.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    let errors_before = stat(&node, "snatIcmpErrorsTranslated");
+
+    // Nothing listens on this port of the far host.
+    let closed = SocketAddr::from((far, UDP_PORT + 100));
+    let refused = in_netns(&pod, move || -> std::io::Result<()> {
+        let s = std::net::UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
+        s.connect(closed)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.send(b"anyone?")?;
+        let mut buf = [0u8; 64];
+        s.recv(&mut buf).map(|_| ())
+    });
+    assert_eq!(
+        refused.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "the far host's Destination Unreachable must reach the pod's socket"
+    );
+
+    // Hop limit 2: the node forwards with 1, the router must not.
+    let out = ping6(&pod, far, &["-t", "2"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Time exceeded"),
+        "the router's Time Exceeded must reach the pod: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stat(&node, "snatIcmpErrorsTranslated") >= errors_before + 2,
+        "both errors translated by the datapath"
+    );
+    rt.del_list(&list, &att, Some(&result))
+        .unwrap_or_else(|o| panic!("{o}"));
+}
