@@ -747,3 +747,79 @@ fn icmpv6_unreachable_and_time_exceeded_reach_the_pod() {
     rt.del_list(&list, &att, Some(&result))
         .unwrap_or_else(|o| panic!("{o}"));
 }
+
+/// An uplink with IPv6 alone (the node's only default route is IPv6) is
+/// served: `cni-agent status` shows its IPv6 address and no IPv4 one, a
+/// dual-stack pod's IPv6 is masqueraded through it, and its IPv4 — for
+/// which the uplink has no address to give — is left alone (no binding to
+/// 0.0.0.0).
+#[test]
+fn v6_only_uplink_is_served_for_ipv6_alone() {
+    require_e2e!();
+    let node = Node::new("only6");
+    let ext = External::direct_dual(&node);
+    node.ns.ip(&["-4", "route", "del", "default"]);
+    node.ns.ip(&[
+        "addr",
+        "del",
+        &format!("{}/24", ext.node_addr),
+        "dev",
+        cni_tests::uplink::UPLINK_IF,
+    ]);
+    // IPv4 to the external side still leaves through the uplink, without
+    // an address of its own there.
+    let ext_net4 = format!("198.18.{}.0/24", ext.index);
+    node.ns.ip(&[
+        "route",
+        "add",
+        &ext_net4,
+        "dev",
+        cni_tests::uplink::UPLINK_IF,
+    ]);
+    let _agent = AgentProc::start(&node, &[]);
+    let v6 = ext.node_v6().to_string();
+    wait_until("the agent to serve uplink0 with IPv6 alone", SETTLE, || {
+        let status = admin(&node, "status");
+        let ups = status["uplinks"].as_array()?.clone();
+        (ups.len() == 1 && ups[0]["address"].is_null() && ups[0]["addressV6"] == v6.as_str())
+            .then_some(())
+    });
+    let rt = node.runtime(Impl::Ours);
+    let list = conflist_of(&masq_conf_dual(
+        &node,
+        NET,
+        BRIDGE_NAME,
+        &ext.pod_subnet(),
+        &ext.pod_subnet6(),
+    ));
+    let pod = node.pod("only6pod");
+    no_dad(&pod);
+    let att = Attachment::new("only6-ctr", &pod, "eth0");
+    let result = add(&rt, &list, &att);
+    wait_settled(&pod);
+    wait_settled(&node.ns);
+    let pod4 = result_ipv4(&result);
+
+    let _tcp6 = TcpEchoServer::start_v6(&ext.ns, TCP_PORT);
+    let t = tcp_echo(&pod, SocketAddr::from((ext.ext_v6(), TCP_PORT)), "v6 only")
+        .expect("pod -> external TCP/IPv6 through a v6-only uplink");
+    assert_eq!(t.seen_as.ip(), IpAddr::V6(ext.node_v6()));
+
+    let _tcp4 = TcpEchoServer::start(&ext.ns, TCP_PORT);
+    let target4 = SocketAddr::from((ext.ext_addr, TCP_PORT));
+    let r = in_netns(&pod, move || {
+        TcpStream::connect_timeout(&target4, Duration::from_secs(1))
+    });
+    assert!(r.is_err(), "no IPv4 masquerade without an IPv4 address");
+    let nat = admin(&node, "nat");
+    let prefix = format!("{pod4}:");
+    assert!(
+        !nat.as_array()
+            .into_iter()
+            .flatten()
+            .any(|b| b["pod"].as_str().is_some_and(|p| p.starts_with(&prefix))),
+        "no IPv4 binding on an uplink without an IPv4 address: {nat:#}"
+    );
+    rt.del_list(&list, &att, Some(&result))
+        .unwrap_or_else(|o| panic!("{o}"));
+}
