@@ -823,3 +823,34 @@ fn v6_only_uplink_is_served_for_ipv6_alone() {
     rt.del_list(&list, &att, Some(&result))
         .unwrap_or_else(|o| panic!("{o}"));
 }
+
+/// The IPv6 masquerade is in the pinned datapath like the IPv4 one: an
+/// established TCP/IPv6 connection keeps working while the agent is down
+/// and after a new agent took the pinned links over.
+#[test]
+fn v6_flow_survives_agent_restart() {
+    require_e2e!();
+    let mut fx = fixture("rst6", &[]);
+    let rt = fx.node.runtime(Impl::Ours);
+    let list = fx.conf();
+    let (pod, att, result) = fx.pod(&rt, &list, "rst6pod", "rst6-ctr");
+    let _tcp6 = TcpEchoServer::start_v6(&fx.ext.ns, TCP_PORT);
+    let conn = tcp_connect_from(&pod, 0, fx.ext_tcp6()).expect("pod -> external TCP/IPv6");
+    let first = echo_on(&conn, "before").expect("echo before the restart");
+    assert_eq!(first.seen_as.ip(), IpAddr::V6(fx.ext.node_v6()));
+
+    fx.agent.terminate();
+    let down = echo_on(&conn, "agent down").expect("echo with the agent stopped");
+    assert_eq!(down.seen_as, first.seen_as, "same binding with no agent");
+
+    fx.agent = AgentProc::start(&fx.node, &[]);
+    wait_dual_uplink(&fx.node, &fx.ext);
+    let after = echo_on(&conn, "after").expect("echo after the restart");
+    assert_eq!(
+        after.seen_as, first.seen_as,
+        "same binding after the restart"
+    );
+    drop(conn);
+    rt.del_list(&list, &att, Some(&result))
+        .unwrap_or_else(|o| panic!("{o}"));
+}
