@@ -36,9 +36,14 @@ const DST: usize = 14 + 24;
 const L4: usize = 14 + 40;
 const PORT_MIN: u16 = 61000;
 const PORT_MAX: u16 = 61001;
+const TC_ACT_SHOT: u32 = 2;
 
 fn pod() -> Ipv6Addr {
     "fd00:77:9::2".parse().unwrap()
+}
+/// Other masqueraded pods of the same subnet: fd00:77:9::<n>.
+fn pod_n(n: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x77, 9, 0, 0, 0, 0, n)
 }
 fn uplink() -> Ipv6Addr {
     "fd00:198:18:9::1".parse().unwrap()
@@ -364,6 +369,56 @@ fn run_cases(root: std::path::PathBuf) {
         "UDP checksum in"
     );
 
+    // Port choice when the pod's own port is taken: three more pods open
+    // the same tuple (source port 40000 to remote:80), which the first
+    // pod's binding holds. Two get the two ports of the range; the third
+    // finds none and is dropped (counted); once one of the two resets its
+    // connection, the third takes that closed connection's port over.
+    let syn_from = |p: Ipv6Addr| frame(p, remote(), TCP, tcp(40000, 80, 0x02));
+    let (rc, a) = dp.run(eg, &syn_from(pod_n(3)));
+    assert_eq!(rc, NEXT);
+    let port_a = u16_at(&a, L4);
+    let (rc, b) = dp.run(eg, &syn_from(pod_n(4)));
+    assert_eq!(rc, NEXT);
+    let port_b = u16_at(&b, L4);
+    let mut range = [port_a, port_b];
+    range.sort();
+    assert_eq!(range, [PORT_MIN, PORT_MAX], "the range's two ports");
+    assert!(l4_valid(uplink(), remote(), TCP, &a[L4..]));
+    assert!(l4_valid(uplink(), remote(), TCP, &b[L4..]));
+    let no_port = get_stat(&layout, "snatNoPort");
+    let (rc, _) = dp.run(eg, &syn_from(pod_n(5)));
+    assert_eq!(rc, TC_ACT_SHOT, "no free port: dropped");
+    assert_eq!(get_stat(&layout, "snatNoPort"), no_port + 1, "and counted");
+    let rst = frame(pod_n(3), remote(), TCP, tcp(40000, 80, 0x14));
+    let (rc, out) = dp.run(eg, &rst);
+    assert_eq!(
+        (rc, u16_at(&out, L4)),
+        (NEXT, port_a),
+        "the RST leaves translated"
+    );
+    let reused = get_stat(&layout, "snatPortReused");
+    let (rc, c) = dp.run(eg, &syn_from(pod_n(5)));
+    assert_eq!(rc, NEXT);
+    assert_eq!(
+        u16_at(&c, L4),
+        port_a,
+        "the closed connection's port is taken over"
+    );
+    assert_eq!(get_stat(&layout, "snatPortReused"), reused + 1);
+    assert!(
+        dp.orig_binding(&key(pod_n(3), remote(), 40000, 80, TCP))
+            .is_none(),
+        "the closed binding's original half is gone"
+    );
+    let back = frame(remote(), uplink(), TCP, tcp(80, port_a, 0x12));
+    let (rc, out) = dp.run(ing, &back);
+    assert_eq!(
+        (rc, addr_at(&out, DST)),
+        (NEXT, pod_n(5)),
+        "replies go to the new owner"
+    );
+
     // Left alone: multicast, the pod's own subnet, an extension header
     // (hop-by-hop options before TCP), IPv4.
     for (what, f) in [
@@ -395,8 +450,7 @@ fn run_cases(root: std::path::PathBuf) {
     ] {
         assert_eq!(dp.run(eg, &f), (NEXT, f.clone()), "{what}: untouched");
     }
-    let stats = cni_agent::datapath::pins::read_stats(&layout).expect("stats");
-    let get = |n: &str| stats.iter().find(|(k, _)| *k == n).map_or(0, |(_, v)| *v);
+    let get = |n: &str| get_stat(&layout, n);
     eprintln!(
         "snatV6Translated {}, snatV6RepliesTranslated {}, snatIcmpErrorsTranslated {}",
         get("snatV6Translated"),
@@ -422,10 +476,21 @@ fn configure(dp: &mut Datapath) {
         )
         .expect("UPLINKS");
     let mut masq: HashMap<&mut MapData, IpKey, MasqPolicy> = dp.map(map_names::MASQ_SOURCES);
-    masq.insert(
-        ip_key(IpAddr::V6(pod())),
-        masq_policy("fd00:77:9::/64".parse().unwrap()),
-        0,
-    )
-    .expect("MASQ_SOURCES");
+    for p in [pod(), pod_n(3), pod_n(4), pod_n(5)] {
+        masq.insert(
+            ip_key(IpAddr::V6(p)),
+            masq_policy("fd00:77:9::/64".parse().unwrap()),
+            0,
+        )
+        .expect("MASQ_SOURCES");
+    }
+}
+
+/// One datapath counter, summed over CPUs.
+fn get_stat(layout: &PinLayout, name: &str) -> u64 {
+    cni_agent::datapath::pins::read_stats(layout)
+        .expect("stats")
+        .into_iter()
+        .find(|(k, _)| *k == name)
+        .map_or(0, |(_, v)| v)
 }
