@@ -395,3 +395,60 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     log::info!("agent stopped; datapath left attached");
     res
 }
+
+#[cfg(test)]
+mod tests {
+    use netlink_packet_route::address::AddressFlags;
+
+    use super::*;
+    use crate::netlink::Address;
+
+    fn addr(index: u32, a: &str, flags: AddressFlags) -> Address {
+        Address {
+            index,
+            addr: a.parse().expect("test address"),
+            flags,
+        }
+    }
+
+    #[test]
+    fn uplink_v6_takes_a_settled_global_address() {
+        let none = AddressFlags::empty();
+        let addrs = vec![
+            addr(2, "fe80::1/64", none),
+            addr(2, "2001:db8::9/64", AddressFlags::Tentative),
+            addr(2, "2001:db8::8/64", AddressFlags::Dadfailed),
+            addr(3, "2001:db8:3::1/64", none),
+            addr(2, "198.18.0.1/24", none),
+        ];
+        assert_eq!(uplink_v6(&addrs, 2), None, "link-local or unsettled only");
+        let mut addrs = addrs;
+        addrs.push(addr(2, "fd00:198:18::1/64", none));
+        assert_eq!(
+            uplink_v6(&addrs, 2),
+            Some("fd00:198:18::1".parse().unwrap()),
+            "a unique local address is global in scope"
+        );
+        assert_eq!(uplink_v6(&addrs, 3), Some("2001:db8:3::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn uplink_v6_prefers_stable_addresses() {
+        let addrs = vec![
+            addr(2, "2001:db8::1/64", AddressFlags::Deprecated),
+            addr(2, "2001:db8::2/64", AddressFlags::Secondary),
+            addr(2, "2001:db8::3/64", AddressFlags::Permanent),
+            addr(2, "2001:db8::4/64", AddressFlags::empty()),
+        ];
+        assert_eq!(
+            uplink_v6(&addrs, 2),
+            Some("2001:db8::3".parse().unwrap()),
+            "neither deprecated nor temporary, first such"
+        );
+        assert_eq!(
+            uplink_v6(&addrs[..2], 2),
+            Some("2001:db8::2".parse().unwrap()),
+            "a temporary address before a deprecated one"
+        );
+    }
+}
