@@ -77,6 +77,11 @@ pub mod prog_names {
     pub const SNAT_EGRESS: &str = "snat_egress";
     /// Uplink TC ingress: reverse translation of replies to masqueraded flows.
     pub const SNAT_INGRESS: &str = "snat_ingress";
+    /// Uplink TC egress: source NAT of pod IPv6 traffic leaving the node.
+    pub const SNAT6_EGRESS: &str = "snat6_egress";
+    /// Uplink TC ingress: reverse translation of IPv6 replies (and ICMPv6
+    /// errors) to masqueraded flows.
+    pub const SNAT6_INGRESS: &str = "snat6_ingress";
     /// Uplink TC ingress: hostPort DNAT.
     pub const HOSTPORT_INGRESS: &str = "hostport_ingress";
     /// Uplink TC egress: hostPort replies get node:hostPort back.
@@ -151,8 +156,11 @@ pub struct MasqPolicy {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UplinkConfig {
-    /// Address masqueraded traffic leaves with (network byte order).
+    /// Address masqueraded IPv4 traffic leaves with (network byte order);
+    /// 0 on an uplink without IPv4.
     pub addr_v4: u32,
+    /// Address masqueraded IPv6 traffic leaves with; all zero on an uplink
+    /// without a global IPv6 address.
     pub addr_v6: [u32; 4],
     /// Inclusive range of source ports handed out by the SNAT (host order).
     pub port_min: u16,
@@ -637,9 +645,13 @@ pub mod stat {
     /// Fragments after the first translated from what their first fragment
     /// left in NAT_FRAGS (addresses only: they carry no transport header).
     pub const FRAG_TRANSLATED: u32 = 21;
+    /// Of SNAT_XLATE, the IPv6 packets.
+    pub const SNAT6_XLATE: u32 = 22;
+    /// Of SNAT_REPLY_XLATE, the IPv6 packets.
+    pub const SNAT6_REPLY_XLATE: u32 = 23;
 
     /// Names of the slots, as the agent reports them.
-    pub const NAMES: [(u32, &str); 22] = [
+    pub const NAMES: [(u32, &str); 24] = [
         (SNAT_NEW, "snatNew"),
         (SNAT_NO_PORT, "snatNoPort"),
         (SNAT_XLATE, "snatTranslated"),
@@ -662,6 +674,8 @@ pub mod stat {
         (SNAT_PORT_IN_USE, "snatPortInUse"),
         (FRAG_FIRST, "fragFirstRemembered"),
         (FRAG_TRANSLATED, "fragTranslated"),
+        (SNAT6_XLATE, "snatV6Translated"),
+        (SNAT6_REPLY_XLATE, "snatV6RepliesTranslated"),
     ];
     /// Number of slots in the array (room to grow without a new layout).
     pub const COUNT: u32 = 32;

@@ -4,7 +4,7 @@
 //! Expiry is the agent's job (it knows the timeouts); the programs only
 //! stamp the last time each direction was seen and the TCP flags.
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::LruHashMap};
-use cni_ebpf_common::{ct_state, CtKey, NatEntry, FAMILY_V4};
+use cni_ebpf_common::{ct_state, CtKey, NatEntry, FAMILY_V4, FAMILY_V6};
 
 use crate::parsing::{Ipv4Packet, IPPROTO_TCP, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN};
 
@@ -32,20 +32,40 @@ pub fn v4_key(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> CtKey {
     }
 }
 
+/// An IPv6 tuple: same maps, the family byte keeps it apart from IPv4.
+#[inline(always)]
+pub fn v6_key(src: [u32; 4], dst: [u32; 4], sport: u16, dport: u16, proto: u8) -> CtKey {
+    CtKey {
+        src,
+        dst,
+        sport,
+        dport,
+        proto,
+        family: FAMILY_V6,
+        _pad: [0; 2],
+    }
+}
+
 /// State bits a packet contributes to the half of its direction.
 #[inline(always)]
 pub fn state_bits(pkt: &Ipv4Packet) -> u8 {
-    if pkt.proto != IPPROTO_TCP {
+    flag_bits(pkt.proto, pkt.tcp_flags)
+}
+
+/// State bits of a packet of protocol `proto` with TCP flags `tcp_flags`.
+#[inline(always)]
+pub fn flag_bits(proto: u8, tcp_flags: u8) -> u8 {
+    if proto != IPPROTO_TCP {
         return 0;
     }
     let mut s = 0;
-    if pkt.tcp_flags & TCP_FLAG_SYN != 0 {
+    if tcp_flags & TCP_FLAG_SYN != 0 {
         s |= ct_state::SYN;
     }
-    if pkt.tcp_flags & TCP_FLAG_FIN != 0 {
+    if tcp_flags & TCP_FLAG_FIN != 0 {
         s |= ct_state::FIN;
     }
-    if pkt.tcp_flags & TCP_FLAG_RST != 0 {
+    if tcp_flags & TCP_FLAG_RST != 0 {
         s |= ct_state::RST;
     }
     s

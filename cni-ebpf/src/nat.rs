@@ -27,19 +27,19 @@ use crate::{
 
 /// Uplink ifindex -> its address and port range. Written by the agent.
 #[map(name = "UPLINKS")]
-static UPLINKS: HashMap<u32, UplinkConfig> = HashMap::pinned(64, 0);
+pub(crate) static UPLINKS: HashMap<u32, UplinkConfig> = HashMap::pinned(64, 0);
 
 /// Pod address -> masquerade policy. One entry per pod IP with ipMasq.
 #[map(name = "MASQ_SOURCES")]
-static MASQ_SOURCES: HashMap<IpKey, MasqPolicy> = HashMap::pinned(65536, 0);
+pub(crate) static MASQ_SOURCES: HashMap<IpKey, MasqPolicy> = HashMap::pinned(65536, 0);
 
 /// How many ports are tried before giving up on a new binding.
-const PORT_TRIES: u32 = 32;
+pub(crate) const PORT_TRIES: u32 = 32;
 
-const BPF_NOEXIST: u64 = 1;
+pub(crate) const BPF_NOEXIST: u64 = 1;
 
 /// tcx: let the next program (or the stack) decide.
-const NEXT: i32 = TC_ACT_UNSPEC;
+pub(crate) const NEXT: i32 = TC_ACT_UNSPEC;
 
 #[classifier]
 pub fn snat_egress(ctx: TcContext) -> i32 {
@@ -92,9 +92,10 @@ fn try_snat_egress(ctx: &TcContext) -> Result<i32, ()> {
     }
     // SAFETY: __sk_buff is valid for the program's run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // An IPv6-only uplink has no IPv4 address to masquerade to.
     let uplink: UplinkConfig = match unsafe { UPLINKS.get(&ifindex) } {
-        Some(u) => *u,
-        None => return Ok(NEXT),
+        Some(u) if u.addr_v4 != 0 => *u,
+        _ => return Ok(NEXT),
     };
 
     let (l4_sport, l4_dport) = if pkt.proto == IPPROTO_ICMP {
@@ -308,7 +309,7 @@ fn bind(
 /// claimed. When another CPU bound the same flow first, its binding stands:
 /// the claim is given back and the winner's port used.
 #[inline(always)]
-fn finish(key: &CtKey, rkey: &CtKey, orig: &NatEntry, counter: u32) -> Option<u16> {
+pub(crate) fn finish(key: &CtKey, rkey: &CtKey, orig: &NatEntry, counter: u32) -> Option<u16> {
     if SNAT_ORIG.insert(key, orig, BPF_NOEXIST).is_err() {
         let _ = SNAT_REPLY.remove(rkey);
         // SAFETY: read-only use of a map value during this run.
@@ -328,7 +329,7 @@ struct SockTupleV4 {
 }
 
 /// `BPF_F_CURRENT_NETNS`: look sockets up in the packet's namespace.
-const CURRENT_NETNS: u64 = u64::MAX;
+pub(crate) const CURRENT_NETNS: u64 = u64::MAX;
 
 /// Whether `addr:port` (network byte order) is used for `pkt`'s remote by
 /// the node itself: a hostPort, or a socket of the node's namespace that a
@@ -366,15 +367,23 @@ fn port_in_use(ctx: &TcContext, pkt: &Ipv4Packet, addr: u32, port: u16) -> bool 
 }
 
 /// Clears the state bits of both halves of a binding whose tuple a new
-/// connection is taking over.
+/// connection is taking over (either family: the key carries it).
 #[inline(always)]
-fn restart(orig: *mut NatEntry, key: &CtKey) {
+pub(crate) fn restart(orig: *mut NatEntry, key: &CtKey) {
     // SAFETY: valid map value pointer for this run.
     let (addr, port) = unsafe {
         (*orig).state = 0;
-        ((*orig).addr[0], (*orig).port)
+        ((*orig).addr, (*orig).port)
     };
-    let rkey = v4_key(key.dst[0], addr, key.dport, port, key.proto);
+    let rkey = CtKey {
+        src: key.dst,
+        dst: addr,
+        sport: key.dport,
+        dport: port,
+        proto: key.proto,
+        family: key.family,
+        _pad: [0; 2],
+    };
     if let Some(r) = SNAT_REPLY.get_ptr_mut(&rkey) {
         // SAFETY: valid map value pointer for this run.
         unsafe { (*r).state = 0 };
@@ -386,8 +395,9 @@ fn restart(orig: *mut NatEntry, key: &CtKey) {
 /// waiting for the agent's expiry would cap new connections to one remote
 /// endpoint at (ports in the range) / (closed timeout). The old binding's
 /// original half goes, and the reply half is overwritten with the new one.
+/// Shared by both families: the keys carry theirs.
 #[inline(always)]
-fn take_over_closed(rkey: &CtKey, reply_val: &NatEntry, proto: u8) -> bool {
+pub(crate) fn take_over_closed(rkey: &CtKey, reply_val: &NatEntry, proto: u8) -> bool {
     if proto != IPPROTO_TCP {
         return false;
     }
@@ -395,7 +405,16 @@ fn take_over_closed(rkey: &CtKey, reply_val: &NatEntry, proto: u8) -> bool {
     let Some(old) = (unsafe { SNAT_REPLY.get(rkey) }).copied() else {
         return false;
     };
-    let okey = v4_key(old.addr[0], rkey.src[0], old.port, rkey.sport, proto);
+    // The old binding's original half, in the reply half's family.
+    let okey = CtKey {
+        src: old.addr,
+        dst: rkey.src,
+        sport: old.port,
+        dport: rkey.sport,
+        proto,
+        family: rkey.family,
+        _pad: [0; 2],
+    };
     // SAFETY: read-only use of a map value during this run.
     let orig_state = unsafe { SNAT_ORIG.get(&okey) }.map_or(0, |o| o.state);
     let closed = (old.state | orig_state) & ct_state::RST != 0

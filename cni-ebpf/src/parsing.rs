@@ -1,6 +1,7 @@
-//! Header parsing: just enough of Ethernet, IPv4, TCP, UDP and ICMP to find
-//! a connection tuple and the offsets the rewriters need. A fragment after
-//! the first gets the ports of its first fragment from `frag`.
+//! Header parsing: just enough of Ethernet, IPv4, IPv6, TCP, UDP, ICMP and
+//! ICMPv6 to find a connection tuple and the offsets the rewriters need. A
+//! fragment after the first (IPv4) gets the ports of its first fragment from
+//! `frag`.
 //!
 //! Reads go through bpf_skb_load_bytes (`TcContext::load`), which checks
 //! bounds itself, so variable offsets (IPv4 options) stay verifier-friendly.
@@ -10,6 +11,7 @@ use crate::frag::{self, Frag};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -204,6 +206,183 @@ pub fn parse_icmp_error(ctx: &TcContext, outer: &Ipv4Packet) -> Option<IcmpError
         _ => return None,
     };
     Some(IcmpError {
+        l3,
+        l4,
+        proto,
+        saddr,
+        daddr,
+        sport,
+        dport,
+    })
+}
+
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const ICMP6_DEST_UNREACH: u8 = 1;
+pub const ICMP6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMP6_TIME_EXCEEDED: u8 = 3;
+pub const ICMP6_PARAM_PROBLEM: u8 = 4;
+pub const ICMP6_ECHO_REQUEST: u8 = 128;
+pub const ICMP6_ECHO_REPLY: u8 = 129;
+
+/// Length of the fixed IPv6 header, and offsets of its fields relative to
+/// its start.
+pub const IP6_HLEN: usize = 40;
+const IP6_NEXTHDR: usize = 6;
+pub const IP6_SADDR: usize = 8;
+pub const IP6_DADDR: usize = 24;
+
+/// An IPv6 packet whose fixed header is followed directly by a transport
+/// header we can translate. Its IPv6 header sits right after Ethernet.
+pub struct Ipv6Packet {
+    /// Offset of the transport header in the skb.
+    pub l4: usize,
+    pub proto: u8,
+    /// Addresses as they sit in the packet (network byte order words).
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    /// Ports (network byte order); for ICMPv6 echo, `sport` = `dport` = id.
+    pub sport: u16,
+    pub dport: u16,
+    /// TCP flags byte (0 for other protocols).
+    pub tcp_flags: u8,
+    /// ICMPv6 type (0 for other protocols).
+    pub icmp_type: u8,
+}
+
+impl Ipv6Packet {
+    /// Offset of the transport checksum field in the skb.
+    pub fn l4_csum_off(&self) -> usize {
+        self.l4
+            + match self.proto {
+                IPPROTO_TCP => 16,
+                IPPROTO_UDP => 6,
+                _ => 2,
+            }
+    }
+    /// Offset of the source port (ICMPv6: the echo identifier).
+    pub fn sport_off(&self) -> usize {
+        self.l4 + if self.proto == IPPROTO_ICMPV6 { 4 } else { 0 }
+    }
+    /// Offset of the destination port (ICMPv6: the echo identifier).
+    pub fn dport_off(&self) -> usize {
+        self.l4 + if self.proto == IPPROTO_ICMPV6 { 4 } else { 2 }
+    }
+}
+
+/// Whether an ICMPv6 type is an error that quotes the offending packet.
+#[inline(always)]
+pub fn is_icmp6_error(t: u8) -> bool {
+    t == ICMP6_DEST_UNREACH
+        || t == ICMP6_PACKET_TOO_BIG
+        || t == ICMP6_TIME_EXCEEDED
+        || t == ICMP6_PARAM_PROBLEM
+}
+
+/// Parses an Ethernet frame carrying IPv6 with TCP, UDP, ICMPv6 echo or an
+/// ICMPv6 error right after the fixed header. Returns `None` for anything
+/// else: other ICMPv6 (neighbour discovery, MLD, ...), and every packet
+/// with an extension header (hop-by-hop, routing, destination options,
+/// fragment, ...). Those are not walked: a chain of variable-length
+/// headers costs the verifier a loop, pods rarely send them, and a
+/// fragment (only the first of which carries the ports) would need the
+/// fragment tracking IPv4 has. They pass untranslated.
+#[inline(always)]
+pub fn parse_ipv6(ctx: &TcContext) -> Option<Ipv6Packet> {
+    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+    if ethertype != ETH_P_IPV6 {
+        return None;
+    }
+    let l3 = ETH_HLEN;
+    let v: u8 = ctx.load(l3).ok()?;
+    if v >> 4 != 6 {
+        return None;
+    }
+    let proto: u8 = ctx.load(l3 + IP6_NEXTHDR).ok()?;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_ICMPV6 {
+        return None;
+    }
+    let saddr: [u32; 4] = ctx.load(l3 + IP6_SADDR).ok()?;
+    let daddr: [u32; 4] = ctx.load(l3 + IP6_DADDR).ok()?;
+    let l4 = l3 + IP6_HLEN;
+    let mut pkt = Ipv6Packet {
+        l4,
+        proto,
+        saddr,
+        daddr,
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+        icmp_type: 0,
+    };
+    match proto {
+        IPPROTO_TCP => {
+            pkt.sport = ctx.load(l4).ok()?;
+            pkt.dport = ctx.load(l4 + 2).ok()?;
+            pkt.tcp_flags = ctx.load(l4 + 13).ok()?;
+        }
+        IPPROTO_UDP => {
+            pkt.sport = ctx.load(l4).ok()?;
+            pkt.dport = ctx.load(l4 + 2).ok()?;
+        }
+        _ => {
+            pkt.icmp_type = ctx.load(l4).ok()?;
+            if pkt.icmp_type == ICMP6_ECHO_REQUEST || pkt.icmp_type == ICMP6_ECHO_REPLY {
+                let id: u16 = ctx.load(l4 + 4).ok()?;
+                pkt.sport = id;
+                pkt.dport = id;
+            } else if !is_icmp6_error(pkt.icmp_type) {
+                return None;
+            }
+        }
+    }
+    Some(pkt)
+}
+
+/// The packet quoted inside an ICMPv6 error: its IPv6 header and the first
+/// bytes of its transport header (the error quotes as much of the packet as
+/// fits in the minimum MTU, so the ports are always there).
+pub struct Icmp6Error {
+    /// Offset of the quoted IPv6 header.
+    pub l3: usize,
+    /// Offset of the quoted transport header.
+    pub l4: usize,
+    pub proto: u8,
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    /// Quoted ports (network byte order); ICMPv6 echo: both are the id.
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl Icmp6Error {
+    /// Offset of the quoted source port (ICMPv6 echo: the identifier).
+    pub fn sport_off(&self) -> usize {
+        self.l4 + if self.proto == IPPROTO_ICMPV6 { 4 } else { 0 }
+    }
+}
+
+/// Parses the packet quoted by the ICMPv6 error `outer`. A quoted packet
+/// with an extension header (a fragment, above all) is not parsed.
+#[inline(always)]
+pub fn parse_icmp6_error(ctx: &TcContext, outer: &Ipv6Packet) -> Option<Icmp6Error> {
+    let l3 = outer.l4 + 8;
+    let v: u8 = ctx.load(l3).ok()?;
+    if v >> 4 != 6 {
+        return None;
+    }
+    let proto: u8 = ctx.load(l3 + IP6_NEXTHDR).ok()?;
+    let saddr: [u32; 4] = ctx.load(l3 + IP6_SADDR).ok()?;
+    let daddr: [u32; 4] = ctx.load(l3 + IP6_DADDR).ok()?;
+    let l4 = l3 + IP6_HLEN;
+    let (sport, dport) = match proto {
+        IPPROTO_TCP | IPPROTO_UDP => (ctx.load(l4).ok()?, ctx.load(l4 + 2).ok()?),
+        IPPROTO_ICMPV6 => {
+            let id: u16 = ctx.load(l4 + 4).ok()?;
+            (id, id)
+        }
+        _ => return None,
+    };
+    Some(Icmp6Error {
         l3,
         l4,
         proto,

@@ -11,11 +11,16 @@ use aya_ebpf::programs::TcContext;
 
 use crate::{
     frag::Frag,
-    parsing::{Ipv4Packet, IPPROTO_TCP, IPPROTO_UDP, IP_CSUM},
+    parsing::{Ipv4Packet, Ipv6Packet, IPPROTO_TCP, IPPROTO_UDP, IP_CSUM},
 };
 
-const BPF_F_PSEUDO_HDR: u64 = 0x10;
+pub const BPF_F_PSEUDO_HDR: u64 = 0x10;
 const BPF_F_MARK_MANGLED_0: u64 = 0x20;
+/// Update a zero checksum too (IPv6 UDP: zero is never "no checksum").
+const BPF_F_MARK_ENFORCE: u64 = 0x40;
+/// bpf_skb_store_bytes: keep skb->csum (CHECKSUM_COMPLETE) in step with
+/// the bytes written.
+pub const BPF_F_RECOMPUTE_CSUM: u64 = 0x01;
 
 /// Rewrites one address and one port (ICMP: the echo id) with incremental
 /// checksum updates. The L4 helper with BPF_F_PSEUDO_HDR keeps the checksum
@@ -111,5 +116,71 @@ pub fn fix_l4_csum(
     )
     .map_err(|_| ())?;
     ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled | 2)
+        .map_err(|_| ())
+}
+
+/// Updates the transport checksum at `csum_off` for a 128-bit value that
+/// changes from `old` to `new`, one 32-bit word at a time. `flags` carries
+/// BPF_F_PSEUDO_HDR when the value is an address of the pseudo-header.
+#[inline(always)]
+pub fn csum_replace_128(
+    ctx: &TcContext,
+    csum_off: usize,
+    old: &[u32; 4],
+    new: &[u32; 4],
+    flags: u64,
+) -> Result<(), ()> {
+    // Unconditional: an unchanged word is a no-op for the helper, and a
+    // branch per word would multiply the paths the verifier walks.
+    for i in 0..4 {
+        ctx.l4_csum_replace(csum_off, old[i] as u64, new[i] as u64, flags | 4)
+            .map_err(|_| ())?;
+    }
+    Ok(())
+}
+
+/// IPv6: rewrites one address (the field at `addr_off`) and one port (ICMPv6:
+/// the echo id) with incremental checksum updates. IPv6 has no header
+/// checksum, so the address only moves the transport checksum, through the
+/// pseudo-header — for ICMPv6 too, unlike ICMPv4. UDP over IPv6 must never
+/// carry a zero checksum: a result of zero is written as 0xffff, and a zero
+/// found (invalid anyway) is updated like any other value.
+///
+/// skb->csum (CHECKSUM_COMPLETE, received packets) covers the address bytes
+/// and the checksum field: the pseudo-header update accounts for the field,
+/// and the address store with BPF_F_RECOMPUTE_CSUM for the address, so
+/// both changes are accounted for (without an IPv4 header checksum
+/// absorbing the address change, a plain store would leave skb->csum off).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub fn rewrite6(
+    ctx: &TcContext,
+    pkt: &Ipv6Packet,
+    addr_off: usize,
+    old_addr: &[u32; 4],
+    new_addr: &[u32; 4],
+    port_off: usize,
+    old_port: u16,
+    new_port: u16,
+) -> Result<(), ()> {
+    let csum_off = pkt.l4_csum_off();
+    let mangled = if pkt.proto == IPPROTO_UDP {
+        BPF_F_MARK_MANGLED_0 | BPF_F_MARK_ENFORCE
+    } else {
+        0
+    };
+    csum_replace_128(
+        ctx,
+        csum_off,
+        old_addr,
+        new_addr,
+        mangled | BPF_F_PSEUDO_HDR,
+    )?;
+    if old_port != new_port {
+        ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled | 2)
+            .map_err(|_| ())?;
+        ctx.store(port_off, &new_port, 0).map_err(|_| ())?;
+    }
+    ctx.store(addr_off, new_addr, BPF_F_RECOMPUTE_CSUM)
         .map_err(|_| ())
 }

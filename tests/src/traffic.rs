@@ -10,7 +10,10 @@
 //! `<peer address as the server saw it> <line>`: one round trip proves the
 //! reply path and shows the source address the far side observed.
 use std::io::{BufRead, BufReader, ErrorKind, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener,
+    TcpStream, UdpSocket,
+};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -57,26 +60,60 @@ fn enter(path: &std::path::Path) {
     setns(&f, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
 }
 
-/// A TCP listener on 0.0.0.0:`port` with a large backlog (many clients
-/// connect at once), created in the current thread's namespace.
-fn listen_tcp(port: u16) -> TcpListener {
+/// A socket of `ty` bound to the unspecified address of `ip`'s family and
+/// `port` in the current thread's namespace (IPv6: IPV6_V6ONLY, so an
+/// IPv4 server may hold the same port). `reuse` sets SO_REUSEADDR.
+fn bound_socket(
+    ip: IpAddr,
+    port: u16,
+    ty: nix::sys::socket::SockType,
+    reuse: bool,
+) -> Result<OwnedFd, String> {
     use nix::sys::socket::{
-        bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
-        SockaddrIn,
+        bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockaddrIn, SockaddrIn6,
     };
-    let fd: OwnedFd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .expect("socket");
-    setsockopt(&fd, sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
-    bind(
-        fd.as_raw_fd(),
-        &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)),
-    )
-    .unwrap_or_else(|e| panic!("bind tcp port {port}: {e}"));
+    let family = if ip.is_ipv6() {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
+    let fd =
+        socket(family, ty, SockFlag::SOCK_CLOEXEC, None).map_err(|e| format!("socket: {e}"))?;
+    if reuse {
+        setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| format!("SO_REUSEADDR: {e}"))?;
+    }
+    let r = if ip.is_ipv6() {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(|e| format!("IPV6_V6ONLY: {e}"))?;
+        bind(
+            fd.as_raw_fd(),
+            &SockaddrIn6::from(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0)),
+        )
+    } else {
+        bind(
+            fd.as_raw_fd(),
+            &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)),
+        )
+    };
+    r.map_err(|e| format!("bind port {port}: {e}"))?;
+    Ok(fd)
+}
+
+/// The unspecified address of a family (`v6`: `::`, else 0.0.0.0).
+fn any_of(v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    }
+}
+
+/// A TCP listener on 0.0.0.0:`port` (`[::]:port` for an IPv6 `ip`) with a
+/// large backlog (many clients connect at once), created in the current
+/// thread's namespace.
+fn listen_tcp(ip: IpAddr, port: u16) -> TcpListener {
+    use nix::sys::socket::{listen, Backlog, SockType};
+    let fd = bound_socket(ip, port, SockType::Stream, true)
+        .unwrap_or_else(|e| panic!("tcp listener on port {port}: {e}"));
     listen(&fd, Backlog::new(4096).expect("backlog")).expect("listen");
     // SAFETY: `fd` is a listening TCP socket we own; ownership moves.
     unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) }
@@ -95,7 +132,16 @@ pub struct TcpEchoServer {
 impl TcpEchoServer {
     /// Listens on 0.0.0.0:`port` in `ns`.
     pub fn start(ns: &NetNs, port: u16) -> TcpEchoServer {
-        let listener = Arc::new(in_netns(ns, || listen_tcp(port)));
+        Self::start_family(ns, port, false)
+    }
+
+    /// Listens on [::]:`port` in `ns` (IPv6 only).
+    pub fn start_v6(ns: &NetNs, port: u16) -> TcpEchoServer {
+        Self::start_family(ns, port, true)
+    }
+
+    fn start_family(ns: &NetNs, port: u16, v6: bool) -> TcpEchoServer {
+        let listener = Arc::new(in_netns(ns, || listen_tcp(any_of(v6), port)));
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let peers: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
         let acceptor = {
@@ -191,9 +237,24 @@ pub struct UdpEchoServer {
 
 impl UdpEchoServer {
     pub fn start(ns: &NetNs, port: u16) -> UdpEchoServer {
+        Self::start_family(ns, port, false)
+    }
+
+    /// On [::]:`port` (IPv6 only).
+    pub fn start_v6(ns: &NetNs, port: u16) -> UdpEchoServer {
+        Self::start_family(ns, port, true)
+    }
+
+    fn start_family(ns: &NetNs, port: u16, v6: bool) -> UdpEchoServer {
         let sock = in_netns(ns, || {
-            UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
-                .unwrap_or_else(|e| panic!("bind udp port {port}: {e}"))
+            bound_socket(
+                any_of(v6),
+                port,
+                nix::sys::socket::SockType::Datagram,
+                false,
+            )
+            .map(UdpSocket::from)
+            .unwrap_or_else(|e| panic!("udp port {port}: {e}"))
         });
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .expect("udp timeout");
@@ -297,25 +358,14 @@ pub fn tcp_connect_from(
     local_port: u16,
     server: SocketAddr,
 ) -> Result<TcpStream, String> {
-    use nix::sys::socket::{
-        bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn,
-    };
+    use nix::sys::socket::{connect, SockType, SockaddrIn, SockaddrIn6};
     in_netns(ns, move || {
-        let fd = socket(
-            AddressFamily::Inet,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(|e| format!("socket: {e}"))?;
-        setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| format!("SO_REUSEADDR: {e}"))?;
-        let local = SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, local_port));
-        bind(fd.as_raw_fd(), &local).map_err(|e| format!("bind port {local_port}: {e}"))?;
-        let SocketAddr::V4(server4) = server else {
-            return Err(format!("{server}: IPv4 only"));
+        let fd = bound_socket(server.ip(), local_port, SockType::Stream, true)?;
+        let r = match server {
+            SocketAddr::V4(s) => connect(fd.as_raw_fd(), &SockaddrIn::from(s)),
+            SocketAddr::V6(s) => connect(fd.as_raw_fd(), &SockaddrIn6::from(s)),
         };
-        connect(fd.as_raw_fd(), &SockaddrIn::from(server4))
-            .map_err(|e| format!("connect {server} from port {local_port}: {e}"))?;
+        r.map_err(|e| format!("connect {server} from port {local_port}: {e}"))?;
         let s = TcpStream::from(fd);
         s.set_read_timeout(Some(Duration::from_secs(5)))
             .map_err(|e| e.to_string())?;
@@ -345,7 +395,7 @@ pub fn udp_echo_from(
 ) -> Result<Echo, String> {
     let payload = payload.to_string();
     in_netns(ns, move || {
-        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, local_port))
+        let s = UdpSocket::bind((any_of(server.is_ipv6()), local_port))
             .map_err(|e| format!("bind udp port {local_port}: {e}"))?;
         s.connect(server).map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(Duration::from_secs(1)))

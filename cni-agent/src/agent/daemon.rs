@@ -2,7 +2,7 @@
 //! expire NAT bindings, and serve the plugins.
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -72,22 +72,61 @@ pub enum AgentError {
     WorkerStopped(String),
 }
 
-/// An uplink as discovered: name, index, first IPv4 address.
+/// An uplink as discovered: name, index, its IPv4 address and its IPv6
+/// address (see [`uplink_v6`]); at least one of the two.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Uplink {
     name: String,
     index: u32,
-    addr: Ipv4Addr,
+    addr: Option<Ipv4Addr>,
+    addr6: Option<Ipv6Addr>,
+}
+
+/// Whether an IPv6 address can be a masquerade source: not link-local
+/// (fe80::/10, which cannot leave the link), loopback, unspecified or
+/// multicast. Unique local addresses (fc00::/7) are global in scope and
+/// allowed, as the kernel's source address selection allows them.
+fn is_global_v6(a: &Ipv6Addr) -> bool {
+    !(a.is_loopback()
+        || a.is_unspecified()
+        || a.is_multicast()
+        || a.segments()[0] & 0xffc0 == 0xfe80)
+}
+
+/// The IPv6 address masqueraded traffic leaves `index` with: a global one
+/// that has finished duplicate address detection (a tentative address
+/// cannot receive the replies yet; the next scan picks it up once
+/// settled), preferring one that is neither deprecated nor a temporary
+/// privacy address (those rotate, and bindings would outlive them).
+fn uplink_v6(addrs: &[crate::netlink::Address], index: u32) -> Option<Ipv6Addr> {
+    use netlink_packet_route::address::AddressFlags;
+    addrs
+        .iter()
+        .filter(|a| a.index == index && !a.is_unsettled())
+        .filter_map(|a| match a.addr.addr() {
+            IpAddr::V6(v6) if is_global_v6(&v6) => Some((a, v6)),
+            _ => None,
+        })
+        .min_by_key(|(a, _)| {
+            (
+                a.flags.contains(AddressFlags::Deprecated),
+                // IFA_F_SECONDARY is IFA_F_TEMPORARY for IPv6.
+                a.flags.contains(AddressFlags::Secondary),
+            )
+        })
+        .map(|(_, v6)| v6)
 }
 
 /// What the kernel says now: the uplinks to serve (the configured names, or
-/// the interfaces carrying a default route in the main table, skipping
-/// those without an IPv4 address) and every address of the node.
+/// the interfaces carrying a default route — IPv4 or IPv6 — in the main
+/// table, skipping those with neither an IPv4 nor a usable IPv6 address)
+/// and every address of the node.
 fn discover(nl: &Netlink, names: &[String]) -> Result<(Vec<Uplink>, Vec<IpAddr>), AgentError> {
     let links = nl.links()?;
     let wanted: Vec<u32> = if names.is_empty() {
-        let mut v: Vec<u32> = nl
-            .routes(false)?
+        let mut routes = nl.routes(false)?;
+        routes.extend(nl.routes(true)?);
+        let mut v: Vec<u32> = routes
             .into_iter()
             .filter(|r| r.is_main_table() && r.dst.prefix_len() == 0)
             .filter_map(|r| r.oif)
@@ -110,8 +149,17 @@ fn discover(nl: &Netlink, names: &[String]) -> Result<(Vec<Uplink>, Vec<IpAddr>)
             let addr = addrs.iter().find_map(|a| match a.addr.addr() {
                 IpAddr::V4(v4) if a.index == index => Some(v4),
                 _ => None,
-            })?;
-            Some(Uplink { name, index, addr })
+            });
+            let addr6 = uplink_v6(&addrs, index);
+            if addr.is_none() && addr6.is_none() {
+                return None;
+            }
+            Some(Uplink {
+                name,
+                index,
+                addr,
+                addr6,
+            })
         })
         .collect();
     Ok((uplinks, addrs.into_iter().map(|a| a.addr.addr()).collect()))
@@ -139,14 +187,17 @@ impl Manager {
             if self.current.get(&up.index) == Some(up) {
                 continue;
             }
-            self.uplink_map.set(up.index, up.addr, self.ports)?;
+            self.uplink_map
+                .set(up.index, up.addr, up.addr6, self.ports)?;
             let attached =
                 attach_uplink(&mut self.ebpf, &self.layout, self.mode, &up.name, up.index)?;
+            let show = |a: Option<String>| a.unwrap_or_else(|| "-".into());
             log::info!(
-                "uplink {} (ifindex {}, {}): {}",
+                "uplink {} (ifindex {}, {}, {}): {}",
                 up.name,
                 up.index,
-                up.addr,
+                show(up.addr.map(|a| a.to_string())),
+                show(up.addr6.map(|a| a.to_string())),
                 if attached.is_empty() {
                     "programs already attached".to_string()
                 } else {
@@ -168,7 +219,7 @@ impl Manager {
                 log::info!("uplink ifindex {index} gone: programs detached");
             }
         }
-        for (index, _) in self.uplink_map.list() {
+        for (index, _, _) in self.uplink_map.list() {
             if !keep.contains(&index) {
                 self.uplink_map.remove(index);
             }
@@ -288,7 +339,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     mgr.sync(&nl)?;
     if mgr.current.is_empty() {
         log::warn!(
-            "no uplink found yet (no default route with an IPv4 address); will keep looking"
+            "no uplink found yet (no default route through an interface with an address); will keep looking"
         );
     }
     drop(nl);
@@ -352,4 +403,61 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let _ = worker.join();
     log::info!("agent stopped; datapath left attached");
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use netlink_packet_route::address::AddressFlags;
+
+    use super::*;
+    use crate::netlink::Address;
+
+    fn addr(index: u32, a: &str, flags: AddressFlags) -> Address {
+        Address {
+            index,
+            addr: a.parse().expect("test address"),
+            flags,
+        }
+    }
+
+    #[test]
+    fn uplink_v6_takes_a_settled_global_address() {
+        let none = AddressFlags::empty();
+        let addrs = vec![
+            addr(2, "fe80::1/64", none),
+            addr(2, "2001:db8::9/64", AddressFlags::Tentative),
+            addr(2, "2001:db8::8/64", AddressFlags::Dadfailed),
+            addr(3, "2001:db8:3::1/64", none),
+            addr(2, "198.18.0.1/24", none),
+        ];
+        assert_eq!(uplink_v6(&addrs, 2), None, "link-local or unsettled only");
+        let mut addrs = addrs;
+        addrs.push(addr(2, "fd00:198:18::1/64", none));
+        assert_eq!(
+            uplink_v6(&addrs, 2),
+            Some("fd00:198:18::1".parse().unwrap()),
+            "a unique local address is global in scope"
+        );
+        assert_eq!(uplink_v6(&addrs, 3), Some("2001:db8:3::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn uplink_v6_prefers_stable_addresses() {
+        let addrs = vec![
+            addr(2, "2001:db8::1/64", AddressFlags::Deprecated),
+            addr(2, "2001:db8::2/64", AddressFlags::Secondary),
+            addr(2, "2001:db8::3/64", AddressFlags::Permanent),
+            addr(2, "2001:db8::4/64", AddressFlags::empty()),
+        ];
+        assert_eq!(
+            uplink_v6(&addrs, 2),
+            Some("2001:db8::3".parse().unwrap()),
+            "neither deprecated nor temporary, first such"
+        );
+        assert_eq!(
+            uplink_v6(&addrs[..2], 2),
+            Some("2001:db8::2".parse().unwrap()),
+            "a temporary address before a deprecated one"
+        );
+    }
 }

@@ -215,7 +215,11 @@ fn status(paths: &Paths) -> Result<serde_json::Value, CniError> {
             .map(|(k, v)| (k.to_string(), json!(v)))
             .collect();
     Ok(json!({
-        "uplinks": uplinks.list().into_iter().map(|(i, a)| json!({"ifindex": i, "address": a.to_string()})).collect::<Vec<_>>(),
+        "uplinks": uplinks
+            .list()
+            .into_iter()
+            .map(|(i, v4, v6)| json!({"ifindex": i, "address": v4, "addressV6": v6}))
+            .collect::<Vec<_>>(),
         "nat": {"originalHalves": orig, "replyHalves": reply},
         "masqSources": entries.masq_len(),
         "hostPorts": entries.hostports_len(),

@@ -146,9 +146,10 @@ fn print_text(req: &Request, data: &serde_json::Value) {
             println!("agent: running");
             for u in data["uplinks"].as_array().into_iter().flatten() {
                 println!(
-                    "uplink: ifindex {} address {}",
+                    "uplink: ifindex {} address {} address6 {}",
                     u["ifindex"],
-                    u["address"].as_str().unwrap_or("")
+                    u["address"].as_str().unwrap_or("-"),
+                    u["addressV6"].as_str().unwrap_or("-")
                 );
             }
             println!(

@@ -53,9 +53,15 @@ pub struct Binding {
     pub reply_half_missing: bool,
 }
 
+/// ICMP and ICMPv6: echo bindings key the identifier on one side only.
+fn is_icmp(proto: u8) -> bool {
+    proto == 1 || proto == 58
+}
+
 fn proto_name(p: u8) -> &'static str {
     match p {
         1 => "icmp",
+        58 => "icmpv6",
         6 => "tcp",
         17 => "udp",
         _ => "other",
@@ -111,7 +117,7 @@ fn open_lru<V: aya::Pod>(
 
 /// The reply-half key of an original-half binding.
 fn reply_key(key: &CtKey, val: &NatEntry) -> CtKey {
-    let icmp = key.proto == 1;
+    let icmp = is_icmp(key.proto);
     CtKey {
         src: key.dst,
         dst: val.addr,
@@ -223,10 +229,10 @@ impl NatTable {
     /// Removes every binding of one pod address (its attachment is gone:
     /// its flows must not keep ports or reach a reused IP).
     pub fn flush_source(&mut self, ip: IpAddr) -> Result<usize, DatapathError> {
-        let (words, _) = super::entries::addr_words(ip);
+        let (words, family) = super::entries::addr_words(ip);
         let mut removed = 0;
         for (k, _, rk, _) in self.pairs() {
-            if k.src == words {
+            if k.src == words && k.family == family {
                 ignore_missing(self.reply.remove(&rk))?;
                 ignore_missing(self.orig.remove(&k))?;
                 removed += 1;

@@ -817,8 +817,8 @@ pub fn forward_hooked(layout: &PinLayout, bridge: &str) -> bool {
         && UplinkMap::open(layout).is_ok_and(|u| {
             u.list()
                 .into_iter()
-                .filter(|(i, _)| ifindex_exists(*i))
-                .all(|(i, _)| pinned(i, prog_names::FW_UPLINK_INGRESS))
+                .filter(|(i, _, _)| ifindex_exists(*i))
+                .all(|(i, _, _)| pinned(i, prog_names::FW_UPLINK_INGRESS))
         })
 }
 

@@ -1,14 +1,15 @@
 //! The uplinks: which programs every uplink gets, and the UPLINKS map.
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::{
     maps::{HashMap, MapData},
     programs::{SchedClassifier, Xdp},
     Ebpf,
 };
-use cni_ebpf_common::{map_names, prog_names, UplinkConfig};
+use cni_ebpf_common::{map_names, prog_names, UplinkConfig, FAMILY_V6};
 
 use super::{
+    entries::{addr_words, words_addr},
     links::{ensure_tc, ensure_xdp, Placement},
     loader::{DatapathError, Hook},
     pins::{open_pinned, PinLayout},
@@ -17,10 +18,15 @@ use super::{
 /// The TC programs of an uplink, in hook order: on egress the hostPort
 /// reply translation must see the packet before the masquerade does; on
 /// ingress the firewall's forwarding sees packets after both translations.
-pub const UPLINK_PROGRAMS: [(&str, Hook); 5] = [
+/// The IPv6 masquerade has programs of its own (each family's program
+/// passes the other family's packets on at once), so neither family's
+/// verification budget limits the other's.
+pub const UPLINK_PROGRAMS: [(&str, Hook); 7] = [
     (prog_names::HOSTPORT_EGRESS, Hook::Egress),
     (prog_names::SNAT_EGRESS, Hook::Egress),
+    (prog_names::SNAT6_EGRESS, Hook::Egress),
     (prog_names::SNAT_INGRESS, Hook::Ingress),
+    (prog_names::SNAT6_INGRESS, Hook::Ingress),
     (prog_names::HOSTPORT_INGRESS, Hook::Ingress),
     (prog_names::FW_UPLINK_INGRESS, Hook::Ingress),
 ];
@@ -89,15 +95,18 @@ impl UplinkMap {
             })
     }
 
+    /// Writes an uplink's addresses (either may be missing: a v4-only or
+    /// v6-only uplink; the other family's program leaves its packets alone).
     pub fn set(
         &mut self,
         ifindex: u32,
-        addr: Ipv4Addr,
+        addr: Option<Ipv4Addr>,
+        addr_v6: Option<Ipv6Addr>,
         ports: (u16, u16),
     ) -> Result<(), DatapathError> {
         let cfg = UplinkConfig {
-            addr_v4: u32::from_ne_bytes(addr.octets()),
-            addr_v6: [0; 4],
+            addr_v4: addr.map_or(0, |a| u32::from_ne_bytes(a.octets())),
+            addr_v6: addr_v6.map_or([0; 4], |a| addr_words(IpAddr::V6(a)).0),
             port_min: ports.0,
             port_max: ports.1,
         };
@@ -116,12 +125,19 @@ impl UplinkMap {
         let _ = self.0.remove(&ifindex);
     }
 
-    /// (ifindex, address) of every configured uplink.
-    pub fn list(&self) -> Vec<(u32, Ipv4Addr)> {
+    /// Every configured uplink: ifindex and its IPv4 and IPv6 addresses.
+    pub fn list(&self) -> Vec<(u32, Option<Ipv4Addr>, Option<Ipv6Addr>)> {
         self.0
             .iter()
             .filter_map(Result::ok)
-            .map(|(i, c)| (i, Ipv4Addr::from(c.addr_v4.to_ne_bytes())))
+            .map(|(i, c)| {
+                let v4 = (c.addr_v4 != 0).then(|| Ipv4Addr::from(c.addr_v4.to_ne_bytes()));
+                let v6 = match words_addr(c.addr_v6, FAMILY_V6) {
+                    IpAddr::V6(a) if !a.is_unspecified() => Some(a),
+                    _ => None,
+                };
+                (i, v4, v6)
+            })
             .collect()
     }
 }
