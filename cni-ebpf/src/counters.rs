@@ -19,6 +19,7 @@ pub fn tc_count(ctx: TcContext) -> i32 {
     // SAFETY: __sk_buff is valid for the duration of the program.
     let (ifindex, len) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).len) };
     match IF_COUNTERS.get_ptr_mut(&ifindex) {
+        // SAFETY: a valid map value pointer for this run.
         Some(c) => unsafe {
             (*c).packets += 1;
             (*c).bytes += u64::from(len);

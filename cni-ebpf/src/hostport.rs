@@ -84,12 +84,14 @@ pub fn lookup(addr: u32, port_be: u16, proto: u8, allow_loopback: bool) -> Optio
     if let Some(t) = unsafe { HOSTPORTS.get(&key) } {
         return Some(*t);
     }
+    // SAFETY: read-only use of a map value during this run.
     let local =
         unsafe { NODE_ADDRS.get(&v4_ip(addr)) }.is_some() || (allow_loopback && is_loopback(addr));
     if !local {
         return None;
     }
     key.addr = [0; 4];
+    // SAFETY: read-only use of a map value during this run.
     unsafe { HOSTPORTS.get(&key) }.copied()
 }
 
@@ -141,6 +143,7 @@ fn xdp_dnat_meta(ctx: &TcContext) -> Option<XdpDnatMeta> {
     if meta + core::mem::size_of::<XdpDnatMeta>() > data {
         return None;
     }
+    // SAFETY: `meta` was bounds checked against data above.
     let m = unsafe { *(meta as *const XdpDnatMeta) };
     (m.magic == XDP_DNAT_MAGIC).then_some(m)
 }
@@ -361,9 +364,8 @@ fn hairpin_bind(
         };
         let rkey = v4_key(t.addr[0], src, t.port, port, pkt.proto);
         if HP_REPLY.insert(&rkey, &reply, BPF_NOEXIST).is_err() {
-            if snat_addr.is_none() {
-                return None;
-            }
+            // Without snat only the pod's own port will do.
+            snat_addr?;
             continue;
         }
         let orig = NatEntry {

@@ -74,12 +74,16 @@ fn try_hostport_xdp(ctx: &XdpContext) -> Option<u32> {
     let vihl: *mut u8 = ptr_at(ctx, l3)?;
     // Only option-less headers here (fixed offsets keep the verifier
     // simple); others reach the TC program.
+    // SAFETY: `vihl` is bounds checked by ptr_at.
     if unsafe { *vihl } != 0x45 {
         return None;
     }
     let frag_off: *mut u16 = ptr_at(ctx, l3 + IP_FRAG_OFF)?;
+    // SAFETY: bounds checked by ptr_at.
     let frag = frag::position(u16::from_be(unsafe { *frag_off }));
+    // SAFETY: bounds checked by ptr_at.
     let id: u16 = unsafe { *ptr_at::<u16>(ctx, l3 + IP_ID)? };
+    // SAFETY: bounds checked by ptr_at.
     let proto: u8 = unsafe { *ptr_at::<u8>(ctx, l3 + 9)? };
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return None;
@@ -96,6 +100,7 @@ fn try_hostport_xdp(ctx: &XdpContext) -> Option<u32> {
     let dport_p: *mut u16 = ptr_at(ctx, l4 + 2)?;
     let l4_csum_p: *mut u16 = ptr_at(ctx, l4 + if proto == IPPROTO_TCP { 16 } else { 6 })?;
     let tcp_flags = if proto == IPPROTO_TCP {
+        // SAFETY: bounds checked by ptr_at.
         unsafe { *ptr_at::<u8>(ctx, l4 + 13)? }
     } else {
         0

@@ -11,6 +11,10 @@
 #![no_main]
 // BPF_ATOMIC read-modify-write (rate.rs) is only reachable through asm!.
 #![feature(asm_experimental_arch)]
+// Map keys are passed by reference on purpose: aya's maps take
+// `impl Borrow<K>`, and a key passed by value is copied onto the 512-byte
+// BPF stack at each call (the IPv6 programs then exceed it).
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 mod conntrack;
 mod counters;

@@ -93,6 +93,7 @@ fn try_snat_egress(ctx: &TcContext) -> Result<i32, ()> {
     // SAFETY: __sk_buff is valid for the program's run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // An IPv6-only uplink has no IPv4 address to masquerade to.
+    // SAFETY: read-only use of a map value during this run.
     let uplink: UplinkConfig = match unsafe { UPLINKS.get(&ifindex) } {
         Some(u) if u.addr_v4 != 0 => *u,
         _ => return Ok(NEXT),
@@ -170,6 +171,7 @@ fn try_snat_egress(ctx: &TcContext) -> Result<i32, ()> {
 fn node_flow_egress(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, ()> {
     // SAFETY: __sk_buff is valid for the program's run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: read-only use of a map value during this run.
     let uplink: UplinkConfig = match unsafe { UPLINKS.get(&ifindex) } {
         Some(u) if u.addr_v4 == pkt.saddr => *u,
         _ => return Ok(NEXT),

@@ -97,6 +97,7 @@ fn police(ctx: &TcContext, direction: u8) -> i32 {
 /// `*p += v`, atomically (BPF_ATOMIC BPF_ADD).
 #[inline(always)]
 unsafe fn add(p: *mut u64, v: u64) {
+    // SAFETY: the caller passes a valid, aligned map value pointer.
     unsafe {
         asm!("lock *(u64 *)({p} + 0) += {v}", p = in(reg) p, v = in(reg) v, options(nostack))
     };
@@ -106,6 +107,7 @@ unsafe fn add(p: *mut u64, v: u64) {
 #[inline(always)]
 unsafe fn fetch_add(p: *mut u64, v: u64) -> u64 {
     let mut v = v;
+    // SAFETY: the caller passes a valid, aligned map value pointer.
     unsafe {
         asm!("{v} = atomic_fetch_add((u64 *)({p} + 0), {v})", p = in(reg) p, v = inout(reg) v, options(nostack))
     };
@@ -116,6 +118,7 @@ unsafe fn fetch_add(p: *mut u64, v: u64) -> u64 {
 #[inline(always)]
 unsafe fn cmpxchg(p: *mut u64, expected: u64, new: u64) -> u64 {
     let mut r0 = expected;
+    // SAFETY: the caller passes a valid, aligned map value pointer.
     unsafe {
         asm!("r0 = cmpxchg_64({p} + 0, r0, {new})", p = in(reg) p, new = in(reg) new, inout("r0") r0, options(nostack))
     };

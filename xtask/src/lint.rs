@@ -1,11 +1,17 @@
-//! `cargo xtask lint`: formatting (userspace and eBPF crates) and clippy
-//! with warnings as errors (userspace). `cargo xtask test` runs it first, so
-//! a change that is not clean never reaches the tests, and CI sees the same.
+//! `cargo xtask lint`: formatting and clippy with warnings as errors, for the
+//! userspace workspace and for the eBPF crate (its own workspace, checked by
+//! Debian's clippy, the one that matches the rustc that builds it). `cargo
+//! xtask test` runs it first, so a change that is not clean never reaches
+//! the tests, and CI sees the same.
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
 use crate::{cargo, proc, workspace_root};
+
+/// Debian's `cargo-clippy` (package rust-web-clippy), called directly:
+/// `cargo clippy` would find rustup's first, in ~/.cargo/bin.
+const DEBIAN_CARGO_CLIPPY: &str = "/usr/bin/cargo-clippy";
 
 pub fn run() -> Result<()> {
     let root = workspace_root();
@@ -45,6 +51,30 @@ pub fn run() -> Result<()> {
             .current_dir(&root),
     )?;
 
+    proc::heading("Lint: clippy -D warnings (cni-ebpf for bpfel-unknown-none, Debian's clippy)");
+    let mut c = proc::cmd(DEBIAN_CARGO_CLIPPY);
+    // Only Debian's toolchain: the outer cargo's (rustup's) variables and
+    // ~/.cargo/bin describe another compiler.
+    c.env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env(
+            "HOME",
+            std::env::var_os("HOME").unwrap_or_else(|| "/root".into()),
+        )
+        .env("RUSTC", "/usr/bin/rustc")
+        .env("RUSTC_BOOTSTRAP", "1")
+        .args([
+            "clippy",
+            "--release",
+            "--locked",
+            "--target",
+            "bpfel-unknown-none",
+            "--target-dir",
+        ])
+        .arg(crate::target_dir().join("ebpf-clippy"))
+        .args(["--", "-D", "warnings"])
+        .current_dir(&ebpf);
+    proc::run_checked(&mut c)?;
     println!("\nLint clean.");
     Ok(())
 }
