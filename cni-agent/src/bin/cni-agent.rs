@@ -78,6 +78,10 @@ enum Cmd {
         /// sockets of the agent's network namespace are rewritten.
         #[arg(long)]
         cgroup: Option<PathBuf>,
+        /// Address of the HTTP endpoint serving /metrics (Prometheus),
+        /// /healthz and /readyz; `none` disables it.
+        #[arg(long, default_value = "127.0.0.1:9964", value_parser = parse_metrics_address)]
+        metrics_address: MetricsAddress,
     },
     /// Copy the plugins into the CNI bin dir and write the conflist
     /// (atomically; a re-run with the same input changes nothing).
@@ -226,6 +230,19 @@ fn install_cmd(a: InstallArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--metrics-address`: an address, or none.
+#[derive(Clone, Copy, Debug)]
+struct MetricsAddress(Option<std::net::SocketAddr>);
+
+fn parse_metrics_address(s: &str) -> Result<MetricsAddress, String> {
+    if s == "none" {
+        return Ok(MetricsAddress(None));
+    }
+    s.parse()
+        .map(|a| MetricsAddress(Some(a)))
+        .map_err(|e| format!("{s}: {e} (expected ADDRESS:PORT or none)"))
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
@@ -383,6 +400,7 @@ fn main() -> ExitCode {
             udp_timeout,
             hostport_mode,
             cgroup,
+            metrics_address,
         } => {
             let cfg = AgentConfig {
                 socket,
@@ -405,6 +423,7 @@ fn main() -> ExitCode {
                 hostport_mode,
                 cgroup,
                 interval: Duration::from_secs(1),
+                metrics: metrics_address.0,
             };
             match daemon::run(cfg) {
                 Ok(()) => ExitCode::SUCCESS,

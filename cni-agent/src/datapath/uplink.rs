@@ -116,6 +116,23 @@ impl UplinkMap {
         let _ = self.0.remove(&ifindex);
     }
 
+    /// (ifindex, address, first and last masquerade port) of every
+    /// configured uplink.
+    pub fn configs(&self) -> Vec<(u32, Ipv4Addr, u16, u16)> {
+        self.0
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(i, c)| {
+                (
+                    i,
+                    Ipv4Addr::from(c.addr_v4.to_ne_bytes()),
+                    c.port_min,
+                    c.port_max,
+                )
+            })
+            .collect()
+    }
+
     /// (ifindex, address) of every configured uplink.
     pub fn list(&self) -> Vec<(u32, Ipv4Addr)> {
         self.0
