@@ -117,8 +117,9 @@ struct InstallArgs {
     /// File name of the conflist (it must sort before other configs).
     #[arg(long, default_value = DEFAULT_CONF_NAME)]
     conf_name: String,
-    /// A pod CIDR of this node (repeatable: one per address family). When
-    /// absent, read from the Node object (spec.podCIDRs) in a cluster.
+    /// A pod CIDR of this node (repeatable, or comma-separated: one per
+    /// address family). When absent, read from the Node object
+    /// (spec.podCIDRs) in a cluster.
     #[arg(long = "pod-cidr")]
     pod_cidrs: Vec<String>,
     /// The Kubernetes node to read pod CIDRs from. Default: $NODE_NAME.

@@ -189,7 +189,16 @@ impl Report {
 /// The pod CIDRs, checked.
 fn resolve_cidrs(source: &CidrSource) -> Result<Vec<PodCidr>, InstallError> {
     let (origin, texts) = match source {
-        CidrSource::Flags(v) => ("--pod-cidr".to_string(), v.clone()),
+        // Comma-separated lists too, as kubelet spells podCIDRs (one
+        // systemd EnvironmentFile variable can then carry both families).
+        CidrSource::Flags(v) => (
+            "--pod-cidr".to_string(),
+            v.iter()
+                .flat_map(|s| s.split(','))
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        ),
         CidrSource::Node { name, wait } => (
             format!("node {name} spec.podCIDRs"),
             node::fetch_pod_cidrs(name, *wait)?,
@@ -538,4 +547,23 @@ pub fn uninstall(state_dir: &Path) -> Result<Report, InstallError> {
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_cidr_flags_take_comma_separated_lists() {
+        let cidrs = resolve_cidrs(&CidrSource::Flags(vec![
+            "10.244.1.0/24, fd00:10:244:1::/64".into(),
+        ]))
+        .expect("two CIDRs");
+        assert_eq!(cidrs.len(), 2);
+        assert!(resolve_cidrs(&CidrSource::Flags(vec![",".into()])).is_err());
+        assert!(matches!(
+            resolve_cidrs(&CidrSource::None),
+            Err(InstallError::NoPodCidr { .. })
+        ));
+    }
 }
