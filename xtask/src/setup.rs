@@ -48,6 +48,11 @@ const REQUIRED: &[(&str, &str)] = &[
         "busybox-static",
         "/bin/busybox for the locally built images",
     ),
+    // podman runs the node image (`cargo xtask image`, tests/tests/image.rs).
+    (
+        "podman",
+        "runs the node image in its test and loads `cargo xtask image`",
+    ),
     // kubectl, to check deploy/kubernetes offline (tests/tests/deploy.rs).
     (
         "kubernetes-client",
