@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod crash;
 pub mod datapath;
+pub mod install;
 pub mod ipam;
 pub mod netlink;
 pub mod plugins;

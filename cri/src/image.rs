@@ -114,6 +114,13 @@ impl ImageBuilder {
         self
     }
 
+    /// Sets the image's environment (`KEY=value` entries), replacing the
+    /// default `PATH=/bin`.
+    pub fn env<S: Into<String>>(mut self, vars: impl IntoIterator<Item = S>) -> ImageBuilder {
+        self.env = vars.into_iter().map(Into::into).collect();
+        self
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

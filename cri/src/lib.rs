@@ -6,6 +6,8 @@
 //! - [`sandbox`]: pod and container specs as kubelet sends them, and what
 //!   a verbose PodSandboxStatus reveals (netns path, pid, CNI result).
 //! - [`image`]: offline images from a static busybox, as docker archives.
+//! - [`node_image`]: the cni-ebpf node image (agent, plugins and the
+//!   shared libraries they link), for the DaemonSet.
 //! - [`containerd`]: starting a containerd whose every path is private,
 //!   inside a given network namespace, and tearing it down.
 //! - [`cleanup`]: forced cleanup of a runtime's processes, mounts, cgroups.
@@ -20,6 +22,7 @@ pub mod client;
 pub mod containerd;
 pub mod error;
 pub mod image;
+pub mod node_image;
 pub mod runtime_dir;
 pub mod sandbox;
 

@@ -7,6 +7,7 @@ mod bench;
 mod cni;
 mod cri;
 mod demo;
+mod image;
 mod lint;
 mod netns;
 mod proc;
@@ -56,6 +57,16 @@ enum Cmd {
     /// pods through containerd's CRI (root; release build). Writes
     /// target/bench/report.{md,json} and charts.
     Bench(bench::Opts),
+    /// Build the node image of deploy/kubernetes offline (release binaries
+    /// and their shared libraries) and load it into podman.
+    Image {
+        /// Use the debug build instead of the release build.
+        #[arg(long)]
+        debug: bool,
+        /// Only write target/image/cni-ebpf-<version>.tar.
+        #[arg(long)]
+        no_load: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -71,6 +82,7 @@ fn main() -> ExitCode {
         Cmd::Test { cargo_test_args } => test(&cargo_test_args),
         Cmd::Demo { reference } => demo::run(reference),
         Cmd::Bench(opts) => bench::run(&opts),
+        Cmd::Image { debug, no_load } => image::run(debug, no_load),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -52,7 +52,32 @@ const REQUIRED: &[(&str, &str)] = &[
         "busybox-static",
         "/bin/busybox for the locally built images",
     ),
+    // podman runs the node image (`cargo xtask image`, tests/tests/image.rs).
+    (
+        "podman",
+        "runs the node image in its test and loads `cargo xtask image`",
+    ),
+    // kubectl, to check deploy/kubernetes offline (tests/tests/deploy.rs).
+    (
+        "kubernetes-client",
+        "kubectl for the offline manifest checks",
+    ),
 ];
+
+/// Required packages that another package's command stands in for: a
+/// kubectl from elsewhere (Google's `kubectl` package ships the same
+/// /usr/bin/kubectl, and dpkg would refuse to overwrite it).
+const PROVIDED_BY_COMMAND: &[(&str, &str)] = &[("kubernetes-client", "kubectl")];
+
+/// `<command> at <path>` when a required package's command is on PATH.
+fn provided_by_command(pkg: &str) -> Option<String> {
+    let (_, cmd) = PROVIDED_BY_COMMAND.iter().find(|(p, _)| *p == pkg)?;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(cmd))
+        .find(|p| p.is_file())
+        .map(|p| format!("({cmd} at {})", p.display()))
+}
 
 /// Installed when the distribution has it (checked with apt-cache policy).
 const OPTIONAL: &[(&str, &str)] = &[
@@ -209,7 +234,10 @@ pub fn run(dry_run: bool, assume_missing: &[String]) -> Result<()> {
         bpf_linker: None,
     };
     for (pkg, why) in REQUIRED {
-        match dpkg_installed(pkg).filter(|_| !assumed(pkg)) {
+        match dpkg_installed(pkg)
+            .or_else(|| provided_by_command(pkg))
+            .filter(|_| !assumed(pkg))
+        {
             Some(v) => println!("  ok       {pkg} {v}"),
             None => {
                 println!("  missing  {pkg} ({why})");
@@ -306,7 +334,7 @@ pub fn run(dry_run: bool, assume_missing: &[String]) -> Result<()> {
     let still: Vec<&str> = REQUIRED
         .iter()
         .map(|(p, _)| *p)
-        .filter(|p| dpkg_installed(p).is_none())
+        .filter(|p| dpkg_installed(p).is_none() && provided_by_command(p).is_none())
         .collect();
     if !still.is_empty() {
         bail!("still missing after install: {}", still.join(" "));

@@ -52,6 +52,8 @@ pub struct AgentConfig {
     pub cgroup: Option<PathBuf>,
     /// How often uplinks are rescanned and bindings expired.
     pub interval: Duration,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: not.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +68,12 @@ pub enum AgentError {
     },
     #[error("netlink: {0}")]
     Netlink(#[from] crate::netlink::NetlinkError),
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("runtime: {0}")]
     Runtime(#[source] std::io::Error),
     #[error("{0}: exiting so that the supervisor restarts the agent")]
@@ -397,7 +405,12 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         .enable_all()
         .build()
         .map_err(AgentError::Runtime)?;
-    let res = rt.block_on(server::serve(cfg.socket.clone(), cfg.paths.clone(), health));
+    let res = rt.block_on(async {
+        if let Some(addr) = cfg.metrics {
+            tokio::spawn(super::http::run(addr, cfg.paths.clone(), health.clone()));
+        }
+        server::serve(cfg.socket.clone(), cfg.paths.clone(), health).await
+    });
     stop.store(true, Ordering::Relaxed);
     worker.thread().unpark();
     let _ = worker.join();

@@ -1,5 +1,6 @@
-//! The node agent (`cni-agent run`) and its admin CLI (`status`, `nat`,
-//! `records`), which talk to a running agent over its socket.
+//! The node agent (`cni-agent run`), its admin CLI (`status`, `nat`,
+//! `records`), which talk to a running agent over its socket, and
+//! `install`/`uninstall`, which put the plugins and a conflist in place.
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
@@ -11,10 +12,18 @@ use cni_agent::{
         ops::Paths,
     },
     datapath::{conntrack::Timeouts, pins::MapSizes, uplink::HostPortMode},
+    install::{
+        self, conflist::NetworkOptions, CidrSource, InstallOptions, DEFAULT_BIN_DIR,
+        DEFAULT_BRIDGE, DEFAULT_CONF_DIR, DEFAULT_CONF_NAME, DEFAULT_NETWORK,
+    },
 };
 
 #[derive(Parser)]
-#[command(name = "cni-agent", about = "Node agent of the eBPF CNI datapath")]
+#[command(
+    name = "cni-agent",
+    version,
+    about = "Node agent of the eBPF CNI datapath"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -69,6 +78,19 @@ enum Cmd {
         /// sockets of the agent's network namespace are rewritten.
         #[arg(long)]
         cgroup: Option<PathBuf>,
+        /// Address of the HTTP endpoint serving /metrics (Prometheus),
+        /// /healthz and /readyz; `none` disables it.
+        #[arg(long, default_value = "127.0.0.1:9964", value_parser = parse_metrics_address)]
+        metrics_address: MetricsAddress,
+    },
+    /// Copy the plugins into the CNI bin dir and write the conflist
+    /// (atomically; a re-run with the same input changes nothing).
+    Install(InstallArgs),
+    /// Remove what `install` wrote (as listed in its manifest in the state
+    /// dir), where it is still what install wrote.
+    Uninstall {
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
     },
     /// Agent health, uplinks and map occupancy.
     Status(SocketArg),
@@ -78,6 +100,150 @@ enum Cmd {
     Records(SocketArg),
     /// ebpf-firewall: per-attachment counters and rule hits (allowed/dropped).
     Firewall(SocketArg),
+}
+
+#[derive(Args)]
+struct InstallArgs {
+    /// Directory holding the plugin binaries. Default: the directory of
+    /// this cni-agent binary.
+    #[arg(long)]
+    from: Option<PathBuf>,
+    /// Where the runtime looks for plugins.
+    #[arg(long, default_value = DEFAULT_BIN_DIR)]
+    bin_dir: PathBuf,
+    /// Where the runtime looks for network configs.
+    #[arg(long, default_value = DEFAULT_CONF_DIR)]
+    conf_dir: PathBuf,
+    /// File name of the conflist (it must sort before other configs).
+    #[arg(long, default_value = DEFAULT_CONF_NAME)]
+    conf_name: String,
+    /// A pod CIDR of this node (repeatable, or comma-separated: one per
+    /// address family). When absent, read from the Node object
+    /// (spec.podCIDRs) in a cluster.
+    #[arg(long = "pod-cidr")]
+    pod_cidrs: Vec<String>,
+    /// The Kubernetes node to read pod CIDRs from. Default: $NODE_NAME.
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Seconds to wait for the API server and the node's pod CIDR.
+    #[arg(long, default_value_t = 60)]
+    wait: u64,
+    /// The conflist's network name.
+    #[arg(long, default_value = DEFAULT_NETWORK)]
+    network: String,
+    /// The pods' bridge.
+    #[arg(long, default_value = DEFAULT_BRIDGE)]
+    bridge: String,
+    /// MTU of the bridge and the pods' veths (default: the bridge plugin's).
+    #[arg(long)]
+    mtu: Option<u32>,
+    /// host-local's dataDir (IP reservations). Default: host-local's own,
+    /// /var/lib/cni/networks.
+    #[arg(long)]
+    ipam_data_dir: Option<PathBuf>,
+    /// The agent's socket, written into the conflist when not the default.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// The agent's state dir (also where the install manifest is kept),
+    /// written into the conflist when not the default.
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// The agent's bpffs root, written into the conflist when not the default.
+    #[arg(long, default_value = DEFAULT_BPFFS_ROOT)]
+    bpffs_root: PathBuf,
+    /// Set aside (rename to *.cni-ebpf-saved) other networks' configs that
+    /// would be used instead of ours; uninstall puts them back.
+    #[arg(long)]
+    force: bool,
+}
+
+/// One line, whatever the error's sources printed.
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn print_report(verb: &str, r: &install::Report) {
+    if !r.cidrs.is_empty() {
+        println!("pod CIDRs: {}", r.cidrs.join(", "));
+    }
+    for (path, outcome) in &r.lines {
+        println!("{:<10} {}", outcome.to_string(), path.display());
+    }
+    if r.lines.is_empty() {
+        println!("{verb}: nothing to do");
+    } else if r.unchanged() {
+        println!("{verb}: unchanged");
+    }
+}
+
+fn install_cmd(a: InstallArgs) -> ExitCode {
+    let from = match a.from {
+        Some(d) => d,
+        None => match std::env::current_exe() {
+            Ok(exe) => exe.parent().map(PathBuf::from).unwrap_or_default(),
+            Err(e) => {
+                eprintln!("cni-agent install: cannot find my own directory ({e}): pass --from");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let node = a
+        .node_name
+        .or_else(|| std::env::var("NODE_NAME").ok())
+        .filter(|n| !n.is_empty());
+    let cidrs = match (a.pod_cidrs.is_empty(), node) {
+        (false, _) => CidrSource::Flags(a.pod_cidrs),
+        (true, Some(name)) => CidrSource::Node {
+            name,
+            wait: Duration::from_secs(a.wait),
+        },
+        (true, None) => CidrSource::None,
+    };
+    let opts = InstallOptions {
+        from,
+        bin_dir: a.bin_dir,
+        conf_dir: a.conf_dir,
+        conf_name: a.conf_name,
+        cidrs,
+        network: NetworkOptions {
+            network: a.network,
+            bridge: a.bridge,
+            mtu: a.mtu,
+            ipam_data_dir: a.ipam_data_dir,
+            socket: a.socket,
+            paths: Paths {
+                state_dir: a.state_dir,
+                bpffs_root: a.bpffs_root,
+            },
+        },
+        force: a.force,
+    };
+    match install::install(&opts) {
+        Ok(r) => {
+            print_report("install", &r);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cni-agent install: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--metrics-address`: an address, or none.
+#[derive(Clone, Copy, Debug)]
+struct MetricsAddress(Option<std::net::SocketAddr>);
+
+fn parse_metrics_address(s: &str) -> Result<MetricsAddress, String> {
+    if s == "none" {
+        return Ok(MetricsAddress(None));
+    }
+    s.parse()
+        .map(|a| MetricsAddress(Some(a)))
+        .map_err(|e| format!("{s}: {e} (expected ADDRESS:PORT or none)"))
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
@@ -236,6 +402,7 @@ fn main() -> ExitCode {
             udp_timeout,
             hostport_mode,
             cgroup,
+            metrics_address,
         } => {
             let cfg = AgentConfig {
                 socket,
@@ -258,6 +425,7 @@ fn main() -> ExitCode {
                 hostport_mode,
                 cgroup,
                 interval: Duration::from_secs(1),
+                metrics: metrics_address.0,
             };
             match daemon::run(cfg) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -267,6 +435,17 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Install(a) => install_cmd(a),
+        Cmd::Uninstall { state_dir } => match install::uninstall(&state_dir) {
+            Ok(r) => {
+                print_report("uninstall", &r);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("cni-agent uninstall: {}", one_line(&e));
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Status(s) => query(&s, Request::Status),
         Cmd::Nat(s) => query(&s, Request::Nat),
         Cmd::Records(s) => query(&s, Request::Records),

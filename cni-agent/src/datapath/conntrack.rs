@@ -58,6 +58,15 @@ fn is_icmp(proto: u8) -> bool {
     proto == 1 || proto == 58
 }
 
+/// See [`NatTable::ports_in_use`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortUse {
+    pub addr: IpAddr,
+    pub proto: &'static str,
+    pub ports: usize,
+    pub bindings: usize,
+}
+
 fn proto_name(p: u8) -> &'static str {
     match p {
         1 => "icmp",
@@ -167,6 +176,33 @@ impl NatTable {
                     idle_ms: now.saturating_sub(last) / 1_000_000,
                     reply_half_missing: rv.is_none(),
                 }
+            })
+            .collect()
+    }
+
+    /// Per translated address and protocol: how many distinct ports the
+    /// masquerade holds and how many bindings use them (a port serves one
+    /// binding per remote endpoint). Inbound pass-through flows translate
+    /// nothing and are left out.
+    pub fn ports_in_use(&self) -> Vec<PortUse> {
+        use std::collections::{BTreeMap, BTreeSet};
+        let mut by: BTreeMap<(IpAddr, &'static str), (BTreeSet<u16>, usize)> = BTreeMap::new();
+        for (k, v) in self.orig.iter().filter_map(Result::ok) {
+            if v.state & ct_state::INBOUND != 0 {
+                continue;
+            }
+            let e = by
+                .entry((words_addr(v.addr, k.family), proto_name(k.proto)))
+                .or_default();
+            e.0.insert(u16::from_be(v.port));
+            e.1 += 1;
+        }
+        by.into_iter()
+            .map(|((addr, proto), (ports, bindings))| PortUse {
+                addr,
+                proto,
+                ports: ports.len(),
+                bindings,
             })
             .collect()
     }

@@ -7,6 +7,7 @@ pub mod links;
 pub mod loader;
 pub mod node;
 pub mod object;
+pub mod occupancy;
 pub mod pins;
 pub mod policy;
 pub mod rate;

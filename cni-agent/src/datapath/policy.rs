@@ -671,6 +671,12 @@ impl PolicyMaps {
         })
     }
 
+    /// The attachment's counters (`fw::STAT_*` slots), summed over CPUs:
+    /// what the agent's /metrics exports per pod.
+    pub fn counters(&self, ifindex: u32) -> [u64; fw::STAT_SLOTS] {
+        self.stats_of(ifindex)
+    }
+
     fn stats_of(&self, ifindex: u32) -> [u64; fw::STAT_SLOTS] {
         let mut sum = [0u64; fw::STAT_SLOTS];
         if let Ok(per_cpu) = self.stats.get(&ifindex, 0) {

@@ -125,19 +125,43 @@ impl UplinkMap {
         let _ = self.0.remove(&ifindex);
     }
 
+    /// Every configured uplink: ifindex, its addresses (IPv4 and IPv6,
+    /// where it has them) and its masquerade port range.
+    pub fn configs(&self) -> Vec<(u32, Vec<IpAddr>, u16, u16)> {
+        self.0
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(i, c)| {
+                let (v4, v6) = addresses(&c);
+                let addrs = v4
+                    .map(IpAddr::V4)
+                    .into_iter()
+                    .chain(v6.map(IpAddr::V6))
+                    .collect();
+                (i, addrs, c.port_min, c.port_max)
+            })
+            .collect()
+    }
+
     /// Every configured uplink: ifindex and its IPv4 and IPv6 addresses.
     pub fn list(&self) -> Vec<(u32, Option<Ipv4Addr>, Option<Ipv6Addr>)> {
         self.0
             .iter()
             .filter_map(Result::ok)
             .map(|(i, c)| {
-                let v4 = (c.addr_v4 != 0).then(|| Ipv4Addr::from(c.addr_v4.to_ne_bytes()));
-                let v6 = match words_addr(c.addr_v6, FAMILY_V6) {
-                    IpAddr::V6(a) if !a.is_unspecified() => Some(a),
-                    _ => None,
-                };
+                let (v4, v6) = addresses(&c);
                 (i, v4, v6)
             })
             .collect()
     }
+}
+
+/// An uplink's addresses, where it has them (an all-zero one is absent).
+fn addresses(c: &UplinkConfig) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
+    let v4 = (c.addr_v4 != 0).then(|| Ipv4Addr::from(c.addr_v4.to_ne_bytes()));
+    let v6 = match words_addr(c.addr_v6, FAMILY_V6) {
+        IpAddr::V6(a) if !a.is_unspecified() => Some(a),
+        _ => None,
+    };
+    (v4, v6)
 }

@@ -419,3 +419,52 @@ mod tests {
         }
     }
 }
+
+/// A link's traffic counters (`IFLA_STATS64`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkCounters {
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_dropped: u64,
+    pub tx_dropped: u64,
+}
+
+impl Netlink {
+    /// Every link's counters by name, in one dump (the agent's /metrics
+    /// reads the host veths' from it).
+    pub fn link_counters(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, LinkCounters>, NetlinkError> {
+        let request = self.handle().link().get().execute();
+        let msgs: Vec<LinkMessage> = self
+            .block_on(request.try_collect())
+            .map_err(NetlinkError::request("list links"))?;
+        let mut out = std::collections::BTreeMap::new();
+        for msg in msgs {
+            let mut name = None;
+            let mut counters = None;
+            for attr in msg.attributes {
+                match attr {
+                    LinkAttribute::IfName(n) => name = Some(n),
+                    LinkAttribute::Stats64(s) => {
+                        counters = Some(LinkCounters {
+                            rx_packets: s.rx_packets,
+                            tx_packets: s.tx_packets,
+                            rx_bytes: s.rx_bytes,
+                            tx_bytes: s.tx_bytes,
+                            rx_dropped: s.rx_dropped,
+                            tx_dropped: s.tx_dropped,
+                        })
+                    }
+                    _ => {}
+                }
+            }
+            if let (Some(n), Some(c)) = (name, counters) {
+                out.insert(n, c);
+            }
+        }
+        Ok(out)
+    }
+}

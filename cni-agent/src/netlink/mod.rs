@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use crate::spec::error::{CniError, ErrorCode};
 
 pub use addr::Address;
-pub use link::{format_mac, parse_mac, BridgeSpec, Link, VethSpec};
+pub use link::{format_mac, parse_mac, BridgeSpec, Link, LinkCounters, VethSpec};
 pub use netns::{NetNs, NetNsTask};
 pub use route::{Route, RouteSpec};
 
