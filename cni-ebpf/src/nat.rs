@@ -230,8 +230,9 @@ fn node_flow_egress(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, ()> {
 /// Creates a binding for a new flow, as netfilter's MASQUERADE picks one:
 /// the flow's own source port if the translated tuple (uplink address,
 /// port, remote address, remote port) is free, else a port of the range.
-/// A port is free when no binding holds the tuple, no socket of the node
-/// would receive its packets, and it is not a hostPort. The claim is the
+/// The own port is free when no binding holds the tuple, no socket of the
+/// node would receive its packets, and it is not a hostPort; a range port
+/// when no binding holds the tuple. The claim is the
 /// reply half inserted with BPF_NOEXIST; the original half is inserted the
 /// same way, so when two CPUs bind the same flow at once one binding wins
 /// and the other CPU gives its claim back and uses the winner's port.
