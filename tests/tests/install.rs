@@ -1,7 +1,8 @@
 //! `cni-agent install` / `uninstall` as an init container or an operator
 //! runs them, into temp bin/conf/state dirs (no cluster needed: the pod
-//! CIDRs come from `--pod-cidr`; reading them from a Node object is
-//! unit-tested in cni-agent's install::node).
+//! CIDRs come from `--pod-cidr`, or from a fake Kubernetes API server over
+//! TLS in a netns, with the service account volume bind-mounted in a
+//! private mount namespace).
 //!
 //! - the installed conflist and plugins serve a real pod (ADD, CHECK, DEL
 //!   by the harness runtime with only the installed bin dir on CNI_PATH)
@@ -11,6 +12,9 @@
 //!   (a `loopback`) put back;
 //! - each bad input fails with one line naming it and changes nothing, not
 //!   even a directory's mtime.
+//! - without --pod-cidr, the CIDRs are the Node's spec.podCIDRs as kube's
+//!   in-cluster client reads them; a rejected token fails with one line
+//!   naming the API and changes nothing.
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -605,4 +609,414 @@ fn force_sets_aside_and_uninstall_puts_back_keeps_what_changed() {
     // Uninstall again: nothing to do.
     let out = succeeds(agent_cmd("uninstall", &["--state-dir", &d.p("state")]));
     assert!(out.contains("nothing to do"), "{out}");
+}
+
+/// The Node the fake API server returns: a kubeadm dual-stack worker as
+/// `kubectl get node -o json` shows it (trimmed of images). `podCIDR` is
+/// the first family only, so an install that read it instead of
+/// `podCIDRs` would miss the IPv6 range.
+const API_NODE: &str = "worker-7";
+const API_NODE_JSON: &str = r#"{
+  "apiVersion": "v1",
+  "kind": "Node",
+  "metadata": {
+    "annotations": {
+      "kubeadm.alpha.kubernetes.io/cri-socket": "unix:///var/run/containerd/containerd.sock",
+      "node.alpha.kubernetes.io/ttl": "0",
+      "volumes.kubernetes.io/controller-managed-attach-detach": "true"
+    },
+    "creationTimestamp": "2025-03-02T10:15:42Z",
+    "labels": {
+      "kubernetes.io/arch": "amd64",
+      "kubernetes.io/hostname": "worker-7",
+      "kubernetes.io/os": "linux"
+    },
+    "name": "worker-7",
+    "resourceVersion": "48213",
+    "uid": "6f1c2a8e-2f43-4a57-9a55-0b8c2f1e9d17"
+  },
+  "spec": {
+    "podCIDR": "10.244.7.0/24",
+    "podCIDRs": ["10.244.7.0/24", "fd00:10:244:7::/64"],
+    "taints": [{"effect": "NoSchedule", "key": "node.kubernetes.io/not-ready"}]
+  },
+  "status": {
+    "addresses": [
+      {"address": "192.168.56.17", "type": "InternalIP"},
+      {"address": "fd00:56::17", "type": "InternalIP"},
+      {"address": "worker-7", "type": "Hostname"}
+    ],
+    "allocatable": {"cpu": "2", "memory": "3912168Ki", "pods": "110"},
+    "capacity": {"cpu": "2", "memory": "4014568Ki", "pods": "110"},
+    "conditions": [{
+      "lastHeartbeatTime": "2025-03-02T10:20:03Z",
+      "lastTransitionTime": "2025-03-02T10:15:42Z",
+      "message": "container runtime network not ready: NetworkReady=false reason:NetworkPluginNotReady message:Network plugin returns error: cni plugin not initialized",
+      "reason": "KubeletNotReady",
+      "status": "False",
+      "type": "Ready"
+    }],
+    "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+    "nodeInfo": {
+      "architecture": "amd64",
+      "containerRuntimeVersion": "containerd://1.7.24",
+      "kernelVersion": "6.1.0-31-amd64",
+      "kubeProxyVersion": "v1.33.1",
+      "kubeletVersion": "v1.33.1",
+      "operatingSystem": "linux",
+      "osImage": "Debian GNU/Linux 12 (bookworm)"
+    }
+  }
+}"#;
+
+/// Runs `openssl args` in `dir`, panicking with its stderr on failure.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openssl (is it installed?)");
+    assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
+}
+
+/// A throwaway CA (`ca.crt`) and a server certificate for IP 127.0.0.1
+/// signed by it (`srv.crt`, `srv.key`), in `dir`.
+fn make_certs(dir: &Path) {
+    std::fs::write(
+        dir.join("openssl.cnf"),
+        "[req]\ndistinguished_name = dn\nprompt = no\n\
+         [dn]\nCN = cni-tests fake API\n\
+         [ca]\nbasicConstraints = critical,CA:TRUE\nkeyUsage = critical,keyCertSign,cRLSign\n\
+         subjectKeyIdentifier = hash\n\
+         [srv]\nbasicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature\n\
+         extendedKeyUsage = serverAuth\nsubjectAltName = IP:127.0.0.1\n\
+         authorityKeyIdentifier = keyid\n",
+    )
+    .expect("write openssl.cnf");
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+    let mut ca = vec![
+        "req",
+        "-x509",
+        "-config",
+        "openssl.cnf",
+        "-extensions",
+        "ca",
+    ];
+    ca.extend(ec);
+    ca.extend([
+        "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+    ]);
+    openssl(dir, &ca);
+    let mut csr = vec!["req", "-new", "-config", "openssl.cnf"];
+    csr.extend(ec);
+    csr.extend(["-nodes", "-keyout", "srv.key", "-out", "srv.csr"]);
+    openssl(dir, &csr);
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "srv.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-set_serial",
+            "2",
+            "-days",
+            "2",
+            "-extfile",
+            "openssl.cnf",
+            "-extensions",
+            "srv",
+            "-out",
+            "srv.crt",
+        ],
+    );
+}
+
+/// One request the fake API server answered: request line, whether the
+/// bearer token was the expected one, and the status sent.
+#[derive(Clone, Debug)]
+struct Seen {
+    request: String,
+    token_ok: bool,
+    status: u16,
+}
+
+/// A minimal Kubernetes API server over TLS, inside a netns: GET
+/// /api/v1/nodes/<API_NODE> with `Authorization: Bearer <token>` returns
+/// the Node; a missing or wrong token 401, anything else 404, each with a
+/// `Status` body as the real API server sends. Stops on drop.
+struct FakeApi {
+    port: u16,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeApi {
+    fn start(ns: &NetNs, certs: &Path, token: &str) -> FakeApi {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+
+        let chain = vec![CertificateDer::from_pem_file(certs.join("srv.crt")).expect("srv.crt")];
+        let key = PrivateKeyDer::from_pem_file(certs.join("srv.key")).expect("srv.key");
+        // ring, as the agent's kube client uses (deprecated in 0.23.48 for
+        // lacking post-quantum key exchange, which a test does not need).
+        #[allow(deprecated)]
+        let provider = rustls::crypto::ring::default_provider();
+        let config = Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+                .with_safe_default_protocol_versions()
+                .expect("TLS versions")
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .expect("server certificate"),
+        );
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let token = token.to_string();
+        let (seen2, stop2) = (seen.clone(), stop.clone());
+        let thread = cni_tests::traffic::spawn_in_netns(ns, move || {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind in netns");
+            listener.set_nonblocking(true).expect("nonblocking");
+            tx.send(listener.local_addr().expect("addr").port())
+                .expect("send port");
+            while !stop2.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((tcp, _)) => match serve_api(tcp, config.clone(), &token) {
+                        Ok(s) => seen2.lock().expect("lock").push(s),
+                        Err(e) => eprintln!("fake API: {e}"),
+                    },
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(std::time::Duration::from_millis(10))
+                    }
+                    Err(e) => panic!("fake API accept: {e}"),
+                }
+            }
+        });
+        let port = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("fake API listening");
+        FakeApi {
+            port,
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One connection: the TLS handshake, one request, one response, close.
+fn serve_api(
+    tcp: std::net::TcpStream,
+    config: std::sync::Arc<rustls::ServerConfig>,
+    token: &str,
+) -> Result<Seen, String> {
+    use std::io::{Read, Write};
+    tcp.set_nonblocking(false).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let conn = rustls::ServerConnection::new(config).map_err(|e| e.to_string())?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tls.read(&mut chunk).map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err(format!(
+                "connection closed mid-request: {:?}",
+                String::from_utf8_lossy(&head)
+            ));
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = head.lines();
+    let request = lines.next().unwrap_or_default().to_string();
+    let auth = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("authorization"))
+        .map(|(_, v)| v.trim().to_string());
+    let token_ok = auth.as_deref() == Some(format!("Bearer {token}").as_str());
+    let path = request.split_whitespace().nth(1).unwrap_or_default();
+    let path = path.split('?').next().unwrap_or_default();
+    let status_body = |code: u16, reason: &str, message: &str| {
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": message, "reason": reason, "code": code})
+        .to_string()
+    };
+    let (status, body) = if !token_ok {
+        (401, status_body(401, "Unauthorized", "Unauthorized"))
+    } else if request.starts_with("GET ") && path == format!("/api/v1/nodes/{API_NODE}") {
+        (200, API_NODE_JSON.to_string())
+    } else {
+        (
+            404,
+            status_body(404, "NotFound", &format!("{path} not found")),
+        )
+    };
+    let reason = match status {
+        200 => "OK",
+        401 => "Unauthorized",
+        _ => "Not Found",
+    };
+    let response = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(response.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    tls.conn.send_close_notify();
+    tls.flush().map_err(|e| format!("flush: {e}"))?;
+    Ok(Seen {
+        request,
+        token_ok,
+        status,
+    })
+}
+
+/// `cni-agent install <args>` as the DaemonSet's init container runs it:
+/// inside `ns` (where the fake API listens) and a private mount namespace
+/// where `sa_dir` is the service account volume at
+/// /var/run/secrets/kubernetes.io/serviceaccount. When that path does not
+/// exist, a tmpfs goes over its nearest existing parent first (/var/run is
+/// the /run symlink here) — inside the private namespace only, so the host
+/// sees neither the mount nor the directories.
+fn install_in_pod(ns: &NetNs, sa_dir: &Path, port: u16, args: &[String]) -> Output {
+    let agent = Agent::binary().expect("cni-agent not built (cargo build -p cni-agent --bins)");
+    let script = r#"set -e
+sa=/var/run/secrets/kubernetes.io/serviceaccount
+if [ ! -d "$sa" ]; then
+    if [ -d /var/run/secrets ]; then top=/var/run/secrets; else top=$(readlink -f /var/run); fi
+    mount -t tmpfs -o mode=0755 cni-tests-sa "$top"
+    mkdir -p "$sa"
+fi
+mount --bind -o ro "$SA_DIR" "$sa"
+[ -f "$sa/token" ] || { echo "service account volume not visible at $sa" >&2; exit 99; }
+exec "$AGENT" install "$@""#;
+    ns.command("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
+        .args(args)
+        .env("SA_DIR", sa_dir)
+        .env("AGENT", &agent)
+        .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        .env("KUBERNETES_SERVICE_PORT", port.to_string())
+        .env("NODE_NAME", API_NODE)
+        .stdin(Stdio::null())
+        .output()
+        .expect("nsenter + unshare")
+}
+
+/// The pod CIDRs from the Kubernetes API for real, with no cluster: a fake
+/// API server over TLS (throwaway CA, certificate for 127.0.0.1) in a
+/// fresh netns, and `install` run there with only NODE_NAME,
+/// KUBERNETES_SERVICE_HOST/PORT and the service account volume (token,
+/// ca.crt, namespace) — kube's in-cluster configuration end to end.
+/// A wrong token fails with one line naming the API and changes nothing;
+/// the right one writes the Node's two podCIDRs as the host-local ranges.
+#[test]
+fn pod_cidrs_from_the_kubernetes_api() {
+    require_e2e!();
+    let d = Dirs::new("instapi");
+    let certs = TempDir::new("apicerts");
+    make_certs(certs.path());
+    let token = "eyJhbGciOiJSUzI1NiJ9.cni-tests-sa-token.c2lnbmF0dXJl";
+    let sa = TempDir::new("apisa");
+    std::fs::copy(certs.path().join("ca.crt"), sa.path().join("ca.crt")).expect("ca.crt");
+    std::fs::write(sa.path().join("namespace"), "kube-system").expect("namespace");
+
+    let ns = NetNs::new("api");
+    ns.ip(&["link", "set", "lo", "up"]);
+    let api = FakeApi::start(&ns, certs.path(), token);
+    let host_secrets = Path::new("/var/run/secrets").exists();
+    let url = format!("https://127.0.0.1:{}", api.port);
+
+    // The wrong token: 401, one line naming the API and the node, nothing
+    // written (--wait 0: one attempt, no retry).
+    std::fs::write(sa.path().join("token"), "not-the-token").expect("token");
+    let mut args = d.args(&[]);
+    args.extend(["--wait".to_string(), "0".into()]);
+    let before = tree(d.root.path(), true);
+    let out = install_in_pod(&ns, sa.path(), api.port, &args);
+    assert!(
+        !out.status.success(),
+        "wrong token must fail: {}",
+        text(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {err}");
+    eprintln!("wrong token: {}", lines[0]);
+    for w in ["Kubernetes API", url.as_str(), API_NODE, "Unauthorized"] {
+        assert!(lines[0].contains(w), "{w:?} not in {:?}", lines[0]);
+    }
+    assert_json_eq(
+        "before",
+        &json!(before),
+        "after",
+        &json!(tree(d.root.path(), true)),
+        "wrong token",
+    );
+    let seen = api.seen();
+    assert!(
+        seen.iter().any(|s| !s.token_ok && s.status == 401),
+        "the 401 came from the fake API: {seen:?}"
+    );
+
+    // The right token: the Node's podCIDRs, both families, in order.
+    std::fs::write(sa.path().join("token"), token).expect("token");
+    let out = install_in_pod(&ns, sa.path(), api.port, &d.args(&[]));
+    assert!(out.status.success(), "install: {}", text(&out));
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    let list: Value = serde_json::from_slice(
+        &std::fs::read(d.root.path().join("net.d").join(CONF_NAME)).expect("conflist"),
+    )
+    .expect("conflist is JSON");
+    assert_eq!(
+        list["plugins"][0]["ipam"]["ranges"],
+        json!([[{"subnet": "10.244.7.0/24"}], [{"subnet": "fd00:10:244:7::/64"}]]),
+        "host-local ranges are the Node's spec.podCIDRs: {list}"
+    );
+    let seen = api.seen();
+    assert!(
+        seen.iter().any(|s| s.token_ok
+            && s.status == 200
+            && s.request
+                .starts_with(&format!("GET /api/v1/nodes/{API_NODE}"))),
+        "the Node was read from the fake API with the token: {seen:?}"
+    );
+    assert_eq!(
+        Path::new("/var/run/secrets").exists(),
+        host_secrets,
+        "nothing of the service account volume on the host"
+    );
 }
