@@ -68,8 +68,9 @@ pub fn fetch_pod_cidrs(name: &str, wait: Duration) -> Result<Vec<String>, Instal
                         node: name.to_string(),
                     }
                 }
-                // Not found and forbidden do not heal by waiting.
-                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 403 => {
+                // Unauthorized, forbidden and not found do not heal by
+                // waiting: say so at once, with the server's short reason.
+                Err(kube::Error::Api(s)) if matches!(s.code, 401 | 403 | 404) => {
                     return Err(InstallError::Api {
                         node: name.to_string(),
                         url: api_url.clone(),
