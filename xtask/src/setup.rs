@@ -57,6 +57,9 @@ const REQUIRED: &[(&str, &str)] = &[
         "podman",
         "runs the node image in its test and loads `cargo xtask image`",
     ),
+    // The throwaway CA and server certificate of the fake Kubernetes API
+    // (tests/tests/install.rs).
+    ("openssl", "certificates for the install test's API server"),
     // kubectl, to check deploy/kubernetes offline (tests/tests/deploy.rs).
     (
         "kubernetes-client",
