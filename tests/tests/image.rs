@@ -13,10 +13,12 @@ use cni_cri::node_image::{node_image, BINARIES};
 use cni_tests::plugin::ours_bin_dir;
 use cni_tests::prelude::*;
 
-/// podman with every path of its own under `dir`.
+/// podman with every path of its own under `dir`, including the big
+/// temporary files of `podman load` (TMPDIR; `--tmpdir` is only its
+/// runtime state), which otherwise unpack the archive in /var/tmp.
 fn podman(dir: &Path) -> Command {
     let mut c = Command::new("podman");
-    c.arg("--root")
+    c.env("TMPDIR", dir.join("big-tmp")).arg("--root")
         .arg(dir.join("storage"))
         .arg("--runroot")
         .arg(dir.join("run"))
@@ -69,6 +71,7 @@ fn the_node_image_runs_version_and_install() {
     let dir = TempDir::new("image");
     let name = format!("localhost/cni-ebpf-test:{}", std::process::id());
     let archive = dir.path().join("image.tar");
+    std::fs::create_dir(dir.path().join("big-tmp")).expect("mkdir");
     node_image(&name, &ours_bin_dir())
         .expect("image from the built binaries")
         .write_docker_archive(&archive)
