@@ -57,11 +57,10 @@ impl Drop for Proc {
 }
 
 /// Node with a running agent and an iperf3 server, and one pod namespace.
-/// Fields drop in order: the pod (its veth goes with it), the server, the
-/// agent, then the node.
+/// Fields drop in order: the pod (its veth goes with it), the agent, then
+/// the node.
 struct Fixture {
     pod: NetNs,
-    _iperf: Proc,
     _agent: AgentProc,
     node: Node,
     /// The pods' MTU (bridge and veths).
@@ -71,25 +70,9 @@ struct Fixture {
 fn fixture(tag: &str, mtu: u32) -> Fixture {
     let node = Node::new(tag);
     let agent = AgentProc::start(&node, &[]);
-    let server = node
-        .ns
-        .command("iperf3")
-        .args(["-s", "-p", &IPERF_PORT.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start iperf3 server");
-    let server = Proc(server);
-    let ns = &node.ns;
-    eventually("the iperf3 server to listen", SETTLE, || {
-        let out = ns.run("ss", &["-ltnH", &format!("sport = :{IPERF_PORT}")]);
-        !String::from_utf8_lossy(&out.stdout).trim().is_empty()
-    });
     let pod = node.pod("bwpod");
     Fixture {
         pod,
-        _iperf: server,
         _agent: agent,
         node,
         mtu,
@@ -192,6 +175,28 @@ impl Fixture {
             .collect()
     }
 
+    /// A one-off iperf3 server in the node namespace, listening when this
+    /// returns; killed on drop if the client never came.
+    fn iperf_server(&self) -> Proc {
+        let server = self
+            .node
+            .ns
+            .command("iperf3")
+            .args(["-s", "-1", "-p", &IPERF_PORT.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start iperf3 server");
+        let server = Proc(server);
+        let ns = &self.node.ns;
+        eventually("the iperf3 server to listen", SETTLE, || {
+            let out = ns.run("ss", &["-ltnH", &format!("sport = :{IPERF_PORT}")]);
+            !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+        });
+        server
+    }
+
     /// Runs iperf3 from the pod and returns the receiver's bits/s over the
     /// measured part (see the module documentation).
     fn iperf(&self, dir: Dir, proto: Proto, secs: u32) -> f64 {
@@ -237,23 +242,15 @@ impl Fixture {
             }
         }
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        // After a UDP test the iperf3 server closes its listening socket and
-        // opens a new one; a client that starts in that gap is refused.
-        // Retry until the server listens again, within a deadline.
-        let deadline = Instant::now() + SETTLE;
-        let (out, v) = loop {
-            let out = self.pod.run("iperf3", &argv);
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            let v: Value = serde_json::from_str(&text)
-                .unwrap_or_else(|e| panic!("iperf3 {argv:?} printed no JSON ({e}): {text}"));
-            let refused = v["error"]
-                .as_str()
-                .is_some_and(|e| e.contains("Connection refused"));
-            if !refused || Instant::now() >= deadline {
-                break (out, v);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        };
+        // Each measurement owns a one-off server (`-1`): a server shared
+        // between runs answers "busy" while it still winds the last one
+        // down, and closes and reopens its socket after a UDP test.
+        let server = self.iperf_server();
+        let out = self.pod.run("iperf3", &argv);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let v: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("iperf3 {argv:?} printed no JSON ({e}): {text}"));
+        drop(server);
         assert!(
             out.status.success() && v.get("error").is_none(),
             "iperf3 {argv:?} failed: {}",

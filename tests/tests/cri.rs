@@ -247,7 +247,6 @@ fn pod_through_containerd(tag: &str, imp: Impl) {
     // --- Rates, each direction -------------------------------------------
     {
         let _lock = TRAFFIC.lock().unwrap_or_else(|e| e.into_inner());
-        let _server = iperf_server(&fx);
         let mut failures = Vec::new();
         for reverse in [false, true] {
             let what = if reverse {
@@ -256,7 +255,9 @@ fn pod_through_containerd(tag: &str, imp: Impl) {
                 "egress (pod -> node)"
             };
             let t = Instant::now();
+            let server = iperf_server(&fx);
             let bps = iperf(&netns, fx.gateway, reverse);
+            drop(server);
             let err = bps / RATE_BPS as f64 - 1.0;
             let line = format!(
                 "[{imp:?}] {what}: {:.2} Mbit/s ({:+.1}% of {RATE_ANNOTATION}) in {:.1?}",
@@ -458,13 +459,15 @@ fn is_mount_point(p: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(&*p.to_string_lossy()))
 }
 
-/// An iperf3 server in the node namespace (the pods' gateway is there).
+/// A one-off iperf3 server (`-1`) in the node namespace (the pods' gateway
+/// is there), one per measurement: a server shared between runs can answer
+/// "busy" while it still winds the last one down.
 fn iperf_server(fx: &CriNode) -> Proc {
     let child = fx
         .node
         .ns
         .command("iperf3")
-        .args(["-s", "-p", &IPERF_PORT.to_string()])
+        .args(["-s", "-1", "-p", &IPERF_PORT.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
