@@ -132,6 +132,16 @@ impl Agent {
     /// Waits (10 s at most) until `cni-agent status` lists an uplink with
     /// `addr`: the socket may come up before the uplink scan has run.
     pub fn wait_for_uplink(&self, addr: &str) -> Result<()> {
+        self.wait_for_uplink_key("address", addr)
+    }
+
+    /// As [`Agent::wait_for_uplink`], for the uplink's IPv6 address (taken
+    /// once it is no longer tentative).
+    pub fn wait_for_uplink_v6(&self, addr: &str) -> Result<()> {
+        self.wait_for_uplink_key("addressV6", addr)
+    }
+
+    fn wait_for_uplink_key(&self, key: &str, addr: &str) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let st = proc::stdout_of(
@@ -144,7 +154,7 @@ impl Agent {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .any(|u| u["address"].as_str() == Some(addr));
+                .any(|u| u[key].as_str() == Some(addr));
             if served {
                 return Ok(());
             }

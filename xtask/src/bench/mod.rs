@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use crate::netns::NetnsSet;
 use progress::Progress;
 pub use session::{Call, Extra, Impl};
-use session::{Env, PodSpec, Session, EXTERNAL_IP, NODE_IP};
+use session::{Env, PodSpec, Session, EXTERNAL_IP, EXTERNAL_IP6, NODE_IP, NODE_IP6};
 
 /// A bridge holds at most 1024 ports; the traffic phase adds up to 8 pods.
 const MAX_PODS: usize = 1000;
@@ -199,13 +199,30 @@ pub enum PathKind {
     PodToExternal,
     ExternalToHostPort,
     PodToPod,
+    PodToExternal6,
+    ExternalToHostPort6,
+    PodToPod6,
 }
 
 impl PathKind {
-    pub const ALL: [PathKind; 3] = [
+    /// Every path, IPv4 then the same paths over IPv6 (the nodes are
+    /// dual-stack, issue 11).
+    pub const ALL: [PathKind; 6] = [
         PathKind::PodToExternal,
         PathKind::ExternalToHostPort,
         PathKind::PodToPod,
+        PathKind::PodToExternal6,
+        PathKind::ExternalToHostPort6,
+        PathKind::PodToPod6,
+    ];
+
+    /// The paths through a translation (masquerade or hostPort DNAT),
+    /// whose connection rate is measured.
+    pub const NAT: [PathKind; 4] = [
+        PathKind::PodToExternal,
+        PathKind::ExternalToHostPort,
+        PathKind::PodToExternal6,
+        PathKind::ExternalToHostPort6,
     ];
 
     pub fn label(self) -> &'static str {
@@ -213,6 +230,9 @@ impl PathKind {
             PathKind::PodToExternal => "pod → external (masquerade)",
             PathKind::ExternalToHostPort => "external → hostPort → pod",
             PathKind::PodToPod => "pod → pod (same bridge)",
+            PathKind::PodToExternal6 => "IPv6 pod → external (masquerade)",
+            PathKind::ExternalToHostPort6 => "IPv6 external → hostPort → pod",
+            PathKind::PodToPod6 => "IPv6 pod → pod (same bridge)",
         }
     }
 
@@ -221,7 +241,22 @@ impl PathKind {
             PathKind::PodToExternal => "pod→ext (masq)",
             PathKind::ExternalToHostPort => "ext→hostPort→pod",
             PathKind::PodToPod => "pod→pod",
+            PathKind::PodToExternal6 => "v6 pod→ext (masq)",
+            PathKind::ExternalToHostPort6 => "v6 ext→hostPort→pod",
+            PathKind::PodToPod6 => "v6 pod→pod",
         }
+    }
+
+    pub fn v6(self) -> bool {
+        matches!(
+            self,
+            PathKind::PodToExternal6 | PathKind::ExternalToHostPort6 | PathKind::PodToPod6
+        )
+    }
+
+    /// Through the masquerade (whose bindings drain between runs).
+    pub fn masquerade(self) -> bool {
+        matches!(self, PathKind::PodToExternal | PathKind::PodToExternal6)
     }
 }
 
@@ -728,7 +763,7 @@ fn plan_traffic(cfg: &Config, bw: bool, fw: bool) -> Vec<Task> {
             if cfg.has(Section::Datapath) {
                 metrics.extend([Metric::Throughput, Metric::Rr]);
             }
-            if cfg.has(Section::Connrate) && path != PathKind::PodToPod {
+            if cfg.has(Section::Connrate) && PathKind::NAT.contains(&path) {
                 metrics.push(Metric::ConnRate);
             }
             for metric in metrics {
@@ -824,9 +859,8 @@ fn start_servers(cfg: &Config, nss: &[PathBuf]) -> Result<Servers> {
                 ],
                 SOCKPERF_PORT,
             )?);
-        } else {
-            threads.push(traffic::echo_server(ns, ECHO_PORT)?);
         }
+        threads.push(traffic::echo_server(ns, ECHO_PORT)?);
         threads.push(traffic::conn_server(ns, CONN_PORT)?);
         let many: Vec<u16> = (0..MANY_ENDPOINTS as u16)
             .map(|i| MANY_PORT_BASE + i)
@@ -844,11 +878,17 @@ fn endpoint(s: &Session, path: PathKind, port: u16) -> Result<(PathBuf, IpAddr, 
     let client = s.pod("client")?.netns.clone();
     Ok(match path {
         PathKind::PodToExternal => (client, EXTERNAL_IP.into(), port),
+        PathKind::PodToExternal6 => (client, EXTERNAL_IP6.into(), port),
         PathKind::ExternalToHostPort => match s.imp {
             Impl::Routed => (s.ext_path(), s.pod_ip("server")?.into(), port),
             _ => (s.ext_path(), NODE_IP.into(), host_port(port)),
         },
+        PathKind::ExternalToHostPort6 => match s.imp {
+            Impl::Routed => (s.ext_path(), s.pod_ip6("server")?.into(), port),
+            _ => (s.ext_path(), NODE_IP6.into(), host_port(port)),
+        },
         PathKind::PodToPod => (client, s.pod_ip("server")?.into(), port),
+        PathKind::PodToPod6 => (client, s.pod_ip6("server")?.into(), port),
     })
 }
 
@@ -1020,7 +1060,9 @@ fn traffic_phase(
             } => {
                 let what = match metric {
                     Metric::Throughput => "TCP throughput (iperf3)",
-                    Metric::Rr if cfg.sockperf => "request/response latency (sockperf ping-pong)",
+                    Metric::Rr if cfg.sockperf && !path.v6() => {
+                        "request/response latency (sockperf ping-pong)"
+                    }
                     Metric::Rr => "request/response latency (own TCP client)",
                     Metric::ConnRate => "new connections/s",
                 };
@@ -1042,7 +1084,7 @@ fn traffic_phase(
                     counters: BTreeMap::new(),
                     error: None,
                 };
-                if metric == Metric::ConnRate && path == PathKind::PodToExternal {
+                if metric == Metric::ConnRate && path.masquerade() {
                     s.wait_nat_below(1000, Duration::from_secs(12));
                 }
                 let before = s.agent_stats();
@@ -1261,15 +1303,21 @@ fn measure(
             v.insert("gbps".into(), bps / 1e9);
         }
         Metric::Rr => {
-            let base = if cfg.sockperf {
+            // sockperf's server listens on IPv4 (`-i 0.0.0.0`); IPv6 paths
+            // take the echo server, which every node runs too.
+            let (ns, dst, port) = at(if cfg.sockperf {
                 SOCKPERF_PORT
             } else {
                 ECHO_PORT
-            };
-            let (ns, dst, port) = at(base)?;
-            let r = if cfg.sockperf {
+            })?;
+            let r = if cfg.sockperf && dst.is_ipv4() {
                 traffic::sockperf_pp(&ns, dst, port, cfg.duration)?
             } else {
+                let (ns, dst, port) = if dst.is_ipv4() {
+                    (ns, dst, port)
+                } else {
+                    at(ECHO_PORT)?
+                };
                 traffic::own_rr(&ns, SocketAddr::new(dst, port), f64::from(cfg.duration))?
             };
             v.insert("p50_us".into(), r.p50_us);
@@ -1296,7 +1344,7 @@ fn measure(
 /// `failed_e<E>_t<T>`.
 fn conn_grid(cfg: &Config, s: &Session, path: PathKind) -> Result<BTreeMap<String, f64>> {
     let mut v = BTreeMap::new();
-    let counts: &[usize] = if path == PathKind::PodToExternal {
+    let counts: &[usize] = if path.masquerade() {
         &[1, MANY_ENDPOINTS]
     } else {
         &[1]
@@ -1315,7 +1363,7 @@ fn conn_grid(cfg: &Config, s: &Session, path: PathKind) -> Result<BTreeMap<Strin
             dsts.push(SocketAddr::new(ip, port));
         }
         for threads in CONN_THREADS {
-            if path == PathKind::PodToExternal {
+            if path.masquerade() {
                 s.wait_nat_below(1000, Duration::from_secs(12));
             }
             let c = traffic::conn_rate_to(&ns, &dsts, f64::from(cfg.duration), threads)?;

@@ -1111,10 +1111,12 @@ fn datapath_section(md: &mut String, cfg: &Config, res: &Results) {
 /// client threads).
 fn conn_grid_points() -> Vec<(PathKind, String, usize, usize)> {
     let mut v = Vec::new();
-    for (path, counts) in [
-        (PathKind::PodToExternal, &[1, super::MANY_ENDPOINTS][..]),
-        (PathKind::ExternalToHostPort, &[1][..]),
-    ] {
+    for path in PathKind::NAT {
+        let counts: &[usize] = if path.masquerade() {
+            &[1, super::MANY_ENDPOINTS]
+        } else {
+            &[1]
+        };
         for &e in counts {
             for t in super::CONN_THREADS {
                 v.push((path, format!("cps_e{e}_t{t}"), e, t));
@@ -1138,7 +1140,7 @@ fn connrate_section(md: &mut String, cfg: &Config, res: &Results) {
         cfg.concurrency, cfg.duration
     );
     md.push_str("| path | ours | reference | ceiling | ours/ref | ours/ceiling | failed (ours / ref / ceiling) |\n|---|---|---|---|---|---|---|\n");
-    for path in [PathKind::PodToExternal, PathKind::ExternalToHostPort] {
+    for path in PathKind::NAT {
         let s = |i| dp(res, path, Metric::ConnRate, i, "conn_per_s");
         let f = |i| dp(res, path, Metric::ConnRate, i, "failed");
         let (o, r, c) = (s(Impl::Ours), s(Impl::Reference), s(Impl::Routed));
@@ -1184,7 +1186,7 @@ fn connrate_section(md: &mut String, cfg: &Config, res: &Results) {
         );
     }
     md.push('\n');
-    for path in [PathKind::PodToExternal, PathKind::ExternalToHostPort] {
+    for path in PathKind::NAT {
         let c = dp_counters(res, path, Metric::ConnRate, Impl::Ours);
         if !c.is_empty() {
             let list: Vec<String> = c.iter().map(|(k, v)| format!("{k} {v}")).collect();
@@ -1714,7 +1716,7 @@ fn findings(cfg: &Config, res: &Results) -> Vec<String> {
         ));
     }
     let failed = |imp: Impl, path: PathKind| dp(res, path, Metric::ConnRate, imp, "failed");
-    for path in [PathKind::PodToExternal, PathKind::ExternalToHostPort] {
+    for path in PathKind::NAT {
         let (o, r) = (failed(Impl::Ours, path), failed(Impl::Reference, path));
         if o.is_valid() && o.median > 0.0 && o.median > 2.0 * r.median.max(0.5) {
             out.push(format!(
@@ -1999,7 +2001,7 @@ fn draw_charts(
         panels.push(BarPanel {
             title: "New TCP connections/s (higher is better)".into(),
             y_desc: "connections/s".into(),
-            groups: [PathKind::PodToExternal, PathKind::ExternalToHostPort]
+            groups: PathKind::NAT
                 .iter()
                 .map(|p| group(*p, Metric::ConnRate, "conn_per_s"))
                 .collect(),

@@ -1,6 +1,7 @@
-//! One "node" under test: a node netns with a bridge network configured by
-//! one conflist, an uplink to an "external" netns (198.18.0.0/15), our
-//! agent when the chain is ours, and the pods attached to it.
+//! One "node" under test: a node netns with a dual-stack bridge network
+//! configured by one conflist, an uplink to an "external" netns
+//! (198.18.0.0/15 and fd00:198:18::/64), our agent when the chain is ours,
+//! and the pods attached to it, each with an IPv4 and an IPv6 address.
 //!
 //! The three kinds of node share the topology and addresses:
 //! - ours: ebpf-bridge + ebpf-host-local [+ ebpf-portmap, ...], ipMasq on;
@@ -11,7 +12,7 @@
 //!   to the node: the kernel's bare forwarding path, no NAT, no eBPF, no
 //!   netfilter rule.
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,9 @@ pub const BRIDGE: &str = "cnib0";
 pub const UPLINK: &str = "up0";
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const POD_SUBNET6: &str = "fd00:10:244::/64";
+pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, 1);
+pub const EXTERNAL_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, 2);
 /// The newest version both chains speak (the reference v1.1.1 stops at 1.0.0).
 pub const CNI_VERSION: &str = "1.0.0";
 pub const REFERENCE_DIR: &str = "/usr/lib/cni";
@@ -147,6 +151,7 @@ pub struct Pod {
     pub att: Attachment,
     pub result: Option<Value>,
     pub ip: Option<Ipv4Addr>,
+    pub ip6: Option<Ipv6Addr>,
 }
 
 /// One timed runtime call through the whole conflist.
@@ -188,8 +193,44 @@ impl Session {
             &format!("{NODE_IP}/24"),
             &format!("{EXTERNAL_IP}/24"),
         )?;
+        // No DAD: an address that is still tentative cannot be used (or
+        // served by the agent) for the first second or so.
+        node.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{NODE_IP6}/64"),
+            "dev",
+            UPLINK,
+            "nodad",
+        ])?;
+        ext.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{EXTERNAL_IP6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        node.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &EXTERNAL_IP6.to_string(),
+        ])?;
         if imp == Impl::Routed {
             ext.ip(&["route", "add", POD_SUBNET, "via", &NODE_IP.to_string()])?;
+            ext.ip(&[
+                "-6",
+                "route",
+                "add",
+                POD_SUBNET6,
+                "via",
+                &NODE_IP6.to_string(),
+            ])?;
         }
         let agent = match imp {
             Impl::Ours => {
@@ -201,6 +242,7 @@ impl Session {
                     &["--hostport-mode", &env.hostport_mode],
                 )?;
                 a.wait_for_uplink(&NODE_IP.to_string())?;
+                a.wait_for_uplink_v6(&NODE_IP6.to_string())?;
                 Some(a)
             }
             _ => None,
@@ -273,15 +315,16 @@ impl Session {
             .with_context(|| format!("{} ADD of {}", self.imp.key(), spec.name))?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let cpu_ms = cost::children_cpu_ms() - cpu0;
-        let ip = cni::result_ips(&res)
-            .first()
-            .and_then(|s| s.parse::<Ipv4Addr>().ok());
+        let ips = cni::result_ips(&res);
+        let ip = ips.iter().find_map(|s| s.parse::<Ipv4Addr>().ok());
+        let ip6 = ips.iter().find_map(|s| s.parse::<Ipv6Addr>().ok());
         self.pods.push(Pod {
             name: spec.name.clone(),
             netns: spec.netns.clone(),
             att,
             result: Some(res),
             ip,
+            ip6,
         });
         Ok(Call {
             ms,
@@ -320,6 +363,12 @@ impl Session {
         self.pod(name)?
             .ip
             .with_context(|| format!("{}: pod {name} got no IPv4 address", self.imp.key()))
+    }
+
+    pub fn pod_ip6(&self, name: &str) -> Result<Ipv6Addr> {
+        self.pod(name)?
+            .ip6
+            .with_context(|| format!("{}: pod {name} got no IPv6 address", self.imp.key()))
     }
 
     pub fn agent_pid(&self) -> Option<u32> {
@@ -463,7 +512,7 @@ fn conflist(env: &Env, imp: Impl, tmp: &Path, agent: Option<&Agent>) -> Value {
         "ipMasq": imp != Impl::Routed,
         "ipam": {
             "type": ty("ebpf-host-local", "host-local"),
-            "ranges": [[{ "subnet": POD_SUBNET }]],
+            "ranges": [[{ "subnet": POD_SUBNET }], [{ "subnet": POD_SUBNET6 }]],
             "dataDir": tmp.join("ipam"),
         }
     }))];

@@ -328,7 +328,9 @@ fn serve(ns: &Path, ports: &[u16], how: Serve, acceptors: usize) -> Result<Threa
         ports
             .iter()
             .map(|&port| {
-                let l = TcpListener::bind(("0.0.0.0", port))
+                // Dual-stack (IPv4-mapped on the same socket): the paths
+                // are measured over both families.
+                let l = TcpListener::bind(("::", port))
                     .with_context(|| format!("binding TCP port {port}"))?;
                 l.set_nonblocking(true)?;
                 Ok(l)
