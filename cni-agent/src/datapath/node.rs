@@ -1,5 +1,6 @@
-//! NODE_ADDRS: the node's own addresses, which is what a hostPort mapping
-//! without a hostIP listens on. Kept in step with the kernel by the agent.
+//! NODE_ADDRS: the node's own addresses (IPv4 and IPv6), which is what a
+//! hostPort mapping without a hostIP listens on. Kept in step with the
+//! kernel by the agent.
 use std::net::IpAddr;
 
 use aya::maps::{HashMap, MapData};
@@ -24,13 +25,12 @@ impl NodeAddrMap {
             })
     }
 
-    /// Makes the map hold exactly `addrs` (IPv4 only: the datapath is).
+    /// Makes the map hold exactly `addrs`, both families (IPv6 link-local
+    /// addresses included: the reference's `--dst-type LOCAL` matches
+    /// them too).
     pub fn sync(&mut self, addrs: &[IpAddr]) -> Result<(), DatapathError> {
-        let want: Vec<IpKey> = addrs
-            .iter()
-            .filter(|a| a.is_ipv4())
-            .map(|a| ip_key(*a))
-            .collect();
+        let mut want: Vec<IpKey> = addrs.iter().map(|a| ip_key(*a)).collect();
+        want.dedup();
         let have: Vec<IpKey> = self.0.keys().filter_map(Result::ok).collect();
         for k in have.iter().filter(|k| !want.contains(k)) {
             let _ = self.0.remove(k);

@@ -154,9 +154,11 @@ impl PortmapConfig {
         })
     }
 
-    /// The datapath entries for `prev`: one hostPort per mapping and pod
-    /// address of the mapping's family (IPv4: the datapath's family), and
-    /// the bridge hook when the pod sits on a bridge of this node.
+    /// The datapath entries for `prev`: as the reference maps every family
+    /// the pod has, one hostPort per mapping and pod address family (the
+    /// pod's first IPv4 and first IPv6 address); a mapping with a hostIP
+    /// only in the hostIP's family. Plus the bridge hook when the pod sits
+    /// on a bridge of this node.
     fn entries(&self, prev: &CniResult) -> Result<Vec<Entry>, CniError> {
         let sandboxed: Vec<usize> = prev
             .interfaces
@@ -174,41 +176,41 @@ impl PortmapConfig {
             })
             .map(|ip| ip.address.addr())
             .collect();
-        // The reference maps every family the pod has. The datapath's
-        // hostPorts are IPv4: a mapping that would need IPv6 is refused
-        // rather than half done.
-        let pod_v6 = pod_ips.iter().find(|ip| ip.is_ipv6());
-        for (i, m) in self.mappings.iter().enumerate() {
-            let at = format!("runtimeConfig.portMappings[{i}]");
-            match (m.host_ip, pod_v6) {
-                (Some(h @ IpAddr::V6(_)), _) => {
-                    return Err(invalid(format!(
-                        "{at}.hostIP: {h} is IPv6, and hostPorts over IPv6 are not supported by the eBPF datapath yet"
-                    )))
-                }
-                (None, Some(v6)) => {
-                    return Err(invalid(format!(
-                        "{at}: the pod has the IPv6 address {v6}, and hostPorts over IPv6 are not supported by the eBPF datapath yet (a hostIP of the node's IPv4 maps IPv4 only)"
-                    )))
-                }
-                _ => {}
-            }
+        let pod_v4 = pod_ips.iter().copied().find(IpAddr::is_ipv4);
+        let pod_v6 = pod_ips.iter().copied().find(IpAddr::is_ipv6);
+        if pod_v4.is_none() && pod_v6.is_none() {
+            return Err(invalid(
+                "prevResult has no IP address of the container to map ports to".into(),
+            ));
         }
-        let pod_ip = pod_ips.into_iter().find(IpAddr::is_ipv4).ok_or_else(|| {
-            invalid("prevResult has no IPv4 address of the container to map ports to (hostPorts over IPv6 are not supported by the eBPF datapath yet)".into())
-        })?;
-        let mut entries: Vec<Entry> = self
-            .mappings
-            .iter()
-            .map(|m| Entry::HostPort {
+        let mut entries = Vec::new();
+        for (i, m) in self.mappings.iter().enumerate() {
+            let targets = match m.host_ip {
+                None => vec![pod_v4, pod_v6],
+                // A hostIP of one family maps that family only; a pod
+                // without an address of it cannot be reached there, which
+                // is refused rather than silently mapping nothing.
+                Some(h) => {
+                    let pod = if h.is_ipv4() { pod_v4 } else { pod_v6 };
+                    if pod.is_none() {
+                        return Err(invalid(format!(
+                            "runtimeConfig.portMappings[{i}].hostIP: {h} is {}, and the pod has no {} address to map it to",
+                            if h.is_ipv4() { "IPv4" } else { "IPv6" },
+                            if h.is_ipv4() { "IPv4" } else { "IPv6" },
+                        )));
+                    }
+                    vec![pod]
+                }
+            };
+            entries.extend(targets.into_iter().flatten().map(|pod_ip| Entry::HostPort {
                 host_ip: m.host_ip,
                 host_port: m.host_port,
                 protocol: m.protocol,
                 pod_ip,
                 container_port: m.container_port,
                 snat: self.snat,
-            })
-            .collect();
+            }));
+        }
         if let Some(bridge) = host_bridge(prev)? {
             entries.push(Entry::BridgeHook { bridge });
         }
