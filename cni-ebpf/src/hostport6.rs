@@ -35,9 +35,7 @@ use cni_ebpf_common::{
 
 use crate::{
     conntrack::{flag_bits, now, v6_key},
-    hostport::{
-        redirect, BPF_NOEXIST, HOSTPORTS, HP_ORIG, HP_REPLY, NEXT, NODE_ADDRS, PORT_TRIES,
-    },
+    hostport::{redirect, BPF_NOEXIST, HOSTPORTS, HP_ORIG, HP_REPLY, NEXT, NODE_ADDRS, PORT_TRIES},
     parsing::{parse_ipv6, Ipv6Packet, ETH_HLEN, IP6_DADDR, IP6_SADDR, IPPROTO_TCP, IPPROTO_UDP},
     rewrite::{fix_l4_csum6, rewrite6},
     stats::bump,
@@ -80,8 +78,7 @@ pub fn lookup6(
         _pad: [0; 3],
     };
     // SAFETY: read-only use of a map value during this run.
-    let local =
-        unsafe { NODE_ADDRS.get(&ip) }.is_some() || (allow_loopback && is_loopback6(addr));
+    let local = unsafe { NODE_ADDRS.get(&ip) }.is_some() || (allow_loopback && is_loopback6(addr));
     if !local {
         return None;
     }
@@ -93,12 +90,7 @@ pub fn lookup6(
 /// Records (or refreshes) how replies of a DNATed IPv6 flow are translated:
 /// the reply leaves the pod as (pod, containerPort) -> `reply_to`.
 #[inline(always)]
-pub fn note_reply6(
-    pkt: &Ipv6Packet,
-    t: &HostPortTarget,
-    reply_to: (&[u32; 4], u16),
-    hairpin: u8,
-) {
+pub fn note_reply6(pkt: &Ipv6Packet, t: &HostPortTarget, reply_to: (&[u32; 4], u16), hairpin: u8) {
     let rkey = v6_key(t.addr, *reply_to.0, t.port, reply_to.1, pkt.proto);
     let bits = flag_bits(pkt.proto, pkt.tcp_flags);
     match HP_REPLY.get_ptr_mut(&rkey) {
