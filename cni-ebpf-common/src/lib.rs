@@ -682,9 +682,11 @@ pub mod stat {
     pub const SNAT6_XLATE: u32 = 22;
     /// Of SNAT_REPLY_XLATE, the IPv6 packets.
     pub const SNAT6_REPLY_XLATE: u32 = 23;
+    /// ICMPv6 errors about hostPort flows translated (both directions).
+    pub const HOSTPORT_ICMP_ERROR_XLATE: u32 = 24;
 
     /// Names of the slots, as the agent reports them.
-    pub const NAMES: [(u32, &str); 24] = [
+    pub const NAMES: [(u32, &str); 25] = [
         (SNAT_NEW, "snatNew"),
         (SNAT_NO_PORT, "snatNoPort"),
         (SNAT_XLATE, "snatTranslated"),
@@ -709,6 +711,7 @@ pub mod stat {
         (FRAG_TRANSLATED, "fragTranslated"),
         (SNAT6_XLATE, "snatV6Translated"),
         (SNAT6_REPLY_XLATE, "snatV6RepliesTranslated"),
+        (HOSTPORT_ICMP_ERROR_XLATE, "hostPortIcmpErrorsTranslated"),
     ];
     /// Number of slots in the array (room to grow without a new layout).
     pub const COUNT: u32 = 32;

@@ -17,6 +17,13 @@
 //! HP_ORIG, HP_REPLY): the family byte of every key keeps them apart, and
 //! the agent's expiry and DEL serve both.
 //!
+//! ICMPv6 errors about DNATed flows are translated both ways, as the
+//! reference's conntrack does for RELATED packets: one that arrives for
+//! [node]:hostPort's reply (Packet Too Big from a router on the client's
+//! path, above all: without it the pod never learns the path MTU) goes to
+//! the pod, and one the pod sends about a DNATed packet (port unreachable)
+//! leaves as [node]:hostPort's.
+//!
 //! IPv6 has no header checksum: an address change moves only the transport
 //! checksum, through the pseudo-header (`rewrite::rewrite6`). Packets with
 //! extension headers (fragments included) are not parsed and pass
@@ -36,8 +43,11 @@ use cni_ebpf_common::{
 use crate::{
     conntrack::{flag_bits, now, v6_key},
     hostport::{redirect, BPF_NOEXIST, HOSTPORTS, HP_ORIG, HP_REPLY, NEXT, NODE_ADDRS, PORT_TRIES},
-    parsing::{parse_ipv6, Ipv6Packet, ETH_HLEN, IP6_DADDR, IP6_SADDR, IPPROTO_TCP, IPPROTO_UDP},
-    rewrite::{fix_l4_csum6, rewrite6},
+    parsing::{
+        is_icmp6_error, parse_icmp6_error, parse_ipv6, Ipv6Packet, ETH_HLEN, IP6_DADDR, IP6_SADDR,
+        IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    },
+    rewrite::{csum_replace_128, fix_l4_csum6, rewrite6, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     stats::bump,
 };
 
@@ -150,9 +160,15 @@ pub fn hostport6_ingress(ctx: TcContext) -> i32 {
 }
 
 fn try_hostport6_ingress(ctx: &TcContext) -> Result<i32, ()> {
-    let Some(pkt) = tcp_or_udp6(ctx) else {
+    let Some(pkt) = parse_ipv6(ctx) else {
         return Ok(NEXT);
     };
+    if pkt.proto == IPPROTO_ICMPV6 {
+        if is_icmp6_error(pkt.icmp_type) {
+            return icmp6_error_to_pod(ctx, &pkt);
+        }
+        return Ok(NEXT);
+    }
     // Already translated at XDP: only the transport checksum is left.
     if let Some(m) = xdp_dnat6_meta(ctx) {
         fix_l4_csum6(ctx, &pkt, &m.old_daddr, &pkt.daddr, m.old_dport, pkt.dport)?;
@@ -185,9 +201,15 @@ pub fn hostport6_egress(ctx: TcContext) -> i32 {
 }
 
 fn try_hostport6_egress(ctx: &TcContext) -> Result<i32, ()> {
-    let Some(pkt) = tcp_or_udp6(ctx) else {
+    let Some(pkt) = parse_ipv6(ctx) else {
         return Ok(NEXT);
     };
+    if pkt.proto == IPPROTO_ICMPV6 {
+        if is_icmp6_error(pkt.icmp_type) {
+            return icmp6_error_from_pod(ctx, &pkt);
+        }
+        return Ok(NEXT);
+    }
     let rkey = v6_key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto);
     let Some(r) = HP_REPLY.get_ptr_mut(&rkey) else {
         return Ok(NEXT);
@@ -381,4 +403,82 @@ fn hairpin_bind6(
         return Some((src, port));
     }
     None
+}
+
+/// An ICMPv6 error for [node]:hostPort, quoting a reply that
+/// `hostport6_egress` translated ([node]:hostPort -> client): the outer
+/// destination and the quoted source go back to the pod's address and
+/// port. Checksums as in `nat6`'s ICMPv6 error translation: the quoted
+/// bytes are plain message bytes (their store needs no skb->csum update,
+/// the checksum field's change offsets them), the outer destination is in
+/// the pseudo-header. The quoted transport checksum is left as it was.
+#[inline(always)]
+fn icmp6_error_to_pod(ctx: &TcContext, pkt: &Ipv6Packet) -> Result<i32, ()> {
+    let Some(inner) = parse_icmp6_error(ctx, pkt) else {
+        return Ok(NEXT);
+    };
+    if inner.saddr != pkt.daddr || (inner.proto != IPPROTO_TCP && inner.proto != IPPROTO_UDP) {
+        return Ok(NEXT);
+    }
+    let Some(t) = lookup6(&inner.saddr, inner.sport, inner.proto, false) else {
+        return Ok(NEXT);
+    };
+    // Only for a flow the mapping actually carries to that client.
+    let rkey = v6_key(t.addr, inner.daddr, t.port, inner.dport, inner.proto);
+    // SAFETY: read-only use of a map value during this run.
+    match unsafe { HP_REPLY.get(&rkey) } {
+        Some(r) if r.hairpin == 0 && r.src_addr == inner.saddr && r.src_port == inner.sport => {}
+        _ => return Ok(NEXT),
+    }
+    let csum = pkt.l4 + 2;
+    csum_replace_128(ctx, csum, &inner.saddr, &t.addr, 0)?;
+    ctx.l4_csum_replace(csum, inner.sport as u64, t.port as u64, 2)
+        .map_err(|_| ())?;
+    ctx.store(inner.l3 + IP6_SADDR, &t.addr, 0)
+        .map_err(|_| ())?;
+    ctx.store(inner.sport_off(), &t.port, 0).map_err(|_| ())?;
+    csum_replace_128(ctx, csum, &pkt.daddr, &t.addr, BPF_F_PSEUDO_HDR)?;
+    ctx.store(ETH_HLEN + IP6_DADDR, &t.addr, BPF_F_RECOMPUTE_CSUM)
+        .map_err(|_| ())?;
+    bump(stat::HOSTPORT_ICMP_ERROR_XLATE);
+    Ok(NEXT)
+}
+
+/// An ICMPv6 error the pod sends about a packet the DNAT delivered to it
+/// (client -> [pod]:containerPort, e.g. a UDP port nobody listens on):
+/// the outer source and the quoted destination become [node]:hostPort,
+/// so the client's socket matches it (a connected UDP socket then gets
+/// "connection refused" instead of waiting).
+#[inline(always)]
+fn icmp6_error_from_pod(ctx: &TcContext, pkt: &Ipv6Packet) -> Result<i32, ()> {
+    let Some(inner) = parse_icmp6_error(ctx, pkt) else {
+        return Ok(NEXT);
+    };
+    if inner.daddr != pkt.saddr || (inner.proto != IPPROTO_TCP && inner.proto != IPPROTO_UDP) {
+        return Ok(NEXT);
+    }
+    // The quoted packet went client -> pod: its reply tuple is the key.
+    let rkey = v6_key(
+        inner.daddr,
+        inner.saddr,
+        inner.dport,
+        inner.sport,
+        inner.proto,
+    );
+    // SAFETY: read-only use of a map value during this run.
+    let (node, hport) = match unsafe { HP_REPLY.get(&rkey) } {
+        Some(r) if r.hairpin == 0 => (r.src_addr, r.src_port),
+        _ => return Ok(NEXT),
+    };
+    let csum = pkt.l4 + 2;
+    csum_replace_128(ctx, csum, &inner.daddr, &node, 0)?;
+    ctx.l4_csum_replace(csum, inner.dport as u64, hport as u64, 2)
+        .map_err(|_| ())?;
+    ctx.store(inner.l3 + IP6_DADDR, &node, 0).map_err(|_| ())?;
+    ctx.store(inner.l4 + 2, &hport, 0).map_err(|_| ())?;
+    csum_replace_128(ctx, csum, &pkt.saddr, &node, BPF_F_PSEUDO_HDR)?;
+    ctx.store(ETH_HLEN + IP6_SADDR, &node, BPF_F_RECOMPUTE_CSUM)
+        .map_err(|_| ())?;
+    bump(stat::HOSTPORT_ICMP_ERROR_XLATE);
+    Ok(NEXT)
 }

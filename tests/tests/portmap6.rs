@@ -846,3 +846,113 @@ fn dual_stack_hostport_matches_reference() {
         seen[0]
     );
 }
+
+// ---------------------------------------------------------------------------
+// 6. ICMPv6 errors about DNATed flows.
+// ---------------------------------------------------------------------------
+
+/// A router with a 1280-byte link towards the external client answers the
+/// pod's full-size replies (sent as [node]:hostPort) with Packet Too Big
+/// addressed to the node's uplink address; the datapath must hand it to
+/// the pod, or a download through the hostPort stalls in a path-MTU black
+/// hole. A 1 MiB download through [node]:hostPort completes, the pod's
+/// route cache holds the path MTU, and the counter shows the translation.
+#[test]
+fn packet_too_big_reaches_the_pod_through_a_hostport() {
+    require_e2e!();
+    const PATH_MTU: u32 = 1280;
+    const HP: u16 = 30300;
+    const LEN: usize = 1 << 20;
+    let node = Node::new("ptb6hp");
+    let ext = External::routed_dual(&node, PATH_MTU);
+    // The client keeps a 1500 MTU, so its MSS does not hide the smaller
+    // link: only path MTU discovery can.
+    ext.ns.ip(&["link", "set", "eth0", "mtu", "1500"]);
+    let agent = AgentProc::start(&node, &[]);
+    let v6 = ext.node_v6().to_string();
+    wait_until("the agent to serve uplink0 over IPv6", SETTLE, || {
+        let status = admin(&node, "status");
+        (status["uplinks"][0]["addressV6"] == v6.as_str()).then_some(())
+    });
+    let fx = Fixture {
+        _agent: agent,
+        ext,
+        node,
+    };
+    let list = fx.list(None);
+    let pod = fx.add_pod(&list, "ptb6hp-ctr", vec![mapping(HP, BULK_PORT, "tcp")]);
+    let far = fx.ext.ext_v6().to_string();
+    let route = pod.ns.ip(&["-6", "route", "get", &far]);
+    assert!(!route.contains("mtu"), "no path MTU known yet: {route}");
+    let before = fx.status();
+
+    // The pod serves LEN bytes to whoever connects.
+    let listener = in_netns(&pod.ns, || {
+        TcpListener::bind((Ipv6Addr::UNSPECIFIED, BULK_PORT)).expect("bind [::]")
+    });
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_write_timeout(Some(Duration::from_secs(20)))?;
+        s.write_all(&vec![0x5a; LEN])?;
+        s.shutdown(std::net::Shutdown::Write)
+    });
+    let target = fx.node6(HP);
+    let got = in_netns(&fx.ext.ns, move || -> std::io::Result<usize> {
+        use std::io::Read;
+        let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(15)))?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)?;
+        Ok(buf.len())
+    });
+    let served = server.join().expect("server thread");
+    assert_eq!(
+        got.map_err(|e| e.to_string()),
+        Ok(LEN),
+        "1 MiB download through {target} across a {PATH_MTU}-MTU hop (server: {served:?})"
+    );
+    eventually("the pod to cache the IPv6 path MTU", SETTLE, || {
+        pod.ns
+            .ip(&["-6", "route", "get", &far])
+            .contains(&format!("mtu {PATH_MTU}"))
+    });
+    let after = fx.status();
+    assert!(
+        delta(&before, &after, "hostPortIcmpErrorsTranslated") > 0,
+        "Packet Too Big translated by the datapath\n{after:#}"
+    );
+    fx.del_pod(&list, &pod);
+}
+
+/// A UDP datagram through [node]:hostPort to a pod port nobody listens on:
+/// the pod answers with Destination Unreachable, which the datapath sends
+/// on as [node]:hostPort's, so the client's connected socket gets
+/// "connection refused" at once instead of waiting for a reply.
+#[test]
+fn pod_port_unreachable_reaches_the_client() {
+    require_e2e!();
+    let fx = fixture("unr6hp", Mode::Tc, false);
+    let list = fx.list(None);
+    const HP: u16 = 30301;
+    let pod = fx.add_pod(&list, "unr6hp-ctr", vec![mapping(HP, POD_PORT, "udp")]);
+    let before = fx.status();
+    let target = fx.node6(HP);
+    let r = in_netns(&fx.ext.ns, move || -> std::io::Result<usize> {
+        let s = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
+        s.connect(target)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.send(b"anyone?")?;
+        let mut buf = [0u8; 64];
+        s.recv(&mut buf)
+    });
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        other => panic!("expected connection refused from {target}, got {other:?}"),
+    }
+    let after = fx.status();
+    assert!(
+        delta(&before, &after, "hostPortIcmpErrorsTranslated") > 0,
+        "{after:#}"
+    );
+    fx.del_pod(&list, &pod);
+}
