@@ -381,6 +381,91 @@ mod tests {
         assert!(e.msg.contains("portMappings[0].HostPort"), "{}", e.msg);
     }
 
+    /// A prevResult with one sandboxed interface holding `ips`.
+    fn prev(ips: &[&str]) -> CniResult {
+        let ips: Vec<serde_json::Value> = ips
+            .iter()
+            .map(|a| serde_json::json!({"address": a, "interface": 0}))
+            .collect();
+        CniResult::from_json(&serde_json::json!({
+            "cniVersion": "1.0.0",
+            "interfaces": [{"name": "eth0", "sandbox": "/var/run/netns/p"}],
+            "ips": ips,
+        }))
+        .unwrap()
+    }
+
+    fn mapped(entries: &[Entry]) -> Vec<(Option<IpAddr>, IpAddr)> {
+        entries
+            .iter()
+            .filter_map(|e| match e {
+                Entry::HostPort {
+                    host_ip, pod_ip, ..
+                } => Some((*host_ip, *pod_ip)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// As the reference: a mapping without hostIP maps every family the
+    /// pod has (its first address of each), one with a hostIP only the
+    /// hostIP's family.
+    #[test]
+    fn every_family_of_the_pod_is_mapped() {
+        let c = PortmapConfig::from_conf(&conf(
+            r#","runtimeConfig":{"portMappings":[
+                {"hostPort":8080,"containerPort":80},
+                {"hostPort":8081,"containerPort":80,"hostIP":"fd00:198::1"},
+                {"hostPort":8082,"containerPort":80,"hostIP":"198.18.0.1"}]}"#,
+        ))
+        .unwrap();
+        let e = c
+            .entries(&prev(&["10.1.0.5/24", "fd00:1::5/64", "fd00:1::6/64"]))
+            .unwrap();
+        let (v4, v6): (IpAddr, IpAddr) =
+            ("10.1.0.5".parse().unwrap(), "fd00:1::5".parse().unwrap());
+        assert_eq!(
+            mapped(&e),
+            vec![
+                (None, v4),
+                (None, v6),
+                (Some("fd00:198::1".parse().unwrap()), v6),
+                (Some("198.18.0.1".parse().unwrap()), v4),
+            ]
+        );
+        // IPv6-only pod: the any-address mapping is IPv6 only.
+        let c = PortmapConfig::from_conf(&conf(
+            r#","runtimeConfig":{"portMappings":[{"hostPort":8080,"containerPort":80}]}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            mapped(&c.entries(&prev(&["fd00:1::5/64"])).unwrap()),
+            vec![(None, v6)]
+        );
+    }
+
+    /// A hostIP of a family the pod has no address of is refused (code 7,
+    /// naming the key and value), never silently left unmapped.
+    #[test]
+    fn a_host_ip_of_a_family_the_pod_lacks_is_refused() {
+        for (host_ip, pod) in [
+            ("fd00:198::1", "10.1.0.5/24"),
+            ("198.18.0.1", "fd00:1::5/64"),
+        ] {
+            let c = PortmapConfig::from_conf(&conf(&format!(
+                r#","runtimeConfig":{{"portMappings":[{{"hostPort":8080,"containerPort":80,"hostIP":"{host_ip}"}}]}}"#
+            )))
+            .unwrap();
+            let e = c.entries(&prev(&[pod])).unwrap_err();
+            assert_eq!(e.code, 7, "{e:?}");
+            assert!(
+                e.msg.contains("portMappings[0].hostIP") && e.msg.contains(host_ip),
+                "{}",
+                e.msg
+            );
+        }
+    }
+
     #[test]
     fn unknown_options_are_ignored_like_the_reference() {
         let c = PortmapConfig::from_conf(&conf(r#","markMasqBit":13,"externalSetMarkChain":"X""#))
