@@ -23,7 +23,7 @@ use std::time::Duration;
 use cni_tests::agentctl::{admin, record_of, AgentProc};
 use cni_tests::hostport::{bulk_echo, set_tx_checksum, stat};
 use cni_tests::prelude::*;
-use cni_tests::traffic::{in_netns, tcp_echo, udp_echo, TcpEchoServer, UdpEchoServer};
+use cni_tests::traffic::{echo_on, in_netns, tcp_echo, udp_echo, TcpEchoServer, UdpEchoServer};
 use cni_tests::uplink::{masq_conf_dual, no_dad, result_ipv6, wait_settled, External, UPLINK_IF};
 
 const NET: &str = "pm6net";
@@ -42,7 +42,7 @@ enum Mode {
 /// order: agent, external side, node; pods, declared by the tests
 /// afterwards, go before all of them.
 struct Fixture {
-    _agent: AgentProc,
+    agent: AgentProc,
     ext: External,
     node: Node,
 }
@@ -91,11 +91,7 @@ fn fixture(tag: &str, mode: Mode, offloading_peer: bool) -> Fixture {
         mode == Mode::Xdp,
         "XDP program on {UPLINK_IF} in {mode:?} mode"
     );
-    Fixture {
-        _agent: agent,
-        ext,
-        node,
-    }
+    Fixture { agent, ext, node }
 }
 
 impl Fixture {
@@ -874,11 +870,7 @@ fn packet_too_big_reaches_the_pod_through_a_hostport() {
         let status = admin(&node, "status");
         (status["uplinks"][0]["addressV6"] == v6.as_str()).then_some(())
     });
-    let fx = Fixture {
-        _agent: agent,
-        ext,
-        node,
-    };
+    let fx = Fixture { agent, ext, node };
     let list = fx.list(None);
     let pod = fx.add_pod(&list, "ptb6hp-ctr", vec![mapping(HP, BULK_PORT, "tcp")]);
     let far = fx.ext.ext_v6().to_string();
@@ -954,5 +946,43 @@ fn pod_port_unreachable_reaches_the_client() {
         delta(&before, &after, "hostPortIcmpErrorsTranslated") > 0,
         "{after:#}"
     );
+    fx.del_pod(&list, &pod);
+}
+
+// ---------------------------------------------------------------------------
+// 7. Agent restart.
+// ---------------------------------------------------------------------------
+
+/// An established TCP connection through [node IPv6]:hostPort keeps
+/// working while the agent is SIGKILLed and after a new agent took over
+/// the pinned programs and maps; new connections work after it too.
+#[test]
+fn v6_hostport_flow_survives_agent_restart() {
+    require_e2e!();
+    let mut fx = fixture("rst6hp", Mode::Tc, false);
+    let list = fx.list(None);
+    const HP: u16 = 30400;
+    let pod = fx.add_pod(&list, "rst6hp-ctr", vec![mapping(HP, POD_PORT, "tcp")]);
+    let _servers = serve(&pod);
+    let target = fx.node6(HP);
+    let conn = in_netns(&fx.ext.ns, move || {
+        TcpStream::connect_timeout(&target, Duration::from_secs(5))
+    })
+    .unwrap_or_else(|e| panic!("connect {target}: {e}"));
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let check = |what: &str| {
+        let e = echo_on(&conn, what).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(e.text, what);
+        assert_eq!(e.seen_as, e.local, "{what}: the pod sees the client");
+    };
+    check("before");
+    fx.agent.kill();
+    check("agent down");
+    fx.agent = AgentProc::start(&fx.node, &["--hostport-mode", "tc"]);
+    check("after restart");
+    let t = tcp_echo(&fx.ext.ns, target, "new").expect("a new connection after the restart");
+    assert_eq!(t.seen_as, t.local);
+    drop(conn);
     fx.del_pod(&list, &pod);
 }

@@ -25,12 +25,17 @@ impl NodeAddrMap {
             })
     }
 
-    /// Makes the map hold exactly `addrs`, both families (IPv6 link-local
-    /// addresses included: the reference's `--dst-type LOCAL` matches
-    /// them too).
+    /// Makes the map hold exactly `addrs`, both families, except IPv6
+    /// link-local addresses: every pod's host-side veth has one, so a node
+    /// with a thousand pods would fill the map with addresses no hostPort
+    /// client uses (they are scoped to one link, and pods reach the node
+    /// through their gateway's global address).
     pub fn sync(&mut self, addrs: &[IpAddr]) -> Result<(), DatapathError> {
-        let mut want: Vec<IpKey> = addrs.iter().map(|a| ip_key(*a)).collect();
-        want.dedup();
+        let want: Vec<IpKey> = addrs
+            .iter()
+            .filter(|a| !matches!(a, IpAddr::V6(v6) if v6.is_unicast_link_local()))
+            .map(|a| ip_key(*a))
+            .collect();
         let have: Vec<IpKey> = self.0.keys().filter_map(Result::ok).collect();
         for k in have.iter().filter(|k| !want.contains(k)) {
             let _ = self.0.remove(k);
