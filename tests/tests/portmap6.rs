@@ -986,3 +986,65 @@ fn v6_hostport_flow_survives_agent_restart() {
     drop(conn);
     fx.del_pod(&list, &pod);
 }
+
+// ---------------------------------------------------------------------------
+// 8. Conflicts are per family.
+// ---------------------------------------------------------------------------
+
+/// A hostPort is taken per address family: pod A holds 30500/tcp on the
+/// node's IPv6 address only (hostIP); pod B asking for 30500/tcp on every
+/// address is refused with the agent's conflict error naming A (its IPv6
+/// half collides), and the runtime's DEL after it leaves A's mapping
+/// working; pod C asking for 30500/tcp on the node's IPv4 address gets it,
+/// and each family reaches its own pod.
+#[test]
+fn hostport_conflicts_are_per_family() {
+    require_e2e!();
+    let fx = fixture("cf6hp", Mode::Tc, false);
+    let list = fx.list(None);
+    const HP: u16 = 30500;
+    let node6 = IpAddr::V6(fx.ext.node_v6());
+    let node4 = IpAddr::V4(fx.ext.node_addr);
+    let a = fx.add_pod(
+        &list,
+        "cf6hp-a",
+        vec![mapping_on(node6, HP, POD_PORT, "tcp")],
+    );
+    let _sa = serve(&a);
+
+    let ns_b = fx.node.pod("cf6hp-b");
+    no_dad(&ns_b);
+    let mut att_b = Attachment::new("cf6hp-b", &ns_b, "eth0");
+    att_b
+        .capability_args
+        .insert("portMappings".into(), json!([mapping(HP, POD_PORT, "tcp")]));
+    let out = fx
+        .node
+        .runtime(Impl::Ours)
+        .add_list(&list, &att_b)
+        .expect_err("30500/tcp on IPv6 is pod A's");
+    let err = out.expect_error();
+    assert_eq!(err.code, 999, "{out}");
+    assert!(
+        err.msg.contains("already mapped by attachment") && err.msg.contains("cf6hp-a"),
+        "{}",
+        err.msg
+    );
+
+    let c = fx.add_pod(
+        &list,
+        "cf6hp-c",
+        vec![mapping_on(node4, HP, BULK_PORT, "tcp")],
+    );
+    // Pod C listens only on another container port than A's, so an answer
+    // shows which pod the mapping reached.
+    let _sc = TcpEchoServer::start(&c.ns, BULK_PORT);
+    let t6 = tcp_echo(&fx.ext.ns, fx.node6(HP), "to a").expect("IPv6 -> pod A");
+    assert_eq!(t6.seen_as, t6.local);
+    let t4 = tcp_echo(&fx.ext.ns, SocketAddr::from((fx.ext.node_addr, HP)), "to c")
+        .expect("IPv4 -> pod C (the only one listening on its container port)");
+    assert_eq!(t4.seen_as, t4.local);
+    assert_eq!(fx.status()["hostPorts"], 2);
+    fx.del_pod(&list, &c);
+    fx.del_pod(&list, &a);
+}
