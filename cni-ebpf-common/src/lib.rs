@@ -32,6 +32,10 @@ pub mod map_names {
     pub const NODE_ADDRS: &str = "NODE_ADDRS";
     /// Bridge ifindex -> [`BridgeInfo`](super::BridgeInfo).
     pub const BRIDGES: &str = "BRIDGES";
+    /// Bridge ifindex -> its (gateway) IPv6 address, `[u32; 4]` in network
+    /// order: the source IPv6 hairpin traffic is masqueraded to with `snat`.
+    /// A map of its own, so BRIDGES keeps its layout.
+    pub const BRIDGES6: &str = "BRIDGES6";
     /// Client-side tuple of a hairpin flow -> its rewritten source.
     pub const HP_ORIG: &str = "HP_ORIG";
     /// Reply tuple as it leaves the target pod -> [`HpReply`](super::HpReply).
@@ -86,10 +90,16 @@ pub mod prog_names {
     pub const HOSTPORT_INGRESS: &str = "hostport_ingress";
     /// Uplink TC egress: hostPort replies get node:hostPort back.
     pub const HOSTPORT_EGRESS: &str = "hostport_egress";
-    /// Uplink XDP: hostPort DNAT (alternative to the TC one).
+    /// Uplink TC ingress: IPv6 hostPort DNAT.
+    pub const HOSTPORT6_INGRESS: &str = "hostport6_ingress";
+    /// Uplink TC egress: IPv6 hostPort replies get [node]:hostPort back.
+    pub const HOSTPORT6_EGRESS: &str = "hostport6_egress";
+    /// Uplink XDP: hostPort DNAT, IPv4 and IPv6 (alternative to the TC ones).
     pub const HOSTPORT_XDP: &str = "hostport_xdp";
     /// Bridge TC ingress (pods -> host stack): hostPort replies and hairpin.
     pub const BRIDGE_FROM_PODS: &str = "bridge_from_pods";
+    /// Bridge TC ingress: the same for IPv6.
+    pub const BRIDGE6_FROM_PODS: &str = "bridge6_from_pods";
     /// cgroup connect4: node-local clients of a hostPort (TCP and UDP).
     pub const HOSTPORT_CONNECT4: &str = "hostport_connect4";
     /// cgroup sendmsg4: node-local unconnected UDP clients of a hostPort.
@@ -98,6 +108,15 @@ pub mod prog_names {
     pub const HOSTPORT_RECVMSG4: &str = "hostport_recvmsg4";
     /// cgroup getpeername4: a redirected socket's peer is node:hostPort.
     pub const HOSTPORT_GETPEERNAME4: &str = "hostport_getpeername4";
+    /// cgroup connect6: node-local IPv6 clients of a hostPort (and IPv4
+    /// ones on dual-stack sockets, through v4-mapped addresses).
+    pub const HOSTPORT_CONNECT6: &str = "hostport_connect6";
+    /// cgroup sendmsg6: unconnected IPv6 UDP clients of a hostPort.
+    pub const HOSTPORT_SENDMSG6: &str = "hostport_sendmsg6";
+    /// cgroup recvmsg6: replies to those clients come from [node]:hostPort.
+    pub const HOSTPORT_RECVMSG6: &str = "hostport_recvmsg6";
+    /// cgroup getpeername6: a redirected socket's peer is [node]:hostPort.
+    pub const HOSTPORT_GETPEERNAME6: &str = "hostport_getpeername6";
     /// Host veth TC egress (what the pod receives): ingress rate limit.
     pub const RATE_TO_POD: &str = "rate_to_pod";
     /// Host veth TC ingress (what the pod sends): egress rate limit.
@@ -579,6 +598,20 @@ pub struct XdpDnatMeta {
 
 pub const XDP_DNAT_MAGIC: u32 = 0xd7a7_0001;
 
+/// [`XdpDnatMeta`] for an IPv6 packet: the old destination is 128 bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XdpDnat6Meta {
+    /// [`XDP_DNAT6_MAGIC`] when present.
+    pub magic: u32,
+    /// Destination address and port before the rewrite (network order).
+    pub old_daddr: [u32; 4],
+    pub old_dport: u16,
+    pub _pad: u16,
+}
+
+pub const XDP_DNAT6_MAGIC: u32 = 0xd7a7_0006;
+
 /// Connection-state bits kept in [`NatEntry::state`].
 pub mod ct_state {
     pub const SYN: u8 = 1;
@@ -649,9 +682,11 @@ pub mod stat {
     pub const SNAT6_XLATE: u32 = 22;
     /// Of SNAT_REPLY_XLATE, the IPv6 packets.
     pub const SNAT6_REPLY_XLATE: u32 = 23;
+    /// ICMPv6 errors about hostPort flows translated (both directions).
+    pub const HOSTPORT_ICMP_ERROR_XLATE: u32 = 24;
 
     /// Names of the slots, as the agent reports them.
-    pub const NAMES: [(u32, &str); 24] = [
+    pub const NAMES: [(u32, &str); 25] = [
         (SNAT_NEW, "snatNew"),
         (SNAT_NO_PORT, "snatNoPort"),
         (SNAT_XLATE, "snatTranslated"),
@@ -676,6 +711,7 @@ pub mod stat {
         (FRAG_TRANSLATED, "fragTranslated"),
         (SNAT6_XLATE, "snatV6Translated"),
         (SNAT6_REPLY_XLATE, "snatV6RepliesTranslated"),
+        (HOSTPORT_ICMP_ERROR_XLATE, "hostPortIcmpErrorsTranslated"),
     ];
     /// Number of slots in the array (room to grow without a new layout).
     pub const COUNT: u32 = 32;
@@ -715,6 +751,7 @@ const _: () = {
     assert!(size_of::<SockRevKey>() == 32);
     assert!(size_of::<SockRevValue>() == 24);
     assert!(size_of::<XdpDnatMeta>() == 12);
+    assert!(size_of::<XdpDnat6Meta>() == 24);
 };
 
 #[cfg(feature = "user")]

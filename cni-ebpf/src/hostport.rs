@@ -13,6 +13,7 @@
 //!
 //! Node-local clients are served at the socket layer (`sock.rs`). Every
 //! fragment of a datagram gets its first fragment's translation (`frag`).
+//! IPv6 has programs of its own (`hostport6`), sharing these maps.
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_get_prandom_u32, bpf_redirect_neigh},
@@ -33,11 +34,11 @@ use crate::{
     stats::bump,
 };
 
-const NEXT: i32 = TC_ACT_UNSPEC;
+pub(crate) const NEXT: i32 = TC_ACT_UNSPEC;
 const TC_ACT_REDIRECT: i32 = 7;
-const BPF_NOEXIST: u64 = 1;
+pub(crate) const BPF_NOEXIST: u64 = 1;
 /// Source ports tried for a hairpin binding before giving up.
-const PORT_TRIES: u32 = 16;
+pub(crate) const PORT_TRIES: u32 = 16;
 const CT_ENTRIES: u32 = 65536;
 
 #[map(name = "HOSTPORTS")]
@@ -47,10 +48,10 @@ pub static HOSTPORTS: HashMap<HostPortKey, HostPortTarget> = HashMap::pinned(655
 pub static NODE_ADDRS: HashMap<IpKey, u32> = HashMap::pinned(1024, 0);
 
 #[map(name = "BRIDGES")]
-static BRIDGES: HashMap<u32, BridgeInfo> = HashMap::pinned(256, 0);
+pub(crate) static BRIDGES: HashMap<u32, BridgeInfo> = HashMap::pinned(256, 0);
 
 #[map(name = "HP_ORIG")]
-static HP_ORIG: LruHashMap<CtKey, NatEntry> = LruHashMap::pinned(CT_ENTRIES, 0);
+pub(crate) static HP_ORIG: LruHashMap<CtKey, NatEntry> = LruHashMap::pinned(CT_ENTRIES, 0);
 
 #[map(name = "HP_REPLY")]
 pub static HP_REPLY: LruHashMap<CtKey, HpReply> = LruHashMap::pinned(CT_ENTRIES, 0);
@@ -388,7 +389,7 @@ fn hairpin_bind(
 /// Sends the rewritten packet out of the bridge with a fresh L2 header from
 /// the neighbour table, past the host's input routing.
 #[inline(always)]
-fn redirect(ifindex: u32) -> i32 {
+pub(crate) fn redirect(ifindex: u32) -> i32 {
     // SAFETY: no neighbour parameters: the helper resolves the next hop
     // from the packet's destination.
     let r = unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) };

@@ -11,17 +11,30 @@
 //! A fragment after the first gets the translation of its first fragment
 //! (`frag`): its destination and header checksum only, and no metadata
 //! (it has no transport checksum), so TC leaves it alone.
+//!
+//! IPv6 (one XDP program per device, so both families are here): the same
+//! lookup (`hostport6::lookup6`) and rewrite of the destination, no header
+//! checksum to update, and the old destination handed to
+//! `hostport6_ingress` in an [`XdpDnat6Meta`]. Only packets whose fixed
+//! header is followed by TCP or UDP; the rest (extension headers) pass.
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_xdp_adjust_meta, macros::xdp, programs::XdpContext,
 };
-use cni_ebpf_common::{stat, XdpDnatMeta, XDP_DNAT_MAGIC};
+use cni_ebpf_common::{stat, XdpDnat6Meta, XdpDnatMeta, XDP_DNAT6_MAGIC, XDP_DNAT_MAGIC};
 
 use crate::{
     frag::{self, Frag},
     hostport::{lookup, note_reply},
-    parsing::{Ipv4Packet, ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP, IP_DADDR, IP_FRAG_OFF, IP_ID},
+    hostport6::{lookup6, note_reply6},
+    parsing::{
+        Ipv4Packet, Ipv6Packet, ETH_HLEN, IP6_DADDR, IP6_HLEN, IP6_SADDR, IPPROTO_TCP, IPPROTO_UDP,
+        IP_DADDR, IP_FRAG_OFF, IP_ID,
+    },
     stats::bump,
 };
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 
 #[xdp]
 pub fn hostport_xdp(ctx: XdpContext) -> u32 {
@@ -67,8 +80,10 @@ fn halves(v: u32) -> [u16; 2] {
 fn try_hostport_xdp(ctx: &XdpContext) -> Option<u32> {
     let ethertype: *mut u16 = ptr_at(ctx, 12)?;
     // SAFETY: bounds checked by ptr_at.
-    if u16::from_be(unsafe { *ethertype }) != 0x0800 {
-        return None;
+    match u16::from_be(unsafe { *ethertype }) {
+        ETH_P_IP => {}
+        ETH_P_IPV6 => return try_hostport_xdp6(ctx),
+        _ => return None,
     }
     let l3 = ETH_HLEN;
     let vihl: *mut u8 = ptr_at(ctx, l3)?;
@@ -180,6 +195,90 @@ fn later_fragment(
         *daddr_p = t.addr[0];
     }
     bump(stat::FRAG_TRANSLATED);
+    bump(stat::HOSTPORT_DNAT);
+    bump(stat::HOSTPORT_DNAT_XDP);
+    Some(xdp_action::XDP_PASS)
+}
+
+/// Reads the IPv6 address at `off` as four network-order words.
+#[inline(always)]
+fn addr6_at(ctx: &XdpContext, off: usize) -> Option<[u32; 4]> {
+    let p: *mut [u32; 4] = ptr_at(ctx, off)?;
+    // SAFETY: bounds checked by ptr_at; read as four 32-bit words.
+    Some(unsafe {
+        [
+            core::ptr::read_unaligned((p as *const u32).add(0)),
+            core::ptr::read_unaligned((p as *const u32).add(1)),
+            core::ptr::read_unaligned((p as *const u32).add(2)),
+            core::ptr::read_unaligned((p as *const u32).add(3)),
+        ]
+    })
+}
+
+/// IPv6: TCP or UDP right after the fixed header, to [node]:hostPort.
+fn try_hostport_xdp6(ctx: &XdpContext) -> Option<u32> {
+    let l3 = ETH_HLEN;
+    // SAFETY: bounds checked by ptr_at.
+    if unsafe { *ptr_at::<u8>(ctx, l3)? } >> 4 != 6 {
+        return None;
+    }
+    // SAFETY: bounds checked by ptr_at.
+    let proto: u8 = unsafe { *ptr_at::<u8>(ctx, l3 + 6)? };
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return None;
+    }
+    let saddr = addr6_at(ctx, l3 + IP6_SADDR)?;
+    let daddr = addr6_at(ctx, l3 + IP6_DADDR)?;
+    let l4 = l3 + IP6_HLEN;
+    let sport_p: *mut u16 = ptr_at(ctx, l4)?;
+    let dport_p: *mut u16 = ptr_at(ctx, l4 + 2)?;
+    let tcp_flags = if proto == IPPROTO_TCP {
+        // SAFETY: bounds checked by ptr_at.
+        unsafe { *ptr_at::<u8>(ctx, l4 + 13)? }
+    } else {
+        0
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let (sport, dport) = unsafe { (*sport_p, *dport_p) };
+    let t = lookup6(&daddr, dport, proto, false)?;
+    let pkt = Ipv6Packet {
+        l4,
+        proto,
+        saddr,
+        daddr,
+        sport,
+        dport,
+        tcp_flags,
+        icmp_type: 0,
+    };
+    note_reply6(&pkt, &t, (&saddr, sport), 0);
+
+    // Room for the metadata first: the helper may move the packet, so
+    // every pointer is re-derived after it.
+    let meta_len = core::mem::size_of::<XdpDnat6Meta>() as i32;
+    // SAFETY: helper call on our own context.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -meta_len) } != 0 {
+        return None;
+    }
+    let meta = ctx.metadata();
+    if meta + core::mem::size_of::<XdpDnat6Meta>() > ctx.data() {
+        return None;
+    }
+    let daddr_p: *mut u32 = ptr_at::<[u32; 4]>(ctx, l3 + IP6_DADDR)? as *mut u32;
+    let dport_p: *mut u16 = ptr_at(ctx, l4 + 2)?;
+    // SAFETY: bounds checked above (the whole address by ptr_at).
+    unsafe {
+        *(meta as *mut XdpDnat6Meta) = XdpDnat6Meta {
+            magic: XDP_DNAT6_MAGIC,
+            old_daddr: daddr,
+            old_dport: dport,
+            _pad: 0,
+        };
+        for i in 0..4 {
+            core::ptr::write_unaligned(daddr_p.add(i), t.addr[i]);
+        }
+        *dport_p = t.port;
+    }
     bump(stat::HOSTPORT_DNAT);
     bump(stat::HOSTPORT_DNAT_XDP);
     Some(xdp_action::XDP_PASS)

@@ -2,7 +2,8 @@
 //! `parsing` (headers), `rewrite` (checksummed rewrites), `conntrack` (NAT
 //! bindings), `frag` (fragments after the first get their first fragment's
 //! translation), `nat` (masquerade), `nat6` (IPv6 masquerade, programs of
-//! its own), `hostport` (hostPort DNAT and hairpin), `sock` (node-local
+//! its own), `hostport` (hostPort DNAT and hairpin), `hostport6` (the same for
+//! IPv6, programs of its own), `sock` (node-local
 //! hostPort clients), `counters` (per-interface counters), `stats`
 //! (datapath counters); ebpf-firewall: `policy` (rules, ingressPolicy,
 //! connection tracking), `spoof` (anti-spoofing), `forward` (forwarding
@@ -21,6 +22,7 @@ mod counters;
 mod forward;
 mod frag;
 mod hostport;
+mod hostport6;
 mod hostport_xdp;
 mod nat;
 mod nat6;

@@ -184,3 +184,33 @@ pub fn rewrite6(
     ctx.store(addr_off, new_addr, BPF_F_RECOMPUTE_CSUM)
         .map_err(|_| ())
 }
+
+/// IPv6: updates only the transport checksum for a destination address and
+/// port the XDP program already rewrote (it cannot tell a partial checksum
+/// from a complete one; the helper here can). UDP as in `rewrite6`: zero is
+/// never written.
+#[inline(always)]
+pub fn fix_l4_csum6(
+    ctx: &TcContext,
+    pkt: &Ipv6Packet,
+    old_addr: &[u32; 4],
+    new_addr: &[u32; 4],
+    old_port: u16,
+    new_port: u16,
+) -> Result<(), ()> {
+    let csum_off = pkt.l4_csum_off();
+    let mangled = if pkt.proto == IPPROTO_UDP {
+        BPF_F_MARK_MANGLED_0 | BPF_F_MARK_ENFORCE
+    } else {
+        0
+    };
+    csum_replace_128(
+        ctx,
+        csum_off,
+        old_addr,
+        new_addr,
+        mangled | BPF_F_PSEUDO_HDR,
+    )?;
+    ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled | 2)
+        .map_err(|_| ())
+}

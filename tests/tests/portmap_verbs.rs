@@ -468,13 +468,14 @@ fn gc_removes_stale_mappings() {
     fx.del_pod(&list, &gone);
 }
 
-/// hostPorts over IPv6 are not done by the datapath yet: a mapping that
-/// needs them — an IPv6 `hostIP`, or any mapping of a pod with an IPv6
-/// address (the reference maps every family the pod has) — fails ADD with
-/// code 7 naming the mapping, and the runtime's DEL after it leaves the
-/// node as it was. Never a silent half-done ADD.
+/// What the datapath cannot honour fails ADD with code 7 naming the key
+/// and value, and the runtime's DEL after it leaves the node as it was;
+/// never a silent half-done ADD: a `hostIP` of a family the pod has no
+/// address of (the reference would skip that mapping and map nothing),
+/// IPv6 and IPv4 alike, and SCTP (the datapath translates TCP and UDP) on
+/// a dual-stack pod. Dual-stack hostPorts themselves work (portmap6.rs).
 #[test]
-fn ipv6_hostports_are_refused_not_half_done() {
+fn hostports_the_datapath_cannot_serve_are_refused() {
     require_e2e!();
     use cni_tests::agentctl::AgentProc;
     use cni_tests::residue::residue;
@@ -482,18 +483,21 @@ fn ipv6_hostports_are_refused_not_half_done() {
     let _agent = AgentProc::start(&node, &[]);
     let pod = node.pod("hp6pod");
     let rt = node.runtime(Impl::Ours);
-    let ranges = |v6: bool| {
-        let mut r = vec![json!([{"subnet": "10.66.0.0/24"}])];
+    let ranges = |v4: bool, v6: bool| {
+        let mut r = Vec::new();
+        if v4 {
+            r.push(json!([{"subnet": "10.66.0.0/24"}]));
+        }
         if v6 {
             r.push(json!([{"subnet": "fd00:66::/64"}]));
         }
         Value::Array(r)
     };
-    let list = |v6: bool| {
+    let list = |v4: bool, v6: bool| {
         let keys = node.path_keys();
         let mut bridge = json!({
             "type": "ebpf-bridge", "bridge": "cnihp6", "isGateway": true,
-            "ipam": {"type": "ebpf-host-local", "ranges": ranges(v6),
+            "ipam": {"type": "ebpf-host-local", "ranges": ranges(v4, v6),
                      "dataDir": node.data_dir()}});
         merge(&mut bridge, &keys);
         let mut portmap = json!({"type": "ebpf-portmap", "capabilities": {"portMappings": true}});
@@ -503,7 +507,7 @@ fn ipv6_hostports_are_refused_not_half_done() {
     // A first ADD+DEL of a dual-stack pod (bridge only) leaves what stays
     // by design: the bridge and its gateway addresses.
     let warm = Attachment::new("hp6-warm", &pod, "eth0");
-    let mut bridge_only = list(true);
+    let mut bridge_only = list(true, true);
     bridge_only["plugins"]
         .as_array_mut()
         .expect("plugins")
@@ -515,24 +519,29 @@ fn ipv6_hostports_are_refused_not_half_done() {
         .unwrap_or_else(|o| panic!("warm-up DEL: {o}"));
     let baseline = residue(&node, &pod, "hp6net");
 
-    for (v6_pod, mapping, expect) in [
+    for ((v4, v6), mapping, expect) in [
         (
-            true,
-            json!({"hostPort": 30160, "containerPort": 80, "protocol": "tcp"}),
-            "portMappings[0]: the pod has the IPv6 address fd00:66::",
+            (true, false),
+            json!({"hostPort": 30161, "containerPort": 80, "protocol": "tcp", "hostIP": "fd00:1::1"}),
+            "portMappings[0].hostIP: fd00:1::1 is IPv6, and the pod has no IPv6 address",
         ),
         (
-            false,
-            json!({"hostPort": 30161, "containerPort": 80, "protocol": "tcp", "hostIP": "fd00:1::1"}),
-            "portMappings[0].hostIP: fd00:1::1 is IPv6",
+            (false, true),
+            json!({"hostPort": 30162, "containerPort": 80, "protocol": "udp", "hostIP": "198.18.0.1"}),
+            "portMappings[0].hostIP: 198.18.0.1 is IPv4, and the pod has no IPv4 address",
+        ),
+        (
+            (true, true),
+            json!({"hostPort": 30163, "containerPort": 80, "protocol": "sctp"}),
+            "portMappings[0].protocol: sctp is not supported",
         ),
     ] {
         let mut att = Attachment::new("hp6-ctr", &pod, "eth0");
         att.capability_args
             .insert("portMappings".into(), json!([mapping]));
         let out = rt
-            .add_list(&list(v6_pod), &att)
-            .expect_err("an IPv6 hostPort must not be accepted");
+            .add_list(&list(v4, v6), &att)
+            .expect_err("a mapping the datapath cannot serve must not be accepted");
         let err = out.expect_error();
         assert_eq!(err.code, 7, "{err:?}");
         assert!(err.msg.contains(expect), "{} should say {expect}", err.msg);

@@ -255,6 +255,10 @@ fn attach_cgroup(
         (prog_names::HOSTPORT_SENDMSG4, Hook::Sendmsg4),
         (prog_names::HOSTPORT_RECVMSG4, Hook::Recvmsg4),
         (prog_names::HOSTPORT_GETPEERNAME4, Hook::Getpeername4),
+        (prog_names::HOSTPORT_CONNECT6, Hook::Connect6),
+        (prog_names::HOSTPORT_SENDMSG6, Hook::Sendmsg6),
+        (prog_names::HOSTPORT_RECVMSG6, Hook::Recvmsg6),
+        (prog_names::HOSTPORT_GETPEERNAME6, Hook::Getpeername6),
     ] {
         let prog: &mut CgroupSockAddr = program(ebpf, name)?;
         if ensure_cgroup(prog, layout, name, hook, cgroup)? {

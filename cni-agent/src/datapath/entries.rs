@@ -226,29 +226,44 @@ impl EntryMaps {
         }
     }
 
-    /// Attaches the bridge program to `bridge` (once) and records the
-    /// bridge's IPv4 address for hairpin masquerading.
+    /// Attaches the bridge programs (IPv4 and IPv6) to `bridge` (once) and
+    /// records the bridge's addresses for hairpin masquerading: its IPv4
+    /// one, and its first IPv6 one that is not link-local (the pods'
+    /// gateway, which they can answer).
     fn hook_bridge(&mut self, bridge: &str) -> Result<(), DatapathError> {
-        let (index, addr) = with_netlink(|nl| {
+        let (index, addr, addr6) = with_netlink(|nl| {
             let link = nl.link_by_name(bridge)?;
-            let addr = nl
-                .addresses(Some(link.index))?
-                .into_iter()
+            let addrs = nl.addresses(Some(link.index))?;
+            let addr = addrs
+                .iter()
                 .find_map(|a| match a.addr.addr() {
                     IpAddr::V4(v4) => Some(u32::from_ne_bytes(v4.octets())),
                     IpAddr::V6(_) => None,
                 })
                 .unwrap_or(0);
-            Ok((link.index, addr))
+            let addr6 = addrs.iter().find_map(|a| match a.addr.addr() {
+                IpAddr::V6(v6) if !v6.is_unicast_link_local() && !v6.is_loopback() => Some(v6),
+                _ => None,
+            });
+            Ok((link.index, addr, addr6))
         })
         .map_err(|e| DatapathError::Link(format!("bridge {bridge}: {e}")))?;
-        // The bridge address is a node address: hostPorts must answer on it
-        // now, not at the agent's next address scan.
+        // The bridge addresses are node addresses: hostPorts must answer on
+        // them now, not at the agent's next address scan.
+        let mut node: HashMap<MapData, IpKey, u32> = hash(&self.layout, map_names::NODE_ADDRS)?;
         if addr != 0 {
-            let mut node: HashMap<MapData, IpKey, u32> = hash(&self.layout, map_names::NODE_ADDRS)?;
             let k = ip_key(IpAddr::from(addr.to_ne_bytes()));
             node.insert(k, 1, 0)
                 .map_err(map_err(map_names::NODE_ADDRS))?;
+        }
+        if let Some(v6) = addr6 {
+            node.insert(ip_key(IpAddr::V6(v6)), 1, 0)
+                .map_err(map_err(map_names::NODE_ADDRS))?;
+            let mut bridges6: HashMap<MapData, u32, [u32; 4]> =
+                hash(&self.layout, map_names::BRIDGES6)?;
+            bridges6
+                .insert(index, addr_words(IpAddr::V6(v6)).0, 0)
+                .map_err(map_err(map_names::BRIDGES6))?;
         }
         self.bridges
             .insert(
@@ -260,21 +275,21 @@ impl EntryMaps {
                 0,
             )
             .map_err(map_err(map_names::BRIDGES))?;
-        let prog_name = prog_names::BRIDGE_FROM_PODS;
-        let mut prog = SchedClassifier::from_pin(self.layout.progs_dir().join(prog_name)).map_err(
-            |source| DatapathError::Program {
-                name: prog_name.to_string(),
-                source,
-            },
-        )?;
-        ensure_tc(
-            &mut prog,
-            &self.layout,
-            prog_name,
-            Hook::Ingress,
-            (bridge, index),
-            Placement::Last,
-        )?;
+        for prog_name in [prog_names::BRIDGE_FROM_PODS, prog_names::BRIDGE6_FROM_PODS] {
+            let mut prog = SchedClassifier::from_pin(self.layout.progs_dir().join(prog_name))
+                .map_err(|source| DatapathError::Program {
+                    name: prog_name.to_string(),
+                    source,
+                })?;
+            ensure_tc(
+                &mut prog,
+                &self.layout,
+                prog_name,
+                Hook::Ingress,
+                (bridge, index),
+                Placement::Last,
+            )?;
+        }
         Ok(())
     }
 
@@ -400,7 +415,13 @@ impl EntryMaps {
         ];
         if host_ip.is_none() {
             let node: HashMap<MapData, IpKey, u32> = hash(&self.layout, map_names::NODE_ADDRS)?;
+            // The node addresses of the entry's family: an IPv4 hostIP
+            // mapping never conflicts with an IPv6 one.
+            let family = if v6 { FAMILY_V6 } else { FAMILY_V4 };
             for k in node.keys().filter_map(Result::ok) {
+                if k.family != family {
+                    continue;
+                }
                 let ip = words_addr(k.addr, k.family);
                 keys.push(hostport_key(Some(ip), *host_port, *protocol, v6));
             }

@@ -38,6 +38,10 @@ fn hook_name(h: Hook) -> &'static str {
         Hook::Sendmsg4 => "sendmsg4",
         Hook::Recvmsg4 => "recvmsg4",
         Hook::Getpeername4 => "getpeername4",
+        Hook::Connect6 => "connect6",
+        Hook::Sendmsg6 => "sendmsg6",
+        Hook::Recvmsg6 => "recvmsg6",
+        Hook::Getpeername6 => "getpeername6",
     }
 }
 

@@ -1,5 +1,6 @@
-//! NODE_ADDRS: the node's own addresses, which is what a hostPort mapping
-//! without a hostIP listens on. Kept in step with the kernel by the agent.
+//! NODE_ADDRS: the node's own addresses (IPv4 and IPv6), which is what a
+//! hostPort mapping without a hostIP listens on. Kept in step with the
+//! kernel by the agent.
 use std::net::IpAddr;
 
 use aya::maps::{HashMap, MapData};
@@ -24,11 +25,15 @@ impl NodeAddrMap {
             })
     }
 
-    /// Makes the map hold exactly `addrs` (IPv4 only: the datapath is).
+    /// Makes the map hold exactly `addrs`, both families, except IPv6
+    /// link-local addresses: every pod's host-side veth has one, so a node
+    /// with a thousand pods would fill the map with addresses no hostPort
+    /// client uses (they are scoped to one link, and pods reach the node
+    /// through their gateway's global address).
     pub fn sync(&mut self, addrs: &[IpAddr]) -> Result<(), DatapathError> {
         let want: Vec<IpKey> = addrs
             .iter()
-            .filter(|a| a.is_ipv4())
+            .filter(|a| !matches!(a, IpAddr::V6(v6) if v6.is_unicast_link_local()))
             .map(|a| ip_key(*a))
             .collect();
         let have: Vec<IpKey> = self.0.keys().filter_map(Result::ok).collect();

@@ -109,6 +109,7 @@ pub fn map_specs() -> Vec<MapSpec> {
         spec::<HostPortKey, HostPortTarget>(map_names::HOSTPORTS, MapType::Hash),
         spec::<IpKey, u32>(map_names::NODE_ADDRS, MapType::Hash),
         spec::<u32, BridgeInfo>(map_names::BRIDGES, MapType::Hash),
+        spec::<u32, [u32; 4]>(map_names::BRIDGES6, MapType::Hash),
         spec::<CtKey, NatEntry>(map_names::HP_ORIG, MapType::LruHash),
         spec::<CtKey, HpReply>(map_names::HP_REPLY, MapType::LruHash),
         spec::<NatFragKey, NatFragPorts>(map_names::NAT_FRAGS, MapType::LruHash),

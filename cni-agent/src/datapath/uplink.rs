@@ -18,18 +18,35 @@ use super::{
 /// The TC programs of an uplink, in hook order: on egress the hostPort
 /// reply translation must see the packet before the masquerade does; on
 /// ingress the firewall's forwarding sees packets after both translations.
-/// The IPv6 masquerade has programs of its own (each family's program
-/// passes the other family's packets on at once), so neither family's
-/// verification budget limits the other's.
-pub const UPLINK_PROGRAMS: [(&str, Hook); 7] = [
+/// The IPv6 masquerade and hostPorts have programs of their own (each
+/// family's program passes the other family's packets on at once), so
+/// neither family's verification budget limits the other's.
+pub const UPLINK_PROGRAMS: [(&str, Hook); 9] = [
+    (prog_names::HOSTPORT6_EGRESS, Hook::Egress),
     (prog_names::HOSTPORT_EGRESS, Hook::Egress),
     (prog_names::SNAT_EGRESS, Hook::Egress),
     (prog_names::SNAT6_EGRESS, Hook::Egress),
     (prog_names::SNAT_INGRESS, Hook::Ingress),
     (prog_names::SNAT6_INGRESS, Hook::Ingress),
     (prog_names::HOSTPORT_INGRESS, Hook::Ingress),
+    (prog_names::HOSTPORT6_INGRESS, Hook::Ingress),
     (prog_names::FW_UPLINK_INGRESS, Hook::Ingress),
 ];
+
+/// Where a program of [`UPLINK_PROGRAMS`] goes in its hook's list. The
+/// IPv6 hostPort reply translation must run before the IPv6 masquerade (a
+/// UDP reply would otherwise get a masquerade binding of its own): it goes
+/// first, so it also precedes the masquerade of an uplink whose other
+/// programs an older agent attached and pinned (an upgrade appends new
+/// programs). Only IPv6 hostPort replies are touched by it, so running
+/// ahead of the IPv4 programs changes nothing for them.
+fn placement(name: &str) -> Placement {
+    if name == prog_names::HOSTPORT6_EGRESS {
+        Placement::First
+    } else {
+        Placement::Last
+    }
+}
 
 /// Where hostPort DNAT runs on the uplink's ingress.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -53,7 +70,7 @@ pub fn attach_uplink(
     let mut attached = Vec::new();
     for (name, hook) in UPLINK_PROGRAMS {
         let prog: &mut SchedClassifier = program(ebpf, name)?;
-        if ensure_tc(prog, layout, name, hook, (ifname, ifindex), Placement::Last)? {
+        if ensure_tc(prog, layout, name, hook, (ifname, ifindex), placement(name))? {
             attached.push(name);
         }
     }

@@ -154,9 +154,11 @@ impl PortmapConfig {
         })
     }
 
-    /// The datapath entries for `prev`: one hostPort per mapping and pod
-    /// address of the mapping's family (IPv4: the datapath's family), and
-    /// the bridge hook when the pod sits on a bridge of this node.
+    /// The datapath entries for `prev`: as the reference maps every family
+    /// the pod has, one hostPort per mapping and pod address family (the
+    /// pod's first IPv4 and first IPv6 address); a mapping with a hostIP
+    /// only in the hostIP's family. Plus the bridge hook when the pod sits
+    /// on a bridge of this node.
     fn entries(&self, prev: &CniResult) -> Result<Vec<Entry>, CniError> {
         let sandboxed: Vec<usize> = prev
             .interfaces
@@ -174,41 +176,41 @@ impl PortmapConfig {
             })
             .map(|ip| ip.address.addr())
             .collect();
-        // The reference maps every family the pod has. The datapath's
-        // hostPorts are IPv4: a mapping that would need IPv6 is refused
-        // rather than half done.
-        let pod_v6 = pod_ips.iter().find(|ip| ip.is_ipv6());
-        for (i, m) in self.mappings.iter().enumerate() {
-            let at = format!("runtimeConfig.portMappings[{i}]");
-            match (m.host_ip, pod_v6) {
-                (Some(h @ IpAddr::V6(_)), _) => {
-                    return Err(invalid(format!(
-                        "{at}.hostIP: {h} is IPv6, and hostPorts over IPv6 are not supported by the eBPF datapath yet"
-                    )))
-                }
-                (None, Some(v6)) => {
-                    return Err(invalid(format!(
-                        "{at}: the pod has the IPv6 address {v6}, and hostPorts over IPv6 are not supported by the eBPF datapath yet (a hostIP of the node's IPv4 maps IPv4 only)"
-                    )))
-                }
-                _ => {}
-            }
+        let pod_v4 = pod_ips.iter().copied().find(IpAddr::is_ipv4);
+        let pod_v6 = pod_ips.iter().copied().find(IpAddr::is_ipv6);
+        if pod_v4.is_none() && pod_v6.is_none() {
+            return Err(invalid(
+                "prevResult has no IP address of the container to map ports to".into(),
+            ));
         }
-        let pod_ip = pod_ips.into_iter().find(IpAddr::is_ipv4).ok_or_else(|| {
-            invalid("prevResult has no IPv4 address of the container to map ports to (hostPorts over IPv6 are not supported by the eBPF datapath yet)".into())
-        })?;
-        let mut entries: Vec<Entry> = self
-            .mappings
-            .iter()
-            .map(|m| Entry::HostPort {
+        let mut entries = Vec::new();
+        for (i, m) in self.mappings.iter().enumerate() {
+            let targets = match m.host_ip {
+                None => vec![pod_v4, pod_v6],
+                // A hostIP of one family maps that family only; a pod
+                // without an address of it cannot be reached there, which
+                // is refused rather than silently mapping nothing.
+                Some(h) => {
+                    let pod = if h.is_ipv4() { pod_v4 } else { pod_v6 };
+                    if pod.is_none() {
+                        return Err(invalid(format!(
+                            "runtimeConfig.portMappings[{i}].hostIP: {h} is {}, and the pod has no {} address to map it to",
+                            if h.is_ipv4() { "IPv4" } else { "IPv6" },
+                            if h.is_ipv4() { "IPv4" } else { "IPv6" },
+                        )));
+                    }
+                    vec![pod]
+                }
+            };
+            entries.extend(targets.into_iter().flatten().map(|pod_ip| Entry::HostPort {
                 host_ip: m.host_ip,
                 host_port: m.host_port,
                 protocol: m.protocol,
                 pod_ip,
                 container_port: m.container_port,
                 snat: self.snat,
-            })
-            .collect();
+            }));
+        }
         if let Some(bridge) = host_bridge(prev)? {
             entries.push(Entry::BridgeHook { bridge });
         }
@@ -377,6 +379,91 @@ mod tests {
         assert!(e.msg.contains("portMappings[0].hostPort"), "{}", e.msg);
         let e = err(r#","runtimeConfig":{"portMappings":[{"HostPort":"x","ContainerPort":80}]}"#);
         assert!(e.msg.contains("portMappings[0].HostPort"), "{}", e.msg);
+    }
+
+    /// A prevResult with one sandboxed interface holding `ips`.
+    fn prev(ips: &[&str]) -> CniResult {
+        let ips: Vec<serde_json::Value> = ips
+            .iter()
+            .map(|a| serde_json::json!({"address": a, "interface": 0}))
+            .collect();
+        CniResult::from_json(&serde_json::json!({
+            "cniVersion": "1.0.0",
+            "interfaces": [{"name": "eth0", "sandbox": "/var/run/netns/p"}],
+            "ips": ips,
+        }))
+        .unwrap()
+    }
+
+    fn mapped(entries: &[Entry]) -> Vec<(Option<IpAddr>, IpAddr)> {
+        entries
+            .iter()
+            .filter_map(|e| match e {
+                Entry::HostPort {
+                    host_ip, pod_ip, ..
+                } => Some((*host_ip, *pod_ip)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// As the reference: a mapping without hostIP maps every family the
+    /// pod has (its first address of each), one with a hostIP only the
+    /// hostIP's family.
+    #[test]
+    fn every_family_of_the_pod_is_mapped() {
+        let c = PortmapConfig::from_conf(&conf(
+            r#","runtimeConfig":{"portMappings":[
+                {"hostPort":8080,"containerPort":80},
+                {"hostPort":8081,"containerPort":80,"hostIP":"fd00:198::1"},
+                {"hostPort":8082,"containerPort":80,"hostIP":"198.18.0.1"}]}"#,
+        ))
+        .unwrap();
+        let e = c
+            .entries(&prev(&["10.1.0.5/24", "fd00:1::5/64", "fd00:1::6/64"]))
+            .unwrap();
+        let (v4, v6): (IpAddr, IpAddr) =
+            ("10.1.0.5".parse().unwrap(), "fd00:1::5".parse().unwrap());
+        assert_eq!(
+            mapped(&e),
+            vec![
+                (None, v4),
+                (None, v6),
+                (Some("fd00:198::1".parse().unwrap()), v6),
+                (Some("198.18.0.1".parse().unwrap()), v4),
+            ]
+        );
+        // IPv6-only pod: the any-address mapping is IPv6 only.
+        let c = PortmapConfig::from_conf(&conf(
+            r#","runtimeConfig":{"portMappings":[{"hostPort":8080,"containerPort":80}]}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            mapped(&c.entries(&prev(&["fd00:1::5/64"])).unwrap()),
+            vec![(None, v6)]
+        );
+    }
+
+    /// A hostIP of a family the pod has no address of is refused (code 7,
+    /// naming the key and value), never silently left unmapped.
+    #[test]
+    fn a_host_ip_of_a_family_the_pod_lacks_is_refused() {
+        for (host_ip, pod) in [
+            ("fd00:198::1", "10.1.0.5/24"),
+            ("198.18.0.1", "fd00:1::5/64"),
+        ] {
+            let c = PortmapConfig::from_conf(&conf(&format!(
+                r#","runtimeConfig":{{"portMappings":[{{"hostPort":8080,"containerPort":80,"hostIP":"{host_ip}"}}]}}"#
+            )))
+            .unwrap();
+            let e = c.entries(&prev(&[pod])).unwrap_err();
+            assert_eq!(e.code, 7, "{e:?}");
+            assert!(
+                e.msg.contains("portMappings[0].hostIP") && e.msg.contains(host_ip),
+                "{}",
+                e.msg
+            );
+        }
     }
 
     #[test]
