@@ -456,6 +456,10 @@ fn icmp_echo_and_errors_about_translated_packets() {
         let unreach = icmp_error(REMOTE, UPLINK, 3, 3, [0; 4], &sent[ETH..]);
         let (rc, out) = dp.ingress(&unreach);
         assert_eq!(rc, NEXT);
+        assert!(
+            ipv4_header_valid(&out[L4 + 8..]),
+            "quoted IPv4 header checksum"
+        );
         let mut quote = orig[ETH..].to_vec();
         let inner_csum = L4 + 8 + 20 + 6;
         quote[26..28].copy_from_slice(&out[inner_csum..inner_csum + 2]);
@@ -464,16 +468,16 @@ fn icmp_echo_and_errors_about_translated_packets() {
             &icmp_error(REMOTE, POD, 3, 3, [0; 4], &quote),
             "port unreachable",
         );
-        assert!(
-            ipv4_header_valid(&out[L4 + 8..]),
-            "quoted IPv4 header checksum"
-        );
 
         // Fragmentation needed from a router, quoting a translated TCP
-        // segment's header and first 8 bytes (PMTU discovery).
+        // segment's header and first 8 bytes (PMTU discovery). The segment
+        // got a port of the range (another pod holds its own), so the
+        // quoted port changes too.
+        dp.egress(&frame(pod(3), REMOTE, TCP, tcp(40000, 443, SYN)));
         let orig = frame(POD, REMOTE, TCP, tcp(40000, 443, SYN));
         let (_, sent) = dp.egress(&orig);
         assert_eq!(ipv4_at(&sent, SRC), UPLINK);
+        assert!(in_range(u16_at(&sent, L4), RANGE), "a port of the range");
         let mtu = [0, 0, 0x05, 0x78];
         dp.ingress_as(
             &icmp_error(ROUTER, UPLINK, 3, 4, mtu, &sent[ETH..L4 + 8]),
