@@ -228,6 +228,31 @@ pub fn ipv6_at(f: &[u8], off: usize) -> Ipv6Addr {
     Ipv6Addr::from(o)
 }
 
+/// Asserts that the IPv4 frame `out` is `want`: first its IPv4 header
+/// checksum and (unless it is a fragment, whose datagram must be checked
+/// reassembled, or UDP without a checksum) its transport checksum, so that
+/// a wrong checksum is named as such; then every byte.
+pub fn assert_ipv4_frame(out: &[u8], want: &[u8], what: &str) {
+    if out.len() >= ETH + 20 && u16_at(out, 12) == 0x0800 {
+        assert!(
+            ipv4_header_valid(&out[ETH..]),
+            "{what}: IPv4 header checksum"
+        );
+        let l4 = ETH + usize::from(out[ETH] & 0x0f) * 4;
+        let fragment = u16_at(out, ETH + 6) & (IP_MF | 0x1fff) != 0;
+        let proto = out[ETH + 9];
+        let no_checksum = proto == UDP && u16_at(out, l4 + 6) == 0;
+        if !fragment && !no_checksum && [TCP, UDP, ICMP].contains(&proto) {
+            let (src, dst) = (ipv4_at(out, ETH + 12), ipv4_at(out, ETH + 16));
+            assert!(
+                l4_valid(src, dst, proto, &out[l4..]),
+                "{what}: transport checksum"
+            );
+        }
+    }
+    assert!(out == want, "{what}: {}", first_difference(out, want));
+}
+
 /// Where two frames first differ and around it, for assertion messages.
 pub fn first_difference(got: &[u8], want: &[u8]) -> String {
     match got.iter().zip(want).position(|(a, b)| a != b) {

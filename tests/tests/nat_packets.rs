@@ -35,8 +35,9 @@ use cni_ebpf_common::{map_names, prog_names, CtKey, NatEntry, FAMILY_V4};
 use cni_tests::{
     bpffs::BpfFs,
     packet::{
-        echo, first_difference, frame, ipv4_at, ipv4_fragments, ipv4_frame, ipv4_header_valid,
-        l4_valid, raw_frame, reassemble, tcp, u16_at, udp, ETH, ICMP, IP_MF, TCP, UDP,
+        assert_ipv4_frame, echo, fold, frame, ipv4_at, ipv4_fragments, ipv4_frame,
+        ipv4_header_valid, l4_sum, l4_valid, raw_frame, reassemble, tcp, u16_at, udp, ETH, ICMP,
+        TCP, UDP,
     },
     prelude::*,
 };
@@ -106,14 +107,14 @@ impl Datapath {
     fn egress_as(&mut self, frame: &[u8], want: &[u8], what: &str) {
         let (rc, out) = self.egress(frame);
         assert_eq!(rc, NEXT, "{what}: verdict");
-        assert_frame(&out, want, what);
+        assert_ipv4_frame(&out, want, what);
     }
 
     /// `frame` in on the uplink must pass as `want`.
     fn ingress_as(&mut self, frame: &[u8], want: &[u8], what: &str) {
         let (rc, out) = self.ingress(frame);
         assert_eq!(rc, NEXT, "{what}: verdict");
-        assert_frame(&out, want, what);
+        assert_ipv4_frame(&out, want, what);
     }
 
     fn stat(&self, name: &str) -> u64 {
@@ -129,28 +130,6 @@ impl Datapath {
         HashMap::try_from(self.ebpf.map_mut(map_names::SNAT_ORIG).expect("SNAT_ORIG"))
             .expect("SNAT_ORIG")
     }
-}
-
-/// Checks `out` against `want`: the IPv4 header checksum, the transport
-/// checksum (unfragmented packets; fragments are checked reassembled), then
-/// every byte.
-fn assert_frame(out: &[u8], want: &[u8], what: &str) {
-    if out.len() >= L4 && u16_at(out, 12) == 0x0800 {
-        assert!(
-            ipv4_header_valid(&out[ETH..]),
-            "{what}: IPv4 header checksum"
-        );
-        let fragmented = u16_at(out, ETH + 6) & (IP_MF | 0x1fff) != 0;
-        let proto = out[ETH + 9];
-        let zero_udp = proto == UDP && u16_at(out, L4 + 6) == 0;
-        if !fragmented && !zero_udp && [TCP, UDP, ICMP].contains(&proto) {
-            assert!(
-                l4_valid(ipv4_at(out, SRC), ipv4_at(out, DST), proto, &out[L4..]),
-                "{what}: transport checksum"
-            );
-        }
-    }
-    assert!(out == want, "{what}: {}", first_difference(out, want));
 }
 
 /// Runs `f` on a freshly loaded datapath in a namespace of its own, with
@@ -266,7 +245,7 @@ fn a_taken_port_is_replaced_by_one_of_the_range() {
         assert_eq!(rc, NEXT);
         let p = u16_at(&out, L4);
         assert!(in_range(p, RANGE), "port {p} from the range");
-        assert_frame(
+        assert_ipv4_frame(
             &out,
             &frame(UPLINK, REMOTE, TCP, tcp(p, 80, SYN)),
             "second pod's SYN",
@@ -313,7 +292,7 @@ fn a_taken_port_is_replaced_by_one_of_the_range() {
             );
             let mut want = l4;
             want[0..2].copy_from_slice(&p.to_be_bytes());
-            assert_frame(&out, &frame(UPLINK, REMOTE, proto, want), what);
+            assert_ipv4_frame(&out, &frame(UPLINK, REMOTE, proto, want), what);
             assert_eq!(dp.stat("snatPortInUse"), in_use + 1, "{what}: counted");
         }
 
@@ -324,7 +303,7 @@ fn a_taken_port_is_replaced_by_one_of_the_range() {
         assert_eq!(rc, NEXT);
         let p = u16_at(&out, L4);
         assert!(in_range(p, RANGE), "node flow: port {p} from the range");
-        assert_frame(
+        assert_ipv4_frame(
             &out,
             &frame(UPLINK, REMOTE, TCP, tcp(p, 80, SYN)),
             "node SYN",
@@ -400,7 +379,7 @@ fn udp_with_and_without_a_checksum() {
         // there.
         let mut payload = b"zero-s\0\0".to_vec();
         let probe = udp(5002, 53, &payload);
-        let w = !cni_tests::packet::fold(cni_tests::packet::l4_sum(UPLINK, REMOTE, UDP, &probe));
+        let w = !fold(l4_sum(UPLINK, REMOTE, UDP, &probe));
         payload[6..].copy_from_slice(&w.to_be_bytes());
         let want = frame(UPLINK, REMOTE, UDP, udp(5002, 53, &payload));
         assert_eq!(u16_at(&want, L4 + 6), 0xffff, "crafted to translate to 0");
@@ -434,7 +413,7 @@ fn icmp_echo_and_errors_about_translated_packets() {
         assert_eq!(rc, NEXT);
         let id = u16_at(&req, L4 + 4);
         assert!(in_range(id, RANGE), "echo id {id} from the range");
-        assert_frame(
+        assert_ipv4_frame(
             &req,
             &frame(UPLINK, REMOTE, ICMP, echo(8, id, 1)),
             "echo request",
@@ -463,7 +442,7 @@ fn icmp_echo_and_errors_about_translated_packets() {
         let mut quote = orig[ETH..].to_vec();
         let inner_csum = L4 + 8 + 20 + 6;
         quote[26..28].copy_from_slice(&out[inner_csum..inner_csum + 2]);
-        assert_frame(
+        assert_ipv4_frame(
             &out,
             &icmp_error(REMOTE, POD, 3, 3, [0; 4], &quote),
             "port unreachable",
@@ -499,7 +478,7 @@ fn icmp_echo_and_errors_about_translated_packets() {
         let orig = frame(POD, REMOTE, ICMP, echo(8, 0x1234, 1));
         let mut quote = orig[ETH..L4 + 8].to_vec();
         quote[22..24].copy_from_slice(&out[L4 + 8 + 22..L4 + 8 + 24]);
-        assert_frame(
+        assert_ipv4_frame(
             &out,
             &icmp_error(ROUTER, POD, 11, 0, [0; 4], &quote),
             "time exceeded",
@@ -587,7 +566,7 @@ fn fragments_get_their_first_fragments_translation() {
             for (i, (f, want)) in ins.iter().zip(&wants).enumerate() {
                 let (rc, out) = if out_dir { dp.egress(f) } else { dp.ingress(f) };
                 assert_eq!(rc, NEXT, "{what}: fragment {i}");
-                assert_frame(&out, want, &format!("{what}: fragment {i}"));
+                assert_ipv4_frame(&out, want, &format!("{what}: fragment {i}"));
                 outs.push(out);
             }
             let d = reassemble(&outs);
@@ -625,10 +604,10 @@ fn fragments_get_their_first_fragments_translation() {
         let id = u16_at(&out, L4 + 4);
         assert!(in_range(id, RANGE), "echo id {id}");
         let want = ipv4_fragments(UPLINK, REMOTE, ICMP, 0x4444, ping(8, id), 1480);
-        assert_frame(&out, &want[0], "ping out: first fragment");
+        assert_ipv4_frame(&out, &want[0], "ping out: first fragment");
         let (rc, out2) = dp.egress(&frags[1]);
         assert_eq!(rc, NEXT);
-        assert_frame(&out2, &want[1], "ping out: second fragment");
+        assert_ipv4_frame(&out2, &want[1], "ping out: second fragment");
         assert!(l4_valid(UPLINK, REMOTE, ICMP, &reassemble(&[out, out2])));
         each(
             dp,
@@ -691,7 +670,7 @@ fn port_exhaustion_is_counted_and_dropped() {
         let p = u16_at(&out, L4);
         let (rc, out) = dp.egress(&syn(pod(5)));
         assert_eq!(rc, NEXT);
-        assert_frame(
+        assert_ipv4_frame(
             &out,
             &frame(UPLINK, REMOTE, TCP, tcp(p, 80, SYN)),
             "closed port taken over",

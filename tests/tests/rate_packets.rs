@@ -9,10 +9,10 @@
 //! everything; an emptied bucket refills at the rate, drops costing
 //! nothing, and never lets more than depth + rate × time through.
 //!
-//! The bucket runs on bpf_ktime. The exact counts are taken at 8 bit/s,
-//! where the refill during a test (1 byte a second) is below the margin
-//! the counts leave (72 bytes or more); the refill test only asserts
-//! bounds that hold however slowly the test runs. Each test runs in a
+//! The bucket runs on bpf_ktime. The exact counts are taken at 8 bit/s (a
+//! byte a second comes back): the first packet past a burst would need
+//! over 900 seconds of refill to pass, so the counts hold however slowly
+//! the test runs; the refill test asserts only bounds that hold as well. Each test runs in a
 //! private network namespace (the veths are there) with a private bpffs;
 //! nothing is attached.
 use std::time::{Duration, Instant};
