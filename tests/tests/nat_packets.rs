@@ -46,6 +46,7 @@ use cni_tests::{
 const NEXT: u32 = u32::MAX;
 const SHOT: u32 = 2;
 const SYN: u8 = 0x02;
+const FIN: u8 = 0x01;
 const RST: u8 = 0x04;
 const ACK: u8 = 0x10;
 /// Offsets in a frame (Ethernet, IPv4 without options).
@@ -201,6 +202,21 @@ fn v4_key(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, proto: u8) -> Ct
     }
 }
 
+/// `f` (IPv4, no options) with four bytes of options (NOP, NOP, NOP, end)
+/// in its IPv4 header: IHL, total length and header checksum follow.
+fn with_ip_options(f: &[u8]) -> Vec<u8> {
+    let mut out = f[..L4].to_vec();
+    out.extend_from_slice(&[1, 1, 1, 0]);
+    out.extend_from_slice(&f[L4..]);
+    out[ETH] = 0x46;
+    let len = u16_at(&out, ETH + 2) + 4;
+    out[ETH + 2..ETH + 4].copy_from_slice(&len.to_be_bytes());
+    out[ETH + 10..ETH + 12].copy_from_slice(&[0, 0]);
+    let c = !fold(cni_tests::packet::sum16(&out[ETH..ETH + 24]));
+    out[ETH + 10..ETH + 12].copy_from_slice(&c.to_be_bytes());
+    out
+}
+
 /// A TCP segment with data (odd length: the checksum's last word is padded).
 fn tcp_data(sport: u16, dport: u16) -> Vec<u8> {
     let mut t = tcp(sport, dport, ACK | 0x08);
@@ -232,6 +248,12 @@ fn tcp_connection_keeps_its_free_port_and_replies_come_back() {
             &frame(REMOTE, UPLINK, TCP, tcp_data(80, 40000)),
             &frame(REMOTE, POD, TCP, tcp_data(80, 40000)),
             "data segment in",
+        );
+        // A header with options: the transport header sits further on.
+        dp.egress_as(
+            &with_ip_options(&frame(POD, REMOTE, TCP, tcp(40000, 80, ACK))),
+            &with_ip_options(&frame(UPLINK, REMOTE, TCP, tcp(40000, 80, ACK))),
+            "IPv4 header with options",
         );
     });
 }
@@ -327,7 +349,7 @@ fn replies_of_inbound_connections_keep_the_pods_address() {
     with_datapath("natinbound", RANGE, |dp| {
         // TCP: a remote connected to the pod (routed in, or through a
         // hostPort); the pod's SYN-ACK, ACKs and FIN have no binding.
-        for (what, flags) in [("SYN-ACK", SYN | ACK), ("ACK", ACK), ("FIN", ACK | 0x01)] {
+        for (what, flags) in [("SYN-ACK", SYN | ACK), ("ACK", ACK), ("FIN", ACK | FIN)] {
             let f = frame(POD, REMOTE, TCP, tcp(80, 50000, flags));
             assert_eq!(dp.egress(&f), (NEXT, f.clone()), "TCP {what}: untouched");
         }
@@ -679,6 +701,52 @@ fn port_exhaustion_is_counted_and_dropped() {
             &frame(REMOTE, UPLINK, TCP, tcp(80, p, SYN | ACK)),
             &frame(REMOTE, pod(5), TCP, tcp(80, 40000, SYN | ACK)),
             "replies go to the port's new owner",
+        );
+    });
+}
+
+#[test]
+fn only_closed_connections_give_their_port_up() {
+    let range = (61000, 61001);
+    with_datapath("nattakeover", range, move |dp| {
+        let seg = |p, flags| frame(p, REMOTE, TCP, tcp(40000, 80, flags));
+        dp.egress(&seg(POD, SYN));
+        let port = |dp: &mut Datapath, n| {
+            let (rc, out) = dp.egress(&seg(pod(n), SYN));
+            assert_eq!(rc, NEXT, "pod {n}: SYN");
+            u16_at(&out, L4)
+        };
+        let (p3, p4) = (port(dp, 3), port(dp, 4));
+        assert!(in_range(p3, range) && in_range(p4, range) && p3 != p4);
+
+        // Half closed (the pod's FIN only) is still a connection.
+        dp.egress(&seg(pod(3), FIN | ACK));
+        assert_eq!(dp.egress(&seg(pod(5), SYN)).0, SHOT, "half-closed: kept");
+        // FIN both ways: closed, its port goes to the next new connection.
+        dp.ingress(&frame(REMOTE, UPLINK, TCP, tcp(80, p3, FIN | ACK)));
+        dp.egress_as(
+            &seg(pod(5), SYN),
+            &frame(UPLINK, REMOTE, TCP, tcp(p3, 80, SYN)),
+            "closed both ways: taken over",
+        );
+
+        // A pod that reconnects on the tuple of its reset connection
+        // keeps its port, and the new connection is live: not taken over.
+        dp.egress(&seg(pod(4), RST | ACK));
+        dp.egress_as(
+            &seg(pod(4), SYN),
+            &frame(UPLINK, REMOTE, TCP, tcp(p4, 80, SYN)),
+            "reconnect on a reset tuple",
+        );
+        assert_eq!(
+            dp.egress(&seg(pod(6), SYN)).0,
+            SHOT,
+            "the reconnected port is kept"
+        );
+        dp.ingress_as(
+            &frame(REMOTE, UPLINK, TCP, tcp(80, p4, SYN | ACK)),
+            &frame(REMOTE, pod(4), TCP, tcp(80, 40000, SYN | ACK)),
+            "its replies still reach it",
         );
     });
 }
