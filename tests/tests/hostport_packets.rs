@@ -18,19 +18,24 @@
 use std::net::Ipv4Addr;
 
 use aya::{
+    maps::{HashMap, MapData},
     programs::{SchedClassifier, TestRun, TestRunOptions},
     Ebpf,
 };
 use cni_agent::{
     datapath::{
-        entries::EntryMaps,
+        entries::{addr_words, EntryMaps},
         node::NodeAddrMap,
         pins::{load_pinned, read_stats, MapSizes, PinLayout},
         uplink::program,
     },
     state::record::{Entry, Protocol},
 };
-use cni_ebpf_common::prog_names::{BRIDGE_FROM_PODS, HOSTPORT_EGRESS, HOSTPORT_INGRESS};
+use cni_ebpf_common::{
+    map_names,
+    prog_names::{BRIDGE_FROM_PODS, HOSTPORT_EGRESS, HOSTPORT_INGRESS},
+    BridgeInfo,
+};
 use cni_tests::{
     bpffs::BpfFs,
     packet::{
@@ -56,6 +61,8 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 19, 8, 9);
 /// The target pod, and another pod on the same bridge.
 const POD: Ipv4Addr = Ipv4Addr::new(10, 77, 7, 5);
 const NEIGHBOUR: Ipv4Addr = Ipv4Addr::new(10, 77, 7, 6);
+/// The bridge's address (the pods' gateway).
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 77, 7, 1);
 
 struct Datapath {
     ebpf: Ebpf,
@@ -117,6 +124,7 @@ fn mapping(
     host_port: u16,
     protocol: Protocol,
     container_port: u16,
+    snat: bool,
 ) -> Entry {
     Entry::HostPort {
         host_ip: host_ip.map(Into::into),
@@ -124,14 +132,15 @@ fn mapping(
         protocol,
         pod_ip: POD.into(),
         container_port,
-        snat: false,
+        snat,
     }
 }
 
 /// Runs `f` on freshly loaded hostPort programs in a namespace of its own
 /// (uplink up0, bridge br0), with the node's address NODE and the
-/// mappings 8080/tcp -> POD:80, 5353/udp -> POD:53 (any node address) and
-/// NODE_B:9090/tcp -> POD:90, as the agent writes them.
+/// mappings 8080/tcp -> POD:80, 5353/udp -> POD:53, 8443/tcp -> POD:443
+/// with snat (any node address) and NODE_B:9090/tcp -> POD:90, as the
+/// agent writes them.
 fn with_datapath(tag: &str, f: impl FnOnce(&mut Datapath) + Send + 'static) {
     require_e2e!();
     let ns = NetNs::new(tag);
@@ -159,17 +168,28 @@ fn with_datapath(tag: &str, f: impl FnOnce(&mut Datapath) + Send + 'static) {
             .expect("node addresses");
         let mut entries = EntryMaps::open(&layout).expect("entry maps");
         for m in [
-            mapping(None, 8080, Protocol::Tcp, 80),
-            mapping(None, 5353, Protocol::Udp, 53),
-            mapping(Some(NODE_B), 9090, Protocol::Tcp, 90),
+            mapping(None, 8080, Protocol::Tcp, 80, false),
+            mapping(None, 5353, Protocol::Udp, 53, false),
+            mapping(Some(NODE_B), 9090, Protocol::Tcp, 90, false),
+            mapping(None, 8443, Protocol::Tcp, 443, true),
         ] {
             entries.apply(&m).expect("hostPort entry");
         }
+        // The bridge's address, as the agent records it when it hooks the
+        // bridge (that also attaches the program: not wanted here).
+        let bridge = index("br0");
+        let mut bridges: HashMap<&mut MapData, u32, BridgeInfo> =
+            HashMap::try_from(ebpf.map_mut(map_names::BRIDGES).expect("BRIDGES")).expect("BRIDGES");
+        let info = BridgeInfo {
+            addr_v4: addr_words(GATEWAY.into()).0[0],
+            _pad: 0,
+        };
+        bridges.insert(bridge, info, 0).expect("BRIDGES");
         f(&mut Datapath {
             ebpf,
             layout,
             uplink: index("up0"),
-            bridge: index("br0"),
+            bridge,
         });
     })
     .join()
@@ -334,22 +354,34 @@ fn every_fragment_of_a_datagram_is_translated() {
 fn a_pod_reaching_a_hostport_of_its_node_is_translated_and_redirected() {
     with_datapath("hphairpin", |dp| {
         let hairpin = dp.stat("hostPortHairpin");
-        // Without snat the client pod keeps its address and port.
-        let syn = dp.bridge_in(&frame(NEIGHBOUR, NODE, TCP, tcp(41000, 8080, SYN)));
+        // With snat (portmap's default) the target pod sees the bridge's
+        // address, so its replies come back up through the bridge, where
+        // they get node:hostPort back; both ways are redirected onto the
+        // bridge, past the host's input routing.
+        let syn = dp.bridge_in(&frame(NEIGHBOUR, NODE, TCP, tcp(41000, 8443, SYN)));
         assert_frame(
             syn,
             REDIRECT,
-            &frame(NEIGHBOUR, POD, TCP, tcp(41000, 80, SYN)),
-            "hairpin SYN",
+            &frame(GATEWAY, POD, TCP, tcp(41000, 443, SYN)),
+            "hairpin SYN: from the bridge's address, the pod's own port",
         );
-        let synack = dp.bridge_in(&frame(POD, NEIGHBOUR, TCP, tcp(80, 41000, SYN | ACK)));
+        let synack = dp.bridge_in(&frame(POD, GATEWAY, TCP, tcp(443, 41000, SYN | ACK)));
         assert_frame(
             synack,
             REDIRECT,
-            &frame(NODE, NEIGHBOUR, TCP, tcp(8080, 41000, SYN | ACK)),
-            "hairpin reply: from node:8080",
+            &frame(NODE, NEIGHBOUR, TCP, tcp(8443, 41000, SYN | ACK)),
+            "hairpin reply: from node:8443 to the client pod",
         );
-        assert_eq!(dp.stat("hostPortHairpin"), hairpin + 2);
+        // Without snat only the destination changes (the target's replies
+        // then go to the client directly, as README says).
+        let syn = dp.bridge_in(&frame(NEIGHBOUR, NODE, TCP, tcp(41001, 8080, SYN)));
+        assert_frame(
+            syn,
+            REDIRECT,
+            &frame(NEIGHBOUR, POD, TCP, tcp(41001, 80, SYN)),
+            "hairpin SYN without snat",
+        );
+        assert_eq!(dp.stat("hostPortHairpin"), hairpin + 3);
         // Pod traffic to elsewhere is not the bridge program's business.
         let f = frame(NEIGHBOUR, CLIENT, TCP, tcp(41001, 8080, SYN));
         assert_eq!(
