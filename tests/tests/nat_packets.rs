@@ -9,8 +9,11 @@
 //! kept when free and taken from the range when not (another binding, a
 //! node socket, a hostPort), replies translated back, inbound connections'
 //! replies left alone, UDP with and without a checksum, ICMP echo ids and
-//! ICMP errors (outer and quoted headers), excluded destinations, IPv4
-//! fragments, port exhaustion, and a binding's half lost to LRU eviction.
+//! ICMP errors (outer and quoted headers; the quoted transport checksum is
+//! left as it was, as README says for IPv6, and not compared), excluded
+//! destinations, IPv4 fragments, a header with options, port exhaustion
+//! and the takeover of closed connections' ports, and a binding's half
+//! lost to LRU eviction.
 //!
 //! Each test runs in a private network namespace (the uplink is a veth
 //! there, its ifindex handed to the programs in the test context; the node
