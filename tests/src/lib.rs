@@ -28,6 +28,7 @@ pub mod diff;
 pub mod hostport;
 pub mod hostport_node;
 pub mod netns;
+pub mod packet;
 pub mod plugin;
 pub mod poll;
 pub mod preconditions;

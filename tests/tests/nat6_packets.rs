@@ -23,13 +23,16 @@ use cni_agent::datapath::{
     uplink::program,
 };
 use cni_ebpf_common::{map_names, prog_names, CtKey, IpKey, MasqPolicy, NatEntry, UplinkConfig};
-use cni_tests::{bpffs::BpfFs, prelude::*};
+use cni_tests::{
+    bpffs::BpfFs,
+    packet::{
+        echo, fold, frame, ipv6_at, l4_sum, l4_valid, raw_frame, tcp, u16_at, udp, ICMPV6, TCP, UDP,
+    },
+    prelude::*,
+};
 
 /// TC_ACT_UNSPEC (tcx "next"), as test_run reports it.
 const NEXT: u32 = u32::MAX;
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-const ICMPV6: u8 = 58;
 /// Offsets in a frame: Ethernet, then the IPv6 header.
 const SRC: usize = 14 + 8;
 const DST: usize = 14 + 24;
@@ -53,102 +56,6 @@ fn remote() -> Ipv6Addr {
 }
 fn router() -> Ipv6Addr {
     "fd00:198:18:9::fe".parse().unwrap()
-}
-
-/// One's complement sum of `b` as big-endian 16-bit words, unfolded.
-fn sum16(b: &[u8]) -> u32 {
-    b.chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum()
-}
-
-fn fold(mut s: u32) -> u16 {
-    while s > 0xffff {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    s as u16
-}
-
-/// Sum of the IPv6 pseudo-header and the upper-layer bytes `l4`.
-fn l4_sum(src: Ipv6Addr, dst: Ipv6Addr, next: u8, l4: &[u8]) -> u32 {
-    sum16(&src.octets()) + sum16(&dst.octets()) + l4.len() as u32 + u32::from(next) + sum16(l4)
-}
-
-/// Whether the transport checksum in `l4` is right for these addresses.
-fn l4_valid(src: Ipv6Addr, dst: Ipv6Addr, next: u8, l4: &[u8]) -> bool {
-    fold(l4_sum(src, dst, next, l4)) == 0xffff
-}
-
-fn csum_off(next: u8) -> usize {
-    match next {
-        TCP => 16,
-        UDP => 6,
-        _ => 2,
-    }
-}
-
-/// An Ethernet + IPv6 frame carrying `l4` (protocol `next`), with the
-/// transport checksum filled in (UDP: never 0).
-fn frame(src: Ipv6Addr, dst: Ipv6Addr, next: u8, mut l4: Vec<u8>) -> Vec<u8> {
-    let off = csum_off(next);
-    l4[off] = 0;
-    l4[off + 1] = 0;
-    let mut c = !fold(l4_sum(src, dst, next, &l4));
-    if c == 0 && next == UDP {
-        c = 0xffff;
-    }
-    l4[off..off + 2].copy_from_slice(&c.to_be_bytes());
-    raw_frame(src, dst, next, &l4)
-}
-
-/// A frame as given, checksum untouched.
-fn raw_frame(src: Ipv6Addr, dst: Ipv6Addr, next: u8, l4: &[u8]) -> Vec<u8> {
-    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x86, 0xdd];
-    f.extend_from_slice(&[0x60, 0, 0, 0]);
-    f.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-    f.extend_from_slice(&[next, 64]);
-    f.extend_from_slice(&src.octets());
-    f.extend_from_slice(&dst.octets());
-    f.extend_from_slice(l4);
-    f
-}
-
-fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
-    let mut t = vec![0u8; 20];
-    t[0..2].copy_from_slice(&sport.to_be_bytes());
-    t[2..4].copy_from_slice(&dport.to_be_bytes());
-    t[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
-    t[12] = 5 << 4;
-    t[13] = flags;
-    t[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    t
-}
-
-fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let mut u = vec![0u8; 8];
-    u[0..2].copy_from_slice(&sport.to_be_bytes());
-    u[2..4].copy_from_slice(&dport.to_be_bytes());
-    u[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    u.extend_from_slice(payload);
-    u
-}
-
-fn echo(ty: u8, id: u16, seq: u16) -> Vec<u8> {
-    let mut e = vec![ty, 0, 0, 0];
-    e.extend_from_slice(&id.to_be_bytes());
-    e.extend_from_slice(&seq.to_be_bytes());
-    e.extend_from_slice(b"ping payload");
-    e
-}
-
-fn addr_at(f: &[u8], off: usize) -> Ipv6Addr {
-    let mut o = [0u8; 16];
-    o.copy_from_slice(&f[off..off + 16]);
-    Ipv6Addr::from(o)
-}
-
-fn u16_at(f: &[u8], off: usize) -> u16 {
-    u16::from_be_bytes([f[off], f[off + 1]])
 }
 
 /// The loaded IPv6 programs and the maps the test programs.
@@ -251,8 +158,8 @@ fn run_cases(root: std::path::PathBuf) {
     let syn = frame(pod(), remote(), TCP, tcp(40000, 80, 0x02));
     let (rc, out) = dp.run(eg, &syn);
     assert_eq!(rc, NEXT);
-    assert_eq!(addr_at(&out, SRC), uplink(), "source translated");
-    assert_eq!(addr_at(&out, DST), remote());
+    assert_eq!(ipv6_at(&out, SRC), uplink(), "source translated");
+    assert_eq!(ipv6_at(&out, DST), remote());
     assert_eq!(u16_at(&out, L4), 40000, "free source port kept");
     assert!(
         l4_valid(uplink(), remote(), TCP, &out[L4..]),
@@ -267,7 +174,7 @@ fn run_cases(root: std::path::PathBuf) {
     let synack = frame(remote(), uplink(), TCP, tcp(80, 40000, 0x12));
     let (rc, out) = dp.run(ing, &synack);
     assert_eq!(rc, NEXT);
-    assert_eq!(addr_at(&out, DST), pod(), "destination translated back");
+    assert_eq!(ipv6_at(&out, DST), pod(), "destination translated back");
     assert_eq!(u16_at(&out, L4 + 2), 40000);
     assert!(
         l4_valid(remote(), pod(), TCP, &out[L4..]),
@@ -284,7 +191,7 @@ fn run_cases(root: std::path::PathBuf) {
     let req = frame(pod(), remote(), ICMPV6, echo(128, 0x1234, 1));
     let (rc, out) = dp.run(eg, &req);
     assert_eq!(rc, NEXT);
-    assert_eq!(addr_at(&out, SRC), uplink());
+    assert_eq!(ipv6_at(&out, SRC), uplink());
     let id = u16_at(&out, L4 + 4);
     assert!(
         (PORT_MIN..=PORT_MAX).contains(&id),
@@ -298,7 +205,7 @@ fn run_cases(root: std::path::PathBuf) {
     let reply = frame(remote(), uplink(), ICMPV6, echo(129, id, 1));
     let (rc, out) = dp.run(ing, &reply);
     assert_eq!(rc, NEXT);
-    assert_eq!(addr_at(&out, DST), pod());
+    assert_eq!(ipv6_at(&out, DST), pod());
     assert_eq!(u16_at(&out, L4 + 4), 0x1234, "the pod's identifier back");
     assert!(l4_valid(remote(), pod(), ICMPV6, &out[L4..]));
 
@@ -311,10 +218,10 @@ fn run_cases(root: std::path::PathBuf) {
     let ptb = frame(router(), uplink(), ICMPV6, ptb);
     let (rc, out) = dp.run(ing, &ptb);
     assert_eq!(rc, NEXT);
-    assert_eq!(addr_at(&out, DST), pod(), "outer destination");
+    assert_eq!(ipv6_at(&out, DST), pod(), "outer destination");
     let inner = L4 + 8;
-    assert_eq!(addr_at(&out, inner + 8), pod(), "quoted source");
-    assert_eq!(addr_at(&out, inner + 24), remote(), "quoted destination");
+    assert_eq!(ipv6_at(&out, inner + 8), pod(), "quoted source");
+    assert_eq!(ipv6_at(&out, inner + 24), remote(), "quoted destination");
     assert_eq!(u16_at(&out, inner + 40 + 4), 0x1234, "quoted identifier");
     assert!(
         l4_valid(router(), pod(), ICMPV6, &out[L4..]),
@@ -327,7 +234,7 @@ fn run_cases(root: std::path::PathBuf) {
     let (rc, out) = dp.run(ing, &frame(router(), uplink(), ICMPV6, ptb));
     assert_eq!(rc, NEXT);
     assert_eq!(
-        (addr_at(&out, DST), addr_at(&out, inner + 8)),
+        (ipv6_at(&out, DST), ipv6_at(&out, inner + 8)),
         (pod(), pod())
     );
     assert!(l4_valid(router(), pod(), ICMPV6, &out[L4..]));
@@ -351,7 +258,7 @@ fn run_cases(root: std::path::PathBuf) {
     assert_ne!(u16_at(&dgram, L4 + 6), 0);
     let (rc, out) = dp.run(eg, &dgram);
     assert_eq!(rc, NEXT);
-    assert_eq!(addr_at(&out, SRC), uplink());
+    assert_eq!(ipv6_at(&out, SRC), uplink());
     assert_eq!(u16_at(&out, L4), 5000, "free UDP port kept");
     assert_eq!(
         u16_at(&out, L4 + 6),
@@ -363,7 +270,7 @@ fn run_cases(root: std::path::PathBuf) {
     let back = frame(remote(), uplink(), UDP, udp(53, 5000, b"answer"));
     let (rc, out) = dp.run(ing, &back);
     assert_eq!(rc, NEXT);
-    assert_eq!(addr_at(&out, DST), pod());
+    assert_eq!(ipv6_at(&out, DST), pod());
     assert!(
         l4_valid(remote(), pod(), UDP, &out[L4..]),
         "UDP checksum in"
@@ -414,7 +321,7 @@ fn run_cases(root: std::path::PathBuf) {
     let back = frame(remote(), uplink(), TCP, tcp(80, port_a, 0x12));
     let (rc, out) = dp.run(ing, &back);
     assert_eq!(
-        (rc, addr_at(&out, DST)),
+        (rc, ipv6_at(&out, DST)),
         (NEXT, pod_n(5)),
         "replies go to the new owner"
     );
