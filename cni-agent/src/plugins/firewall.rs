@@ -69,7 +69,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::{
-    datapath::policy::{
+    firewall::{
         compile, Action, FirewallSpec, IngressPolicy, PortRange, Rule, RuleProtocol, RuleSet,
     },
     netlink::{format_mac, NetNs, Netlink},
