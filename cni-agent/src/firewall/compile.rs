@@ -5,8 +5,10 @@
 //! attachment recompiles its recorded rules and removes exactly the keys
 //! they produce, so the record (which lists the rules) determines every map
 //! entry.
-use cni_ebpf_common::{fw, FwCidrKey, FwPortKey, FwRegion, FwVerdict, FAMILY_V4};
-use ipnet::{IpNet, Ipv4Net};
+use std::net::IpAddr;
+
+use cni_ebpf_common::{fw, FwCidrKey, FwPortKey, FwRegion, FwVerdict, FAMILY_V4, FAMILY_V6};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::model::{Rule, RuleSet};
 
@@ -119,18 +121,47 @@ pub fn compile(ifindex: u32, dir: u8, set: &RuleSet) -> Result<Compiled, Compile
     if set.rules.is_empty() {
         return Ok(out);
     }
-    let rules: Vec<(usize, Ipv4Net, &Rule)> = set
-        .rules
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| !matches!(r.cidr, Some(IpNet::V6(_))))
-        .map(|(i, r)| (i, r.v4_net(), r))
-        .collect();
-    let mut nets: Vec<Ipv4Net> = rules.iter().map(|(_, n, _)| *n).collect();
-    nets.push(Ipv4Net::default());
-    nets.sort();
-    nets.dedup();
-    for (region, p) in nets.iter().enumerate() {
+    // Regions of both families share one numbering (FW_PORTS keys carry
+    // the region, not the family). A family no rule applies to gets no
+    // region: its lookups miss and the default applies, as it would.
+    let mut region = 0u16;
+    for v6 in [false, true] {
+        let rules: Vec<(usize, IpNet, &Rule)> = set
+            .rules
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.net_of_family(v6).map(|n| (i, n, r)))
+            .collect();
+        if rules.is_empty() {
+            continue;
+        }
+        let mut nets: Vec<IpNet> = rules.iter().map(|(_, n, _)| *n).collect();
+        nets.push(if v6 {
+            IpNet::V6(Ipv6Net::default())
+        } else {
+            IpNet::V4(Ipv4Net::default())
+        });
+        nets.sort();
+        nets.dedup();
+        for p in &nets {
+            compile_region(ifindex, dir, region, p, &rules, &mut out)?;
+            region += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// Compiles the region of prefix `p` (number `region`) from the rules of
+/// its family.
+fn compile_region(
+    ifindex: u32,
+    dir: u8,
+    region: u16,
+    p: &IpNet,
+    rules: &[(usize, IpNet, &Rule)],
+    out: &mut Compiled,
+) -> Result<(), CompileError> {
+    {
         let applicable: Vec<(usize, &Rule)> = rules
             .iter()
             .filter(|(_, n, _)| n.contains(p))
@@ -143,20 +174,28 @@ pub fn compile(ifindex: u32, dir: u8, set: &RuleSet) -> Result<Compiled, Compile
                 .map(|(i, r)| (*i, *r))
         };
         let value = FwRegion {
-            region: region as u16,
+            region,
             _pad: 0,
             icmp: verdict(first(1)),
             // 0: a protocol no rule names (anything but TCP/UDP/ICMP).
             other: verdict(first(0)),
+        };
+        let (family, addr) = match p.network() {
+            IpAddr::V4(a) => (FAMILY_V4, [u32::from_ne_bytes(a.octets()), 0, 0, 0]),
+            IpAddr::V6(a) => {
+                let o = a.octets();
+                let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                (FAMILY_V6, [w(0), w(4), w(8), w(12)])
+            }
         };
         out.cidrs.push((
             KEY_FIXED_BITS + u32::from(p.prefix_len()),
             FwCidrKey {
                 ifindex,
                 dir,
-                family: FAMILY_V4,
+                family,
                 _pad: [0; 2],
-                addr: [u32::from_ne_bytes(p.network().octets()), 0, 0, 0],
+                addr,
             },
             value,
         ));
@@ -175,7 +214,7 @@ pub fn compile(ifindex: u32, dir: u8, set: &RuleSet) -> Result<Compiled, Compile
                             ifindex,
                             dir,
                             proto,
-                            region: region as u16,
+                            region,
                             port: port.to_be(),
                             _pad: 0,
                         },
@@ -191,7 +230,7 @@ pub fn compile(ifindex: u32, dir: u8, set: &RuleSet) -> Result<Compiled, Compile
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -215,18 +254,32 @@ mod tests {
         }
     }
 
-    /// Looks a connection up the way the kernel does: longest CIDR match,
-    /// then longest port prefix match.
-    fn lookup(c: &Compiled, dir: u8, proto: u8, remote: Ipv4Addr, dport: u16) -> Option<(u16, u8)> {
-        let addr = u32::from(remote);
+    /// Looks a connection up the way the kernel does: longest CIDR match
+    /// (of the address's family), then longest port prefix match.
+    fn lookup(c: &Compiled, dir: u8, proto: u8, remote: IpAddr, dport: u16) -> Option<(u16, u8)> {
         let region = c
             .cidrs
             .iter()
             .filter(|(_, k, _)| k.dir == dir)
             .filter(|(b, k, _)| {
-                let bits = b - KEY_FIXED_BITS;
-                let net = u32::from_be(k.addr[0]);
-                bits == 0 || (addr >> (32 - bits)) == (net >> (32 - bits))
+                let bits = (b - KEY_FIXED_BITS) as u8;
+                let words = k.addr.map(u32::from_be);
+                let net: IpNet = match remote {
+                    IpAddr::V4(_) if k.family == FAMILY_V4 => {
+                        Ipv4Net::new(Ipv4Addr::from(words[0]), bits).unwrap().into()
+                    }
+                    IpAddr::V6(_) if k.family == FAMILY_V6 => {
+                        let a = (u128::from(words[0]) << 96)
+                            | (u128::from(words[1]) << 64)
+                            | (u128::from(words[2]) << 32)
+                            | u128::from(words[3]);
+                        Ipv6Net::new(std::net::Ipv6Addr::from(a), bits)
+                            .unwrap()
+                            .into()
+                    }
+                    _ => return false,
+                };
+                net.contains(&remote)
             })
             .max_by_key(|(b, _, _)| *b)
             .map(|(_, _, v)| *v)?;
@@ -251,9 +304,11 @@ mod tests {
     }
 
     /// The reference semantics: the first rule that matches.
-    fn first_match(rules: &[Rule], proto: u8, remote: Ipv4Addr, dport: u16) -> Option<(u16, u8)> {
+    fn first_match(rules: &[Rule], proto: u8, remote: IpAddr, dport: u16) -> Option<(u16, u8)> {
         rules.iter().enumerate().find_map(|(i, r)| {
-            let in_net = r.v4_net().contains(&remote);
+            let in_net = r
+                .net_of_family(remote.is_ipv6())
+                .is_some_and(|n| n.contains(&remote));
             let in_ports = match (proto, r.ports) {
                 (6 | 17, Some(p)) => (p.from..=p.to).contains(&dport),
                 (_, Some(_)) => false,
@@ -338,7 +393,7 @@ mod tests {
             65535,
         ];
         for a in addrs {
-            let a: Ipv4Addr = a.parse().unwrap();
+            let a: IpAddr = a.parse().unwrap();
             for proto in [1u8, 6, 17, 47] {
                 for &p in &ports {
                     assert_eq!(
@@ -399,7 +454,7 @@ mod tests {
             };
             let c = compile(1, fw::DIR_EGRESS, &set).unwrap();
             for _ in 0..300 {
-                let a = Ipv4Addr::new(10, rnd(3) as u8, rnd(3) as u8, rnd(8) as u8);
+                let a = IpAddr::V4(Ipv4Addr::new(10, rnd(3) as u8, rnd(3) as u8, rnd(8) as u8));
                 let proto = [1u8, 6, 17, 47][rnd(4) as usize];
                 let port = rnd(64) as u16;
                 assert_eq!(
@@ -450,5 +505,72 @@ mod tests {
         let c = compile(3, fw::DIR_EGRESS, &set).unwrap();
         assert_eq!(c.cidrs.len(), 1001);
         assert_eq!(c.ports.len(), 1000);
+    }
+
+    /// Rules of both families in one list: each address meets only the
+    /// rules of its family and those without a CIDR, in order.
+    #[test]
+    fn dual_stack_rules_agree_with_first_match() {
+        let rules = vec![
+            rule(
+                Action::Deny,
+                Some("fd00:198:18::/48"),
+                RuleProtocol::Tcp,
+                Some((80, 80)),
+            ),
+            rule(Action::Allow, Some("10.0.0.0/8"), RuleProtocol::Tcp, None),
+            rule(
+                Action::Allow,
+                Some("fd00:198:18:1::/64"),
+                RuleProtocol::Any,
+                None,
+            ),
+            rule(Action::Deny, None, RuleProtocol::Icmp, None),
+            rule(
+                Action::Allow,
+                Some("fd00::/8"),
+                RuleProtocol::Udp,
+                Some((53, 53)),
+            ),
+            rule(
+                Action::Deny,
+                Some("2001:db8::1/128"),
+                RuleProtocol::Any,
+                None,
+            ),
+            rule(Action::Allow, None, RuleProtocol::Tcp, Some((443, 443))),
+        ];
+        let set = RuleSet {
+            default: Action::Deny,
+            rules: rules.clone(),
+        };
+        let c = compile(5, fw::DIR_EGRESS, &set).unwrap();
+        let addrs = [
+            "10.1.2.3",
+            "192.0.2.1",
+            "fd00:198:18::1",
+            "fd00:198:18:1::5",
+            "fd00:1::1",
+            "2001:db8::1",
+            "2001:db8::2",
+            "::ffff:10.1.2.3",
+        ];
+        for a in addrs {
+            let a: IpAddr = a.parse().unwrap();
+            for proto in [1u8, 6, 17, 47] {
+                for p in [53u16, 80, 443, 8080] {
+                    assert_eq!(
+                        lookup(&c, fw::DIR_EGRESS, proto, a, p),
+                        first_match(&rules, proto, a, p),
+                        "{a} proto {proto} port {p}"
+                    );
+                }
+            }
+        }
+        // Regions are numbered across families: no two share a number.
+        let mut regions: Vec<u16> = c.cidrs.iter().map(|(_, _, v)| v.region).collect();
+        regions.sort();
+        regions.dedup();
+        assert_eq!(regions.len(), c.cidrs.len());
     }
 }

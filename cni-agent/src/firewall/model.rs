@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 
 use cni_ebpf_common::fw;
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 /// What a rule (or a direction's default) does.
@@ -88,11 +88,16 @@ impl Rule {
         s
     }
 
-    pub(crate) fn v4_net(&self) -> Ipv4Net {
-        match self.cidr {
-            Some(IpNet::V4(n)) => n.trunc(),
-            // IPv6 CIDRs are refused by the plugin; they never match v4.
-            _ => Ipv4Net::default(),
+    /// The addresses of family `v6` the rule matches: its CIDR if of that
+    /// family, all of them if it has none, nothing (None) if its CIDR is of
+    /// the other family.
+    pub(crate) fn net_of_family(&self, v6: bool) -> Option<IpNet> {
+        match (self.cidr, v6) {
+            (Some(IpNet::V4(n)), false) => Some(IpNet::V4(n.trunc())),
+            (Some(IpNet::V6(n)), true) => Some(IpNet::V6(n.trunc())),
+            (Some(_), _) => None,
+            (None, false) => Some(IpNet::V4(Ipv4Net::default())),
+            (None, true) => Some(IpNet::V6(Ipv6Net::default())),
         }
     }
 
@@ -101,6 +106,8 @@ impl Rule {
             RuleProtocol::Any => self.ports.is_none() || proto == 6 || proto == 17,
             RuleProtocol::Tcp => proto == 6,
             RuleProtocol::Udp => proto == 17,
+            // ICMP for IPv4, ICMPv6 for IPv6 (the compiler and the
+            // datapath use 1 for both).
             RuleProtocol::Icmp => proto == 1,
         }
     }

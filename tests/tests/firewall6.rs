@@ -1,0 +1,538 @@
+//! ebpf-firewall on IPv6, end to end: a dual-stack node namespace whose
+//! uplink has an IPv4 and an IPv6 address, an "external" namespace
+//! (198.18.x.0/24, fd00:198:18:x::/64) with no route back to the pods, our
+//! agent, and dual-stack pods (10.x/24 and fd00:…/64, masqueraded) attached
+//! by ebpf-bridge + ebpf-firewall.
+//!
+//! - ordered stateful rules with IPv6 CIDRs (egress allow/deny, replies
+//!   through an ingress default deny, ICMPv6 errors of an allowed flow);
+//! - `ingressPolicy` same-bridge and isolated between pods over IPv6;
+//! - with `ip6tables -P FORWARD DROP` and `iptables -P FORWARD DROP` in the
+//!   node, the firewalled pod still reaches the outside over IPv6 (no rule
+//!   added), a pod without the firewall does not;
+//! - a spoofed IPv6 source and a Neighbor Advertisement for an address the
+//!   pod does not own are dropped: the node's neighbour table keeps the
+//!   real owner's MAC.
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use cni_tests::agentctl::{admin, AgentProc};
+use cni_tests::prelude::*;
+use cni_tests::traffic::{in_netns, tcp_echo, udp_echo, TcpEchoServer, UdpEchoServer};
+use cni_tests::uplink::{masq_conf_dual, no_dad, result_ipv6, wait_settled, External};
+
+const TCP_PORT: u16 = 7000;
+const UDP_PORT: u16 = 7001;
+
+/// A dual-stack node with an uplink and a running agent. Fields drop in
+/// order: agent, external side, node (pods are declared later by the tests,
+/// so they go first).
+struct Fixture {
+    _agent: AgentProc,
+    ext: External,
+    node: Node,
+}
+
+fn fixture(tag: &str) -> Fixture {
+    let node = Node::new(tag);
+    no_dad(&node.ns);
+    let ext = External::direct_dual(&node);
+    let agent = AgentProc::start(&node, &[]);
+    let (v4, v6) = (ext.node_addr.to_string(), ext.node_v6().to_string());
+    wait_until(
+        "the agent to serve uplink0 with its IPv4 and IPv6 addresses",
+        SETTLE,
+        || {
+            let status = admin(&node, "status");
+            let ups = status["uplinks"].as_array()?.clone();
+            (ups.len() == 1
+                && ups[0]["address"] == v4.as_str()
+                && ups[0]["addressV6"] == v6.as_str())
+            .then_some(())
+        },
+    );
+    Fixture {
+        _agent: agent,
+        ext,
+        node,
+    }
+}
+
+/// One attached dual-stack pod.
+struct Pod {
+    att: Attachment,
+    result: Value,
+    ip6: Ipv6Addr,
+    ns: NetNs,
+}
+
+impl Fixture {
+    /// A dual-stack conflist: ebpf-bridge (gateway of both families,
+    /// default routes of both, ipMasq) on `bridge` with the `n`-th pair of
+    /// subnets of this topology, then — if `firewall` is given —
+    /// ebpf-firewall with those options and the `firewallRules` capability.
+    fn list(&self, network: &str, bridge: &str, n: u8, firewall: Option<Value>) -> Value {
+        let (v4, v6) = self.subnets(n);
+        let mut br = masq_conf_dual(&self.node, network, bridge, &v4, &v6);
+        let obj = br.as_object_mut().expect("object");
+        obj.remove("name");
+        let version = obj.remove("cniVersion").expect("cniVersion");
+        let mut plugins = vec![br];
+        if let Some(opts) = firewall {
+            let mut fw = json!({"type": "ebpf-firewall", "capabilities": {"firewallRules": true}});
+            merge(&mut fw, &opts);
+            merge(&mut fw, &self.node.path_keys());
+            plugins.push(fw);
+        }
+        json!({"cniVersion": version, "name": network, "plugins": plugins})
+    }
+
+    /// Subnet pair `n` of this topology: 10.(90+n).x.0/24, fd00:(90+n):x::/64.
+    fn subnets(&self, n: u8) -> (String, String) {
+        let i = self.ext.index;
+        (
+            format!("10.{}.{i}.0/24", 90 + n),
+            format!("fd00:{}:{i}::/64", 90 + u16::from(n)),
+        )
+    }
+
+    /// ADDs pod `cid` (DAD off in its namespace) with capability arguments
+    /// `caps`, and waits for its IPv6 addresses to be usable.
+    #[track_caller]
+    fn add(&self, list: &Value, cid: &str, caps: Value) -> Pod {
+        let ns = self.node.pod(cid);
+        no_dad(&ns);
+        let mut att = Attachment::new(cid, &ns, "eth0");
+        if let Some(m) = caps.as_object() {
+            att.capability_args = m.clone();
+        }
+        let result = self
+            .node
+            .runtime(Impl::Ours)
+            .add_list(list, &att)
+            .unwrap_or_else(|o| panic!("ADD {cid}: {o}"));
+        wait_settled(&ns);
+        wait_settled(&self.node.ns);
+        let ip6 = result_ipv6(&result);
+        Pod {
+            att,
+            result,
+            ip6,
+            ns,
+        }
+    }
+
+    #[track_caller]
+    fn del(&self, list: &Value, pod: &Pod) {
+        self.node
+            .runtime(Impl::Ours)
+            .del_list(list, &pod.att, Some(&pod.result))
+            .unwrap_or_else(|o| panic!("DEL {}: {o}", pod.att.container_id));
+    }
+
+    /// `cni-agent firewall --json`: the attachment of container `cid`.
+    fn fw_attachment(&self, cid: &str) -> Value {
+        let fw = admin(&self.node, "firewall");
+        fw["attachments"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| {
+                a["attachment"]
+                    .as_str()
+                    .is_some_and(|k| k.contains(&format!("/{cid}/")))
+            })
+            .cloned()
+            .unwrap_or_else(|| panic!("no firewall attachment for {cid}: {fw:#}"))
+    }
+
+    fn ext6(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.ext.ext_v6(), port))
+    }
+}
+
+/// The counter `name` of a `cni-agent firewall` attachment.
+fn counter(att: &Value, name: &str) -> u64 {
+    att["counters"][name].as_u64().unwrap_or(0)
+}
+
+/// TCP connect from `ns` to `to` (no data): whether the handshake completes.
+fn connects(ns: &NetNs, to: SocketAddr) -> bool {
+    in_netns(ns, move || {
+        TcpStream::connect_timeout(&to, Duration::from_millis(1500)).is_ok()
+    })
+}
+
+fn ping6(ns: &NetNs, dst: Ipv6Addr) -> bool {
+    ns.run(
+        "ping",
+        &["-6", "-c", "1", "-W", "2", "-n", &dst.to_string()],
+    )
+    .status
+    .success()
+}
+
+/// A UDP datagram from `ns` to `to`, then a wait for the answer: whether an
+/// ICMPv6 "port unreachable" came back (the socket reports "connection
+/// refused").
+fn udp_refused(ns: &NetNs, to: SocketAddr) -> bool {
+    in_netns(ns, move || {
+        let Ok(s) = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)) else {
+            return false;
+        };
+        if s.connect(to).is_err() || s.set_read_timeout(Some(Duration::from_secs(1))).is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 64];
+        for _ in 0..3 {
+            let _ = s.send(b"anyone?");
+            match s.recv(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return true,
+                _ => {}
+            }
+        }
+        false
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Rules
+// ---------------------------------------------------------------------------
+
+/// Per-pod rules with IPv6 CIDRs (capability `firewallRules`), default deny
+/// both ways: TCP to the external address's port is allowed and its
+/// replies pass the ingress default deny (masqueraded to the node's IPv6
+/// address on the way); UDP to the same host is denied by the default; an
+/// ICMPv6 "port unreachable" for an allowed UDP flow reaches the pod (a
+/// related error); echo passes by an `icmp` rule; the same pod's IPv4
+/// traffic meets none of the IPv6 rules and gets the default. Each rule
+/// counts its hits.
+#[test]
+fn v6_rules_are_stateful_with_related_errors() {
+    require_e2e!();
+    let fx = fixture("fw6rules");
+    let list = fx.list("fw6rulenet", "cnifw6r0", 0, Some(json!({})));
+    let ext6 = fx.ext.ext_v6();
+    let rules = json!({
+        "ingress": {"default": "deny"},
+        "egress": {"default": "deny", "rules": [
+            {"action": "allow", "protocol": "tcp", "cidr": format!("{ext6}/128"), "ports": TCP_PORT},
+            {"action": "allow", "protocol": "udp", "cidr": "fd00:198::/32", "ports": 9},
+            {"action": "deny", "protocol": "icmp", "cidr": "2001:db8::/32"},
+            {"action": "allow", "protocol": "icmp", "cidr": "fd00:198::/32"},
+        ]},
+    });
+    let pod = fx.add(&list, "r6", json!({"firewallRules": rules}));
+    let _tcp6 = TcpEchoServer::start_v6(&fx.ext.ns, TCP_PORT);
+    let _tcp4 = TcpEchoServer::start(&fx.ext.ns, TCP_PORT);
+    let _udp6 = UdpEchoServer::start_v6(&fx.ext.ns, UDP_PORT);
+
+    let t = tcp_echo(&pod.ns, fx.ext6(TCP_PORT), "v6-allowed").expect("allowed IPv6 TCP");
+    assert_eq!(
+        t.seen_as.ip(),
+        IpAddr::V6(fx.ext.node_v6()),
+        "masqueraded to the node's IPv6 address"
+    );
+    udp_echo(&pod.ns, fx.ext6(UDP_PORT), "v6-denied").expect_err("UDP: egress default deny");
+    assert!(
+        udp_refused(&pod.ns, fx.ext6(9)),
+        "the port-unreachable error of an allowed UDP flow reaches the pod"
+    );
+    assert!(ping6(&pod.ns, ext6), "ICMPv6 echo allowed by the icmp rule");
+    assert!(
+        !connects(&pod.ns, SocketAddr::from((fx.ext.ext_addr, TCP_PORT))),
+        "IPv4 meets none of the IPv6 rules: egress default deny"
+    );
+
+    let a = fx.fw_attachment("r6");
+    let rules = a["egress"]["rules"]
+        .as_array()
+        .expect("egress rules")
+        .clone();
+    assert!(rules[0]["hits"].as_u64() >= Some(1), "tcp rule hit: {a:#}");
+    assert!(rules[1]["hits"].as_u64() >= Some(1), "udp rule hit: {a:#}");
+    assert!(rules[3]["hits"].as_u64() >= Some(1), "icmp rule hit: {a:#}");
+    assert!(counter(&a, "egressDropped") >= 2, "{a:#}");
+    assert!(counter(&a, "ingressEstablished") >= 1, "{a:#}");
+    fx.del(&list, &pod);
+    assert_eq!(
+        admin(&fx.node, "firewall")["entries"]["cidrs"].as_u64(),
+        Some(0),
+        "DEL removed the compiled IPv6 rules"
+    );
+}
+
+/// `ingressPolicy` over IPv6, as over IPv4: same-bridge lets pods of the
+/// pod's bridge in and keeps pods of other bridges out; isolated keeps
+/// every other pod out, its own bridge's included; the node itself gets in
+/// to both; an isolated pod's own connections get their replies.
+#[test]
+fn v6_same_bridge_and_isolated_policies() {
+    require_e2e!();
+    let fx = fixture("fw6pol");
+    let sb = fx.list(
+        "sb6net",
+        "cnisb6",
+        1,
+        Some(json!({"ingressPolicy": "same-bridge"})),
+    );
+    let iso = fx.list(
+        "iso6net",
+        "cniiso6",
+        2,
+        Some(json!({"ingressPolicy": "isolated"})),
+    );
+    let open = fx.list("open6net", "cniopen6", 3, Some(json!({})));
+    let a1 = fx.add(&sb, "a1", json!({}));
+    let a2 = fx.add(&sb, "a2", json!({}));
+    let b1 = fx.add(&iso, "b1", json!({}));
+    let b2 = fx.add(&iso, "b2", json!({}));
+    let c1 = fx.add(&open, "c1", json!({}));
+    let _servers: Vec<TcpEchoServer> = [&a1, &a2, &b1, &b2, &c1]
+        .iter()
+        .map(|p| TcpEchoServer::start_v6(&p.ns, 8080))
+        .collect();
+    let to = |p: &Pod| SocketAddr::from((p.ip6, 8080));
+
+    assert!(connects(&a2.ns, to(&a1)), "same bridge: A2 -> A1 allowed");
+    assert!(!connects(&b1.ns, to(&a1)), "other bridge: B1 -> A1 refused");
+    assert!(!connects(&c1.ns, to(&a1)), "other bridge: C1 -> A1 refused");
+    assert!(connects(&fx.node.ns, to(&a1)), "the node -> A1 allowed");
+    assert!(!connects(&b2.ns, to(&b1)), "isolated: B2 -> B1 refused");
+    assert!(!connects(&a1.ns, to(&b1)), "isolated: A1 -> B1 refused");
+    assert!(connects(&fx.node.ns, to(&b1)), "the node -> B1 allowed");
+    let t = tcp_echo(&b1.ns, to(&c1), "b1").expect("B1 -> C1: the isolated pod's own connection");
+    assert_eq!(
+        t.seen_as.ip(),
+        IpAddr::V6(b1.ip6),
+        "pod to pod is not masqueraded"
+    );
+
+    let a1_fw = fx.fw_attachment("a1");
+    let b1_fw = fx.fw_attachment("b1");
+    assert!(counter(&a1_fw, "policyDropped") >= 2, "{a1_fw:#}");
+    assert!(counter(&b1_fw, "policyDropped") >= 2, "{b1_fw:#}");
+    assert_eq!(counter(&fx.fw_attachment("c1"), "policyDropped"), 0);
+    for (list, p) in [
+        (&sb, &a1),
+        (&sb, &a2),
+        (&iso, &b1),
+        (&iso, &b2),
+        (&open, &c1),
+    ] {
+        fx.del(list, p);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// FORWARD policy DROP
+// ---------------------------------------------------------------------------
+
+/// With `ip6tables -P FORWARD DROP` and `iptables -P FORWARD DROP` in the
+/// node, a dual-stack pod with ebpf-firewall in its chain reaches the
+/// outside over IPv6 (TCP, UDP and ping, masqueraded) and IPv4, while a
+/// pod on a network without the firewall cannot over IPv6. No iptables,
+/// ip6tables or nft rule is added: the firewall forwards in eBPF (its
+/// `forwarded` counter shows it).
+#[test]
+fn v6_forward_drop_passes_only_with_the_firewall() {
+    require_e2e!();
+    let fx = fixture("fw6drop");
+    for tool in ["iptables", "ip6tables"] {
+        let out = fx.node.ns.run(tool, &["-P", "FORWARD", "DROP"]);
+        assert!(out.status.success(), "{tool} -P FORWARD DROP: {out:?}");
+    }
+    let rules_before = fx.node.ns.firewall_rules();
+    let fw_list = fx.list("fw6dropnet", "cnifw6d0", 4, Some(json!({})));
+    let plain_list = fx.list("plain6net", "cniplain6", 5, None);
+    let fw_pod = fx.add(&fw_list, "fw6-ctr", json!({}));
+    let plain_pod = fx.add(&plain_list, "plain6-ctr", json!({}));
+    let _tcp6 = TcpEchoServer::start_v6(&fx.ext.ns, TCP_PORT);
+    let _tcp4 = TcpEchoServer::start(&fx.ext.ns, TCP_PORT);
+    let _udp6 = UdpEchoServer::start_v6(&fx.ext.ns, UDP_PORT);
+
+    let t = tcp_echo(&fw_pod.ns, fx.ext6(TCP_PORT), "fw6").expect("firewalled pod, IPv6 TCP");
+    assert_eq!(t.seen_as.ip(), IpAddr::V6(fx.ext.node_v6()));
+    let u = udp_echo(&fw_pod.ns, fx.ext6(UDP_PORT), "fw6").expect("firewalled pod, IPv6 UDP");
+    assert_eq!(u.seen_as.ip(), IpAddr::V6(fx.ext.node_v6()));
+    assert!(ping6(&fw_pod.ns, fx.ext.ext_v6()), "firewalled pod, ping6");
+    tcp_echo(
+        &fw_pod.ns,
+        SocketAddr::from((fx.ext.ext_addr, TCP_PORT)),
+        "fw4",
+    )
+    .expect("firewalled pod, IPv4 TCP");
+    assert!(
+        !connects(&plain_pod.ns, fx.ext6(TCP_PORT)),
+        "without the firewall, ip6tables' FORWARD DROP holds"
+    );
+    assert!(!ping6(&plain_pod.ns, fx.ext.ext_v6()));
+
+    assert_eq!(
+        fx.node.ns.firewall_rules(),
+        rules_before,
+        "the firewall added no netfilter rule"
+    );
+    let a = fx.fw_attachment("fw6-ctr");
+    assert!(counter(&a, "forwarded") >= 4, "{a:#}");
+    fx.del(&fw_list, &fw_pod);
+    fx.del(&plain_list, &plain_pod);
+}
+
+// ---------------------------------------------------------------------------
+// Anti-spoofing
+// ---------------------------------------------------------------------------
+
+/// Sends a UDP datagram from `src` (added to the pod's eth0 first if it is
+/// not the pod's, as an attacker would) to `dst`.
+fn send_udp6_from(ns: &NetNs, src: Ipv6Addr, dst: SocketAddr, payload: &str) {
+    in_netns(ns, move || {
+        let s = UdpSocket::bind((src, 0)).expect("bind the source address");
+        for _ in 0..3 {
+            s.send_to(payload.as_bytes(), dst).expect("send");
+        }
+    });
+}
+
+/// Sends from `ns` an unsolicited Neighbor Advertisement (override flag)
+/// "`target` is at `mac`" to all nodes on `ifname`, from the pod's own
+/// address `src`, hop limit 255 as ND requires.
+fn send_na(ns: &NetNs, ifname: &str, src: Ipv6Addr, target: Ipv6Addr, mac: &str) {
+    const SCRIPT: &str = r#"
+import socket, struct, sys
+ifname, src, target, mac = sys.argv[1], sys.argv[2], sys.argv[3], bytes.fromhex(sys.argv[4].replace(':', ''))
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 255)
+s.bind((src, 0))
+# type 136, code 0, checksum (the kernel fills it in), flags: override
+na = struct.pack('!BBHI', 136, 0, 0, 0x20000000) + socket.inet_pton(socket.AF_INET6, target)
+na += struct.pack('!BB', 2, 1) + mac
+for _ in range(3):
+    s.sendto(na, ('ff02::1', 0, 0, socket.if_nametoindex(ifname)))
+"#;
+    let out = ns.run(
+        "python3",
+        &[
+            "-c",
+            SCRIPT,
+            ifname,
+            &src.to_string(),
+            &target.to_string(),
+            mac,
+        ],
+    );
+    assert!(out.status.success(), "NA send: {out:?}");
+}
+
+fn mac_of(ns: &NetNs, ifname: &str) -> String {
+    ns.ip_json(&["link", "show", "dev", ifname])[0]["address"]
+        .as_str()
+        .expect("address")
+        .to_string()
+}
+
+/// The MAC the node's neighbour table holds for `ip` on `dev`.
+fn node_neigh(node: &Node, ip: Ipv6Addr, dev: &str) -> String {
+    node.ns
+        .ip_json(&["-6", "neigh", "show", &ip.to_string(), "dev", dev])
+        .get(0)
+        .and_then(|n| n["lladdr"].as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// A pod sending from another pod's IPv6 address or one nobody has reaches
+/// no other pod (a genuine datagram sent after them arrives alone), and
+/// its Neighbor Advertisement claiming another pod's address does not
+/// change the node's neighbour entry of that address (while its own
+/// advertisement passes); both are counted.
+#[test]
+fn v6_spoofed_source_and_neighbour_advertisement_are_dropped() {
+    require_e2e!();
+    let fx = fixture("fw6spoof");
+    let list = fx.list("spoof6net", "cnispoof6", 6, Some(json!({})));
+    let s = fx.add(&list, "attacker6", json!({}));
+    let v = fx.add(&list, "victim6", json!({}));
+    let w = fx.add(&list, "witness6", json!({}));
+    let w_udp = UdpEchoServer::start_v6(&w.ns, 9000);
+    let w_at = SocketAddr::from((w.ip6, 9000));
+
+    // Another pod's address and an unused one, put on the attacker's eth0.
+    let (_, subnet6) = fx.subnets(6);
+    let unused: Ipv6Addr = subnet6
+        .replace("::/64", "::beef")
+        .parse()
+        .expect("unused address");
+    for a in [v.ip6, unused] {
+        s.ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{a}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+    }
+    send_udp6_from(&s.ns, v.ip6, w_at, "spoofed-victim");
+    send_udp6_from(&s.ns, unused, w_at, "spoofed-unused");
+    send_udp6_from(&s.ns, s.ip6, w_at, "genuine");
+    eventually("the genuine datagram arrives", SETTLE, || {
+        w_udp.peers().iter().any(|p| p.ip() == IpAddr::V6(s.ip6))
+    });
+    let peers = w_udp.peers();
+    assert!(
+        !peers
+            .iter()
+            .any(|p| p.ip() == IpAddr::V6(v.ip6) || p.ip() == IpAddr::V6(unused)),
+        "spoofed IPv6 sources reached another pod: {peers:?}"
+    );
+    assert!(counter(&fx.fw_attachment("attacker6"), "spoofedIp") >= 6);
+    for a in [v.ip6, unused] {
+        s.ns.ip(&["-6", "addr", "del", &format!("{a}/128"), "dev", "eth0"]);
+    }
+
+    // The node learns the victim's and the attacker's MACs.
+    let bridge = "cnispoof6";
+    for p in [&v, &s] {
+        assert!(ping6(&fx.node.ns, p.ip6), "node -> {}", p.ip6);
+    }
+    let (v_mac, s_mac) = (mac_of(&v.ns, "eth0"), mac_of(&s.ns, "eth0"));
+    assert_eq!(node_neigh(&fx.node, v.ip6, bridge), v_mac);
+
+    // Control: an advertisement of the attacker's own address passes.
+    send_na(&s.ns, "eth0", s.ip6, s.ip6, &s_mac);
+    assert_eq!(counter(&fx.fw_attachment("attacker6"), "spoofedNd"), 0);
+    // "The victim's address is at the attacker's MAC."
+    send_na(&s.ns, "eth0", s.ip6, v.ip6, &s_mac);
+    eventually("the spoofed advertisement to be dropped", SETTLE, || {
+        counter(&fx.fw_attachment("attacker6"), "spoofedNd") >= 1
+    });
+    assert_eq!(
+        node_neigh(&fx.node, v.ip6, bridge),
+        v_mac,
+        "the node's neighbour entry of the victim still holds the victim's MAC"
+    );
+    assert!(ping6(&fx.node.ns, v.ip6), "node -> victim still works");
+
+    // Control: without the firewall, the same advertisement does poison
+    // the node's entry (so the check above means something).
+    let plain = fx.list("plainnd6net", "cniplnd6", 7, None);
+    let ps = fx.add(&plain, "plain-attacker6", json!({}));
+    let pv = fx.add(&plain, "plain-victim6", json!({}));
+    assert!(ping6(&fx.node.ns, pv.ip6), "node -> plain victim");
+    let ps_mac = mac_of(&ps.ns, "eth0");
+    send_na(&ps.ns, "eth0", ps.ip6, pv.ip6, &ps_mac);
+    eventually(
+        "the unfirewalled spoofed advertisement to take over the entry",
+        SETTLE,
+        || node_neigh(&fx.node, pv.ip6, "cniplnd6") == ps_mac,
+    );
+    for p in [&ps, &pv] {
+        fx.del(&plain, p);
+    }
+    for p in [&s, &v, &w] {
+        fx.del(&list, p);
+    }
+}
