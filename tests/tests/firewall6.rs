@@ -12,7 +12,11 @@
 //!   added), a pod without the firewall does not;
 //! - a spoofed IPv6 source and a Neighbor Advertisement for an address the
 //!   pod does not own are dropped: the node's neighbour table keeps the
-//!   real owner's MAC.
+//!   real owner's MAC;
+//! - differential: the same dual-stack conflist (bridge + host-local with
+//!   ipMasq, firewall) through the reference plugins and through ours,
+//!   FORWARD DROP in both families: the pod reaches the outside over IPv6
+//!   and IPv4 with both.
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
@@ -377,6 +381,88 @@ fn v6_forward_drop_passes_only_with_the_firewall() {
     assert!(counter(&a, "forwarded") >= 4, "{a:#}");
     fx.del(&fw_list, &fw_pod);
     fx.del(&plain_list, &plain_pod);
+}
+
+/// The same dual-stack conflist (host-local ranges [[10.x/24],
+/// [fd00:…/64]], routes 0.0.0.0/0 and ::/0, ipMasq, then the firewall;
+/// only the `type` names differ) through the reference bridge/host-local/
+/// firewall and through ours, on a node with `iptables -P FORWARD DROP`
+/// and `ip6tables -P FORWARD DROP`: with both, the pod reaches the outside
+/// over IPv6 (TCP, UDP, ping) and IPv4, masqueraded to the node's address.
+#[test]
+fn v6_forward_drop_matches_reference_firewall() {
+    require_e2e!();
+    for imp in [Impl::Reference, Impl::Ours] {
+        let tag = match imp {
+            Impl::Ours => "fw6do",
+            Impl::Reference => "fw6dr",
+        };
+        let node = Node::new(tag);
+        no_dad(&node.ns);
+        let ext = External::direct_dual(&node);
+        let _agent = (imp == Impl::Ours).then(|| AgentProc::start(&node, &[]));
+        if imp == Impl::Ours {
+            let v6 = ext.node_v6().to_string();
+            wait_until(
+                "the agent to serve the uplink's IPv6 address",
+                SETTLE,
+                || {
+                    let ups = admin(&node, "status")["uplinks"].as_array()?.clone();
+                    (ups.len() == 1 && ups[0]["addressV6"] == v6.as_str()).then_some(())
+                },
+            );
+        }
+        for tool in ["iptables", "ip6tables"] {
+            let out = node.ns.run(tool, &["-P", "FORWARD", "DROP"]);
+            assert!(out.status.success(), "{tool} -P FORWARD DROP: {out:?}");
+        }
+        let mut br = masq_conf_dual(
+            &node,
+            "fw6diff",
+            "cnifw6diff",
+            &ext.pod_subnet(),
+            &ext.pod_subnet6(),
+        );
+        br["type"] = json!(imp.bridge_type());
+        br["ipam"]["type"] = json!(imp.ipam_type());
+        let obj = br.as_object_mut().expect("object");
+        obj.remove("name");
+        let version = obj.remove("cniVersion").expect("cniVersion");
+        let mut fw = json!({"type": match imp {
+            Impl::Ours => "ebpf-firewall",
+            Impl::Reference => "firewall",
+        }});
+        if imp == Impl::Ours {
+            merge(&mut fw, &node.path_keys());
+        }
+        let list = json!({"cniVersion": version, "name": "fw6diff", "plugins": [br, fw]});
+        let pod = node.pod(&format!("{tag}pod"));
+        no_dad(&pod);
+        let att = Attachment::new(&format!("{tag}-ctr"), &pod, "eth0");
+        let rt = node.runtime(imp);
+        let result = rt
+            .add_list(&list, &att)
+            .unwrap_or_else(|o| panic!("{imp:?}: ADD: {o}"));
+        wait_settled(&pod);
+        wait_settled(&node.ns);
+
+        let _tcp4 = TcpEchoServer::start(&ext.ns, TCP_PORT);
+        let _tcp6 = TcpEchoServer::start_v6(&ext.ns, TCP_PORT);
+        let _udp6 = UdpEchoServer::start_v6(&ext.ns, UDP_PORT);
+        let ext6 = |port| SocketAddr::from((ext.ext_v6(), port));
+        let node6 = IpAddr::V6(ext.node_v6());
+        let t = tcp_echo(&pod, ext6(TCP_PORT), "t6")
+            .unwrap_or_else(|e| panic!("{imp:?}: pod -> ext TCP/IPv6: {e}"));
+        assert_eq!(t.seen_as.ip(), node6, "{imp:?}: TCP/IPv6 masqueraded");
+        let u = udp_echo(&pod, ext6(UDP_PORT), "u6")
+            .unwrap_or_else(|e| panic!("{imp:?}: pod -> ext UDP/IPv6: {e}"));
+        assert_eq!(u.seen_as.ip(), node6, "{imp:?}: UDP/IPv6 masqueraded");
+        assert!(ping6(&pod, ext.ext_v6()), "{imp:?}: ping6");
+        tcp_echo(&pod, SocketAddr::from((ext.ext_addr, TCP_PORT)), "t4")
+            .unwrap_or_else(|e| panic!("{imp:?}: pod -> ext TCP/IPv4: {e}"));
+        rt.del_list(&list, &att, Some(&result))
+            .unwrap_or_else(|o| panic!("{imp:?}: DEL: {o}"));
+    }
 }
 
 // ---------------------------------------------------------------------------
