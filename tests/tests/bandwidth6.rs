@@ -139,7 +139,7 @@ fn rate_10mbit_holds_for_v6_tcp_both_ways() {
         eprintln!("IPv6 TCP {what}: {:.2} Mbit/s", bps / 1e6);
         let ratio = bps / RATE as f64;
         assert!(
-            ratio <= 1.0 + OVER && ratio >= 1.0 - UNDER,
+            (1.0 - UNDER..=1.0 + OVER).contains(&ratio),
             "IPv6 TCP {what}: {:.2} Mbit/s against a limit of 10 Mbit/s",
             bps / 1e6
         );
