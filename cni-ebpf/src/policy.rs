@@ -33,8 +33,9 @@
 //! IPv4 and IPv6 share all of it: keys carry the family and a 128-bit
 //! address (an IPv4 address in the first word), and a rule without a CIDR
 //! matches both families. For IPv6, ICMPv6 stands for ICMP (rules of
-//! protocol `icmp` match it); neighbour discovery always passes (the link
-//! needs it; anti-spoofing has already checked what the pod announces),
+//! protocol `icmp` match it); neighbour discovery (and multicast listener
+//! discovery) always passes (the link needs it; anti-spoofing has already
+//! checked what the pod announces),
 //! and ICMPv6 errors about a tracked connection pass as part of it. A
 //! fragment header is followed (the verdict of the first fragment holds
 //! for the rest); any other extension header makes the packet one of an
@@ -230,7 +231,7 @@ struct Flow {
     /// IP identification (network order; IPv6: its low 16 bits), for
     /// fragments.
     id: u16,
-    /// ICMPv6 neighbour or router discovery.
+    /// ICMPv6 neighbour, router or multicast listener discovery.
     ndp: bool,
 }
 
@@ -348,7 +349,11 @@ fn ports(ctx: &TcContext, f: &mut Flow) -> Option<()> {
                 // Destination unreachable, packet too big, time
                 // exceeded, parameter problem.
                 f.icmp_error = (1..=ICMP6_PARAM_PROBLEM).contains(&t);
-                f.ndp = (133..=137).contains(&t);
+                // Neighbour and router discovery, and multicast listener
+                // discovery (queries, reports, done, v2 reports), which
+                // a snooping bridge needs to deliver solicited-node
+                // multicast: link-scoped control the link needs.
+                f.ndp = (130..=137).contains(&t) || t == 143;
             }
         }
         _ => {}

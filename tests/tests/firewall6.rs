@@ -465,6 +465,48 @@ fn v6_forward_drop_matches_reference_firewall() {
     }
 }
 
+/// An IPv6-only pod (one host-local range, fd00:…/64, route ::/0) with
+/// the firewall, on a node with `ip6tables -P FORWARD DROP`: its TCP
+/// reaches the outside, masqueraded and forwarded in eBPF, while its UDP
+/// meets an egress deny rule.
+#[test]
+fn v6_only_pod_is_firewalled_and_forwarded() {
+    require_e2e!();
+    let fx = fixture("fw6only");
+    let out = fx.node.ns.run("ip6tables", &["-P", "FORWARD", "DROP"]);
+    assert!(out.status.success(), "ip6tables -P FORWARD DROP: {out:?}");
+    let (_, subnet6) = fx.subnets(8);
+    let mut br = json!({
+        "type": "ebpf-bridge",
+        "bridge": "cnifw6only",
+        "isGateway": true,
+        "ipMasq": true,
+        "ipam": {
+            "type": "ebpf-host-local",
+            "ranges": [[{"subnet": subnet6}]],
+            "routes": [{"dst": "::/0"}],
+            "dataDir": fx.node.data_dir(),
+        }
+    });
+    merge(&mut br, &fx.node.path_keys());
+    let mut fw = json!({"type": "ebpf-firewall", "capabilities": {"firewallRules": true}});
+    merge(&mut fw, &fx.node.path_keys());
+    let list = json!({"cniVersion": "1.0.0", "name": "fw6onlynet", "plugins": [br, fw]});
+    let rules = json!({"egress": {"rules": [{"action": "deny", "protocol": "udp"}]}});
+    let pod = fx.add(&list, "v6only", json!({"firewallRules": rules}));
+    let ips = pod.result["ips"].as_array().expect("ips").clone();
+    assert_eq!(ips.len(), 1, "one IPv6 address: {ips:?}");
+    let _tcp6 = TcpEchoServer::start_v6(&fx.ext.ns, TCP_PORT);
+    let _udp6 = UdpEchoServer::start_v6(&fx.ext.ns, UDP_PORT);
+    let t = tcp_echo(&pod.ns, fx.ext6(TCP_PORT), "only6").expect("IPv6-only pod, TCP");
+    assert_eq!(t.seen_as.ip(), IpAddr::V6(fx.ext.node_v6()));
+    udp_echo(&pod.ns, fx.ext6(UDP_PORT), "only6").expect_err("UDP: egress deny rule");
+    let a = fx.fw_attachment("v6only");
+    assert!(counter(&a, "forwarded") >= 2, "{a:#}");
+    assert!(counter(&a, "egressDropped") >= 1, "{a:#}");
+    fx.del(&list, &pod);
+}
+
 // ---------------------------------------------------------------------------
 // Anti-spoofing
 // ---------------------------------------------------------------------------

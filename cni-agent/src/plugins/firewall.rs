@@ -567,6 +567,23 @@ mod tests {
         assert_eq!(c.egress.rules[0].protocol, RuleProtocol::Icmp);
     }
 
+    /// IPv6 CIDRs and addresses are rules like IPv4's (truncated to their
+    /// network); `icmpv6` is `icmp`.
+    #[test]
+    fn ipv6_rules_are_accepted() {
+        let c = FirewallConfig::from_conf(&conf(
+            r#","runtimeConfig":{"firewallRules":{"egress":{"rules":[
+                {"action":"deny","protocol":"tcp","ports":80,"cidr":"fd00:198:18::5/48"},
+                {"action":"allow","cidr":"2001:db8::1"},
+                {"action":"allow","protocol":"ICMPv6"}]}}}"#,
+        ))
+        .unwrap();
+        let r = &c.egress.rules;
+        assert_eq!(r[0].cidr, Some("fd00:198:18::/48".parse().unwrap()));
+        assert_eq!(r[1].cidr, Some("2001:db8::1/128".parse().unwrap()));
+        assert_eq!(r[2].protocol, RuleProtocol::Icmp);
+    }
+
     #[test]
     fn bad_rules_name_the_field() {
         let rc = |rules: &str| {
