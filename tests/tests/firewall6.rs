@@ -210,15 +210,19 @@ fn udp_refused(ns: &NetNs, to: SocketAddr) -> bool {
 /// ICMPv6 "port unreachable" for an allowed UDP flow reaches the pod (a
 /// related error); echo passes by an `icmp` rule; the same pod's IPv4
 /// traffic meets none of the IPv6 rules and gets the default. Each rule
-/// counts its hits.
+/// counts its hits. An ingress rule with the pod subnet's IPv6 CIDR lets
+/// the node open one port of the pod and not another.
 #[test]
 fn v6_rules_are_stateful_with_related_errors() {
     require_e2e!();
     let fx = fixture("fw6rules");
     let list = fx.list("fw6rulenet", "cnifw6r0", 0, Some(json!({})));
     let ext6 = fx.ext.ext_v6();
+    let (_, subnet6) = fx.subnets(0);
     let rules = json!({
-        "ingress": {"default": "deny"},
+        "ingress": {"default": "deny", "rules": [
+            {"action": "allow", "protocol": "tcp", "cidr": subnet6, "ports": 8080},
+        ]},
         "egress": {"default": "deny", "rules": [
             {"action": "allow", "protocol": "tcp", "cidr": format!("{ext6}/128"), "ports": TCP_PORT},
             {"action": "allow", "protocol": "udp", "cidr": "fd00:198::/32", "ports": 9},
@@ -247,6 +251,20 @@ fn v6_rules_are_stateful_with_related_errors() {
         !connects(&pod.ns, SocketAddr::from((fx.ext.ext_addr, TCP_PORT))),
         "IPv4 meets none of the IPv6 rules: egress default deny"
     );
+    // Ingress: the node (the bridge's address in the pod subnet) may open
+    // port 8080 only.
+    let _in_servers: Vec<TcpEchoServer> = [8080, 8081]
+        .into_iter()
+        .map(|p| TcpEchoServer::start_v6(&pod.ns, p))
+        .collect();
+    assert!(
+        connects(&fx.node.ns, SocketAddr::from((pod.ip6, 8080))),
+        "ingress rule allows the pod subnet to port 8080"
+    );
+    assert!(
+        !connects(&fx.node.ns, SocketAddr::from((pod.ip6, 8081))),
+        "ingress default deny on port 8081"
+    );
 
     let a = fx.fw_attachment("r6");
     let rules = a["egress"]["rules"]
@@ -257,6 +275,11 @@ fn v6_rules_are_stateful_with_related_errors() {
     assert!(rules[1]["hits"].as_u64() >= Some(1), "udp rule hit: {a:#}");
     assert!(rules[3]["hits"].as_u64() >= Some(1), "icmp rule hit: {a:#}");
     assert!(counter(&a, "egressDropped") >= 2, "{a:#}");
+    assert!(counter(&a, "ingressDropped") >= 1, "{a:#}");
+    assert!(
+        a["ingress"]["rules"][0]["hits"].as_u64() >= Some(1),
+        "{a:#}"
+    );
     assert!(counter(&a, "ingressEstablished") >= 1, "{a:#}");
     fx.del(&list, &pod);
     assert_eq!(
