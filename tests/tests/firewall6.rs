@@ -10,9 +10,10 @@
 //! - with `ip6tables -P FORWARD DROP` and `iptables -P FORWARD DROP` in the
 //!   node, the firewalled pod still reaches the outside over IPv6 (no rule
 //!   added), a pod without the firewall does not;
-//! - a spoofed IPv6 source and a Neighbor Advertisement for an address the
-//!   pod does not own are dropped: the node's neighbour table keeps the
-//!   real owner's MAC;
+//! - a spoofed IPv6 source, a Neighbor Advertisement for an address the
+//!   pod does not own and a Neighbor Solicitation carrying another MAC are
+//!   dropped: the node's neighbour table keeps the real owners' MACs (and,
+//!   as a control, without the firewall the same messages change it);
 //! - differential: the same dual-stack conflist (bridge + host-local with
 //!   ipMasq, firewall) through the reference plugins and through ours,
 //!   FORWARD DROP in both families: the pod reaches the outside over IPv6
@@ -547,20 +548,45 @@ fn send_udp6_from(ns: &NetNs, src: Ipv6Addr, dst: SocketAddr, payload: &str) {
 
 /// Sends from `ns` an unsolicited Neighbor Advertisement (override flag)
 /// "`target` is at `mac`" to all nodes on `ifname`, from the pod's own
-/// address `src`, hop limit 255 as ND requires.
+/// address `src`.
 fn send_na(ns: &NetNs, ifname: &str, src: Ipv6Addr, target: Ipv6Addr, mac: &str) {
+    let all_nodes: Ipv6Addr = "ff02::1".parse().expect("ff02::1");
+    send_nd(ns, ifname, src, all_nodes, 136, target, mac);
+}
+
+/// Sends from `ns` a Neighbor Solicitation for `target` to `dst`, from the
+/// pod's own address `src`, whose source link-layer address option says
+/// `mac`.
+fn send_ns(ns: &NetNs, ifname: &str, src: Ipv6Addr, dst: Ipv6Addr, target: Ipv6Addr, mac: &str) {
+    send_nd(ns, ifname, src, dst, 135, target, mac);
+}
+
+/// One ND message (135: solicitation with a source link-layer option,
+/// 136: advertisement with the override flag and a target link-layer
+/// option), three times, hop limit 255 as ND requires; the kernel fills in
+/// the checksum.
+fn send_nd(
+    ns: &NetNs,
+    ifname: &str,
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    kind: u8,
+    target: Ipv6Addr,
+    mac: &str,
+) {
     const SCRIPT: &str = r#"
 import socket, struct, sys
-ifname, src, target, mac = sys.argv[1], sys.argv[2], sys.argv[3], bytes.fromhex(sys.argv[4].replace(':', ''))
+ifname, src, dst, kind, target = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+mac = bytes.fromhex(sys.argv[6].replace(':', ''))
 s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 255)
 s.bind((src, 0))
-# type 136, code 0, checksum (the kernel fills it in), flags: override
-na = struct.pack('!BBHI', 136, 0, 0, 0x20000000) + socket.inet_pton(socket.AF_INET6, target)
-na += struct.pack('!BB', 2, 1) + mac
+flags, opt = (0x20000000, 2) if kind == 136 else (0, 1)
+msg = struct.pack('!BBHI', kind, 0, 0, flags) + socket.inet_pton(socket.AF_INET6, target)
+msg += struct.pack('!BB', opt, 1) + mac
 for _ in range(3):
-    s.sendto(na, ('ff02::1', 0, 0, socket.if_nametoindex(ifname)))
+    s.sendto(msg, (dst, 0, 0, socket.if_nametoindex(ifname)))
 "#;
     let out = ns.run(
         "python3",
@@ -569,11 +595,13 @@ for _ in range(3):
             SCRIPT,
             ifname,
             &src.to_string(),
+            &dst.to_string(),
+            &kind.to_string(),
             &target.to_string(),
             mac,
         ],
     );
-    assert!(out.status.success(), "NA send: {out:?}");
+    assert!(out.status.success(), "ND send: {out:?}");
 }
 
 fn mac_of(ns: &NetNs, ifname: &str) -> String {
@@ -597,7 +625,9 @@ fn node_neigh(node: &Node, ip: Ipv6Addr, dev: &str) -> String {
 /// no other pod (a genuine datagram sent after them arrives alone), and
 /// its Neighbor Advertisement claiming another pod's address does not
 /// change the node's neighbour entry of that address (while its own
-/// advertisement passes); both are counted.
+/// advertisement passes), nor does a solicitation carrying another MAC;
+/// each is counted. Without the firewall the same advertisement does
+/// change the entry.
 #[test]
 fn v6_spoofed_source_and_neighbour_advertisement_are_dropped() {
     require_e2e!();
@@ -667,6 +697,23 @@ fn v6_spoofed_source_and_neighbour_advertisement_are_dropped() {
     );
     assert!(ping6(&fx.node.ns, v.ip6), "node -> victim still works");
 
+    // A solicitation whose source link-layer option is another MAC (the
+    // node would learn "the attacker's address is at that MAC").
+    let gw6: Ipv6Addr = subnet6
+        .replace("::/64", "::1")
+        .parse()
+        .expect("gateway address");
+    let nd_before = counter(&fx.fw_attachment("attacker6"), "spoofedNd");
+    send_ns(&s.ns, "eth0", s.ip6, gw6, gw6, "02:00:5e:10:00:99");
+    eventually("the spoofed solicitation to be dropped", SETTLE, || {
+        counter(&fx.fw_attachment("attacker6"), "spoofedNd") > nd_before
+    });
+    assert_eq!(
+        node_neigh(&fx.node, s.ip6, bridge),
+        s_mac,
+        "the node's entry of the attacker keeps the attacker's MAC"
+    );
+
     // Control: without the firewall, the same advertisement does poison
     // the node's entry (so the check above means something).
     let plain = fx.list("plainnd6net", "cniplnd6", 7, None);
@@ -679,6 +726,22 @@ fn v6_spoofed_source_and_neighbour_advertisement_are_dropped() {
         "the unfirewalled spoofed advertisement to take over the entry",
         SETTLE,
         || node_neigh(&fx.node, pv.ip6, "cniplnd6") == ps_mac,
+    );
+    let (_, plain6) = fx.subnets(7);
+    let plain_gw: Ipv6Addr = plain6.replace("::/64", "::1").parse().expect("gateway");
+    assert!(ping6(&fx.node.ns, ps.ip6), "node -> plain attacker");
+    send_ns(
+        &ps.ns,
+        "eth0",
+        ps.ip6,
+        plain_gw,
+        plain_gw,
+        "02:00:5e:10:00:99",
+    );
+    eventually(
+        "the unfirewalled solicitation's MAC to take over the entry",
+        SETTLE,
+        || node_neigh(&fx.node, ps.ip6, "cniplnd6") == "02:00:5e:10:00:99",
     );
     for p in [&ps, &pv] {
         fx.del(&plain, p);
