@@ -46,8 +46,10 @@ fn own_v4(addr: u32, ifindex: u32) -> bool {
 }
 
 /// Whether an IPv6 address (network order) is the pod's: one of its
-/// addresses, or — `link_local_eui64` — its link-local address derived
-/// from its MAC (fe80::/64 with the modified EUI-64 interface id).
+/// addresses, or the link-local address its kernel derives from its MAC
+/// (fe80::/64 with the modified EUI-64 interface id; the default address
+/// generation mode). Link-local addresses are in no record, so this is
+/// the only one of them a pod can prove it owns.
 #[inline(always)]
 fn own_v6(addr: &[u32; 4], ifindex: u32, mac: &[u8; 6]) -> bool {
     if is_link_local6(addr) {
