@@ -359,9 +359,10 @@ fn v6_same_bridge_and_isolated_policies() {
 /// With `ip6tables -P FORWARD DROP` and `iptables -P FORWARD DROP` in the
 /// node, a dual-stack pod with ebpf-firewall in its chain reaches the
 /// outside over IPv6 (TCP, UDP and ping, masqueraded) and IPv4, while a
-/// pod on a network without the firewall cannot over IPv6. No iptables,
-/// ip6tables or nft rule is added: the firewall forwards in eBPF (its
-/// `forwarded` counter shows it).
+/// pod on a network without the firewall cannot over IPv6; the same holds
+/// for a connection the external side opens to the pod's own IPv6 address
+/// (routed to the node). No iptables, ip6tables or nft rule is added: the
+/// firewall forwards in eBPF (its `forwarded` counter shows it).
 #[test]
 fn v6_forward_drop_passes_only_with_the_firewall() {
     require_e2e!();
@@ -396,13 +397,39 @@ fn v6_forward_drop_passes_only_with_the_firewall() {
     );
     assert!(!ping6(&plain_pod.ns, fx.ext.ext_v6()));
 
+    // Inbound: the external side routes both pod subnets to the node (as
+    // another node routes a pod CIDR); a connection to the firewalled pod's
+    // own address is forwarded in eBPF and keeps the pod's address.
+    let node6 = fx.ext.node_v6().to_string();
+    for n in [4, 5] {
+        let (_, subnet6) = fx.subnets(n);
+        fx.ext
+            .ns
+            .ip(&["-6", "route", "add", &subnet6, "via", &node6]);
+    }
+    let _pod_servers: Vec<TcpEchoServer> = [&fw_pod, &plain_pod]
+        .iter()
+        .map(|p| TcpEchoServer::start_v6(&p.ns, 8080))
+        .collect();
+    let t = tcp_echo(&fx.ext.ns, SocketAddr::from((fw_pod.ip6, 8080)), "in6")
+        .expect("external -> firewalled pod over IPv6");
+    assert_eq!(
+        t.seen_as.ip(),
+        IpAddr::V6(fx.ext.ext_v6()),
+        "the pod sees the external address"
+    );
+    assert!(
+        !connects(&fx.ext.ns, SocketAddr::from((plain_pod.ip6, 8080))),
+        "external -> pod without the firewall: FORWARD DROP holds"
+    );
+
     assert_eq!(
         fx.node.ns.firewall_rules(),
         rules_before,
         "the firewall added no netfilter rule"
     );
     let a = fx.fw_attachment("fw6-ctr");
-    assert!(counter(&a, "forwarded") >= 4, "{a:#}");
+    assert!(counter(&a, "forwarded") >= 6, "{a:#}");
     fx.del(&fw_list, &fw_pod);
     fx.del(&plain_list, &plain_pod);
 }
