@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod crash;
 pub mod datapath;
+pub mod firewall;
 pub mod install;
 pub mod ipam;
 pub mod netlink;

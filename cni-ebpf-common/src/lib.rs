@@ -362,9 +362,12 @@ pub mod fw {
     pub const STAT_OTHER_DROPPED: usize = 10;
     /// Packets to or from the pod forwarded past the host stack.
     pub const STAT_FORWARDED: usize = 11;
+    /// IPv6 neighbour discovery from the pod claiming what is not its own
+    /// (an advertised target or link-layer address), or a router's message.
+    pub const STAT_SPOOFED_ND: usize = 12;
     pub const STAT_SLOTS: usize = 16;
     /// Names of the used slots, as the agent reports them.
-    pub const STAT_NAMES: [(usize, &str); 12] = [
+    pub const STAT_NAMES: [(usize, &str); 13] = [
         (STAT_INGRESS_ALLOWED, "ingressAllowed"),
         (STAT_INGRESS_DROPPED, "ingressDropped"),
         (STAT_EGRESS_ALLOWED, "egressAllowed"),
@@ -377,6 +380,7 @@ pub mod fw {
         (STAT_SPOOFED_ARP, "spoofedArp"),
         (STAT_OTHER_DROPPED, "otherDropped"),
         (STAT_FORWARDED, "forwarded"),
+        (STAT_SPOOFED_ND, "spoofedNd"),
     ];
 }
 

@@ -26,6 +26,11 @@
 //! this (FW_ENDPOINTS, flag BYPASS); everyone else takes the stack's path.
 //! The bypassed traffic skips all of netfilter, NAT included: the pod's
 //! firewall, not the node's FORWARD chain, is the authority on it.
+//!
+//! IPv6 is forwarded the same way (ip6tables' FORWARD chain is skipped as
+//! iptables' is): the hop limit is decremented (IPv6 has no header
+//! checksum), and link-local or multicast destinations, which are not
+//! routed, are left to the stack.
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, bpf_redir_neigh, TC_ACT_UNSPEC},
     helpers::{bpf_fib_lookup, bpf_redirect_neigh},
@@ -35,7 +40,7 @@ use aya_ebpf::{
 use cni_ebpf_common::{fw, stat, FwEndpoint};
 
 use crate::{
-    policy::{count, endpoint, ETH_P_IP},
+    policy::{count, endpoint, endpoint_of, is_link_local6, v6_ip, ETH_P_IP, ETH_P_IPV6},
     spoof::ETH_HLEN,
     stats::bump,
 };
@@ -43,6 +48,8 @@ use crate::{
 const NEXT: i32 = TC_ACT_UNSPEC;
 const TC_ACT_REDIRECT: i32 = 7;
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const IP6_HOPLIMIT: usize = 7;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 const IP_CSUM: usize = 10;
@@ -142,15 +149,16 @@ fn forward(ctx: &TcContext, r: &Route, iif: u32, pod_ifindex: u32) -> i32 {
     let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
     nh.nh_family = u32::from(AF_INET);
     nh.__bindgen_anon_1.ipv4_nh = nh_addr;
+    redirect(out, &mut nh, pod_ifindex)
+}
+
+/// Sends the packet out of `out` to the next hop `nh`, counting it for the
+/// pod's attachment, or leaves it to the stack if the helper refuses.
+#[inline(always)]
+fn redirect(out: u32, nh: &mut bpf_redir_neigh, pod_ifindex: u32) -> i32 {
     // SAFETY: `nh` is valid for the size passed.
-    let rc = unsafe {
-        bpf_redirect_neigh(
-            out,
-            &mut nh,
-            core::mem::size_of::<bpf_redir_neigh>() as i32,
-            0,
-        )
-    };
+    let rc =
+        unsafe { bpf_redirect_neigh(out, nh, core::mem::size_of::<bpf_redir_neigh>() as i32, 0) };
     if rc as i32 == TC_ACT_REDIRECT {
         count(pod_ifindex, fw::STAT_FORWARDED);
         bump(stat::FW_FORWARDED);
@@ -160,13 +168,97 @@ fn forward(ctx: &TcContext, r: &Route, iif: u32, pod_ifindex: u32) -> i32 {
     }
 }
 
+/// The IPv6 header fields routing needs (addresses in network order).
+struct Route6 {
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+    proto: u8,
+    hop_limit: u8,
+    /// Version, traffic class and flow label, network order.
+    flowinfo: u32,
+}
+
+#[inline(always)]
+fn parse6(ctx: &TcContext) -> Option<Route6> {
+    if u16::from_be(ctx.load::<u16>(12).ok()?) != ETH_P_IPV6 {
+        return None;
+    }
+    let l3 = ETH_HLEN;
+    let flowinfo: u32 = ctx.load(l3).ok()?;
+    if u32::from_be(flowinfo) >> 28 != 6 {
+        return None;
+    }
+    let r = Route6 {
+        saddr: ctx.load(l3 + 8).ok()?,
+        daddr: ctx.load(l3 + 24).ok()?,
+        proto: ctx.load(l3 + 6).ok()?,
+        hop_limit: ctx.load(l3 + IP6_HOPLIMIT).ok()?,
+        flowinfo,
+    };
+    // Link-local and multicast destinations are not routed.
+    if is_link_local6(&r.daddr) || u32::from_be(r.daddr[0]) >> 24 == 0xff {
+        return None;
+    }
+    Some(r)
+}
+
+/// [`forward`] for IPv6.
+#[inline(always)]
+fn forward6(ctx: &TcContext, r: &Route6, iif: u32, pod_ifindex: u32) -> i32 {
+    if r.hop_limit <= 1 {
+        return NEXT;
+    }
+    // SAFETY: a zeroed bpf_fib_lookup is a valid all-unset request.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = AF_INET6;
+    p.l4_protocol = r.proto;
+    p.ifindex = iif;
+    // Traffic class and flow label, as the kernel's own lookup keys them.
+    p.__bindgen_anon_2.flowinfo = r.flowinfo & u32::to_be(0x0fff_ffff);
+    p.__bindgen_anon_3.ipv6_src = r.saddr;
+    p.__bindgen_anon_4.ipv6_dst = r.daddr;
+    // SAFETY: `p` is a valid, writable bpf_fib_lookup of the size passed.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut p,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return NEXT;
+    }
+    let out = p.ifindex;
+    if out == iif || out == 0 {
+        return NEXT;
+    }
+    if ctx
+        .store(ETH_HLEN + IP6_HOPLIMIT, &(r.hop_limit - 1), 0)
+        .is_err()
+    {
+        return NEXT;
+    }
+    // SAFETY: a zeroed bpf_redir_neigh is valid; family and address set.
+    let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+    nh.nh_family = u32::from(AF_INET6);
+    // SAFETY: the helper wrote the next hop into ipv6_dst.
+    nh.__bindgen_anon_1.ipv6_nh = unsafe { p.__bindgen_anon_4.ipv6_dst };
+    redirect(out, &mut nh, pod_ifindex)
+}
+
+#[inline(always)]
+fn endpoint6(addr: &[u32; 4]) -> Option<FwEndpoint> {
+    endpoint_of(&v6_ip(*addr))
+}
+
 /// Bridge TC ingress: routed traffic from a firewalled pod, or to one (from
 /// a pod on another bridge: the destination's firewall judges it, as the
 /// uplink's traffic).
 #[classifier]
 pub fn fw_bridge_forward(ctx: TcContext) -> i32 {
     let Some(r) = parse(&ctx) else {
-        return NEXT;
+        return bridge_forward6(&ctx);
     };
     let Some(ep) = endpoint(r.saddr).or_else(|| endpoint(r.daddr)) else {
         return NEXT;
@@ -179,11 +271,43 @@ pub fn fw_bridge_forward(ctx: TcContext) -> i32 {
     forward(&ctx, &r, iif, ep.ifindex)
 }
 
+#[inline(always)]
+fn bridge_forward6(ctx: &TcContext) -> i32 {
+    let Some(r) = parse6(ctx) else {
+        return NEXT;
+    };
+    let Some(ep) = endpoint6(&r.saddr).or_else(|| endpoint6(&r.daddr)) else {
+        return NEXT;
+    };
+    if !bypasses(&ep) {
+        return NEXT;
+    }
+    // SAFETY: __sk_buff is valid for the program's run.
+    let iif = unsafe { (*ctx.skb.skb).ifindex };
+    forward6(ctx, &r, iif, ep.ifindex)
+}
+
+#[inline(always)]
+fn uplink_ingress6(ctx: &TcContext) -> i32 {
+    let Some(r) = parse6(ctx) else {
+        return NEXT;
+    };
+    let Some(ep) = endpoint6(&r.daddr) else {
+        return NEXT;
+    };
+    if !bypasses(&ep) {
+        return NEXT;
+    }
+    // SAFETY: __sk_buff is valid for the program's run.
+    let iif = unsafe { (*ctx.skb.skb).ifindex };
+    forward6(ctx, &r, iif, ep.ifindex)
+}
+
 /// Uplink TC ingress: traffic for a firewalled pod.
 #[classifier]
 pub fn fw_uplink_ingress(ctx: TcContext) -> i32 {
     let Some(r) = parse(&ctx) else {
-        return NEXT;
+        return uplink_ingress6(&ctx);
     };
     let Some(ep) = endpoint(r.daddr) else {
         return NEXT;

@@ -29,6 +29,17 @@
 //! direction, so unsolicited packets "the other way" are judged as such.
 //! Entries expire in the programs (idle timeouts per protocol and TCP
 //! state), so no agent has to sweep them.
+//!
+//! IPv4 and IPv6 share all of it: keys carry the family and a 128-bit
+//! address (an IPv4 address in the first word), and a rule without a CIDR
+//! matches both families. For IPv6, ICMPv6 stands for ICMP (rules of
+//! protocol `icmp` match it); neighbour discovery (and multicast listener
+//! discovery) always passes (the link needs it; anti-spoofing has already
+//! checked what the pod announces),
+//! and ICMPv6 errors about a tracked connection pass as part of it. A
+//! fragment header is followed (the verdict of the first fragment holds
+//! for the rest); any other extension header makes the packet one of an
+//! "other" protocol.
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
@@ -38,7 +49,7 @@ use aya_ebpf::{
 };
 use cni_ebpf_common::{
     fw, stat, FwAttach, FwCidrKey, FwCtEntry, FwCtKey, FwEndpoint, FwFragKey, FwPortKey, FwRegion,
-    FwRuleKey, FwStats, FwVerdict, IpKey, FAMILY_V4,
+    FwRuleKey, FwStats, FwVerdict, IpKey, FAMILY_V4, FAMILY_V6,
 };
 
 use crate::{spoof, stats::bump};
@@ -58,6 +69,11 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROB: u8 = 12;
+const IPPROTO_FRAGMENT: u8 = 44;
+const ICMP6_PARAM_PROBLEM: u8 = 4;
+const ICMP6_ECHO_REQUEST: u8 = 128;
+const ICMP6_ECHO_REPLY: u8 = 129;
+const IP6_HLEN: usize = 40;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
@@ -157,8 +173,28 @@ pub fn v4_ip(addr: u32) -> IpKey {
 
 #[inline(always)]
 pub fn endpoint(addr: u32) -> Option<FwEndpoint> {
+    endpoint_of(&v4_ip(addr))
+}
+
+#[inline(always)]
+pub fn endpoint_of(key: &IpKey) -> Option<FwEndpoint> {
     // SAFETY: read-only use of a map value during this run.
-    unsafe { FW_ENDPOINTS.get(&v4_ip(addr)) }.copied()
+    unsafe { FW_ENDPOINTS.get(key) }.copied()
+}
+
+#[inline(always)]
+pub fn v6_ip(addr: [u32; 4]) -> IpKey {
+    IpKey {
+        addr,
+        family: FAMILY_V6,
+        _pad: [0; 3],
+    }
+}
+
+/// fe80::/10, network order.
+#[inline(always)]
+pub fn is_link_local6(addr: &[u32; 4]) -> bool {
+    u32::from_be(addr[0]) >> 22 == 0x3fa
 }
 
 #[inline(always)]
@@ -167,7 +203,7 @@ fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// Fragment position of an IPv4 packet.
+/// Fragment position of a packet.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Frag {
     None,
@@ -177,21 +213,26 @@ enum Frag {
     Later,
 }
 
-/// An IPv4 packet as the firewall sees it: any protocol; ports for TCP
-/// and UDP, the identifier for ICMP echo, nothing for the rest.
+/// An IP packet as the firewall sees it: any protocol; ports for TCP
+/// and UDP, the identifier for ICMP(v6) echo, nothing for the rest.
+/// Addresses in network order, an IPv4 address in the first word.
 struct Flow {
     l4: usize,
+    family: u8,
     proto: u8,
-    saddr: u32,
-    daddr: u32,
+    saddr: [u32; 4],
+    daddr: [u32; 4],
     /// Network order.
     sport: u16,
     dport: u16,
     tcp_flags: u8,
     icmp_error: bool,
     frag: Frag,
-    /// IP identification (network order), for fragments.
+    /// IP identification (network order; IPv6: its low 16 bits), for
+    /// fragments.
     id: u16,
+    /// ICMPv6 neighbour, router or multicast listener discovery.
+    ndp: bool,
 }
 
 #[inline(always)]
@@ -215,19 +256,70 @@ fn parse_flow(ctx: &TcContext) -> Option<Flow> {
     };
     let mut f = Flow {
         l4: l3 + ihl,
+        family: FAMILY_V4,
         proto: ctx.load(l3 + 9).ok()?,
-        saddr: ctx.load(l3 + 12).ok()?,
-        daddr: ctx.load(l3 + 16).ok()?,
+        saddr: [ctx.load(l3 + 12).ok()?, 0, 0, 0],
+        daddr: [ctx.load(l3 + 16).ok()?, 0, 0, 0],
         sport: 0,
         dport: 0,
         tcp_flags: 0,
         icmp_error: false,
         frag,
         id: ctx.load(l3 + 4).ok()?,
+        ndp: false,
     };
     if frag == Frag::Later {
         return Some(f);
     }
+    ports(ctx, &mut f)?;
+    Some(f)
+}
+
+/// The IPv6 counterpart of [`parse_flow`]: the fixed header and at most a
+/// fragment header before the transport header.
+#[inline(always)]
+fn parse_flow6(ctx: &TcContext) -> Option<Flow> {
+    let l3 = spoof::ETH_HLEN;
+    let vtc: u8 = ctx.load(l3).ok()?;
+    if vtc >> 4 != 6 {
+        return None;
+    }
+    let mut f = Flow {
+        l4: l3 + IP6_HLEN,
+        family: FAMILY_V6,
+        proto: ctx.load(l3 + 6).ok()?,
+        saddr: ctx.load(l3 + 8).ok()?,
+        daddr: ctx.load(l3 + 24).ok()?,
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+        icmp_error: false,
+        frag: Frag::None,
+        id: 0,
+        ndp: false,
+    };
+    if f.proto == IPPROTO_FRAGMENT {
+        let off_m = u16::from_be(ctx.load::<u16>(f.l4 + 2).ok()?);
+        f.proto = ctx.load(f.l4).ok()?;
+        // The low half of the 32-bit identification, network order.
+        f.id = ctx.load(f.l4 + 6).ok()?;
+        f.l4 += 8;
+        if off_m & 0xfff8 != 0 {
+            f.frag = Frag::Later;
+            return Some(f);
+        }
+        if off_m & 1 != 0 {
+            f.frag = Frag::First;
+        }
+    }
+    ports(ctx, &mut f)?;
+    Some(f)
+}
+
+/// Ports (or echo identifier) and flags of a first fragment or whole
+/// packet.
+#[inline(always)]
+fn ports(ctx: &TcContext, f: &mut Flow) -> Option<()> {
     match f.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
             f.sport = ctx.load(f.l4).ok()?;
@@ -247,29 +339,47 @@ fn parse_flow(ctx: &TcContext) -> Option<Flow> {
                     t == ICMP_DEST_UNREACH || t == ICMP_TIME_EXCEEDED || t == ICMP_PARAMETER_PROB;
             }
         }
+        IPPROTO_ICMPV6 => {
+            let t: u8 = ctx.load(f.l4).ok()?;
+            if t == ICMP6_ECHO_REQUEST || t == ICMP6_ECHO_REPLY {
+                let id: u16 = ctx.load(f.l4 + 4).ok()?;
+                f.sport = id;
+                f.dport = id;
+            } else {
+                // Destination unreachable, packet too big, time
+                // exceeded, parameter problem.
+                f.icmp_error = (1..=ICMP6_PARAM_PROBLEM).contains(&t);
+                // Neighbour and router discovery, and multicast listener
+                // discovery (queries, reports, done, v2 reports), which
+                // a snooping bridge needs to deliver solicited-node
+                // multicast: link-scoped control the link needs.
+                f.ndp = (130..=137).contains(&t) || t == 143;
+            }
+        }
         _ => {}
     }
-    Some(f)
+    Some(())
 }
 
 #[inline(always)]
 fn ct_key(
     ifindex: u32,
+    family: u8,
     proto: u8,
-    pod: u32,
-    remote: u32,
+    pod: &[u32; 4],
+    remote: &[u32; 4],
     pod_port: u16,
     remote_port: u16,
 ) -> FwCtKey {
     FwCtKey {
         ifindex,
         proto,
-        family: FAMILY_V4,
+        family,
         pod_port,
         remote_port,
         _pad: 0,
-        pod: [pod, 0, 0, 0],
-        remote: [remote, 0, 0, 0],
+        pod: *pod,
+        remote: *remote,
     }
 }
 
@@ -296,7 +406,7 @@ fn timeout(proto: u8, state: u8) -> u64 {
                 UDP_UNREPLIED_NS
             }
         }
-        IPPROTO_ICMP => ICMP_NS,
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => ICMP_NS,
         _ => OTHER_NS,
     }
 }
@@ -355,6 +465,9 @@ fn tracked(key: &FwCtKey, f: &Flow, dir: u8, ts: u64) -> bool {
 /// went the other way: towards the remote for an error the pod receives.
 #[inline(always)]
 fn related(ctx: &TcContext, ifindex: u32, f: &Flow, dir: u8) -> bool {
+    if f.family == FAMILY_V6 {
+        return related6(ctx, ifindex, f, dir);
+    }
     let l3 = f.l4 + 8;
     let Ok(vihl) = ctx.load::<u8>(l3) else {
         return false;
@@ -381,10 +494,44 @@ fn related(ctx: &TcContext, ifindex: u32, f: &Flow, dir: u8) -> bool {
         },
         _ => (0, 0),
     };
+    let (saddr, daddr) = ([saddr, 0, 0, 0], [daddr, 0, 0, 0]);
     let key = if dir == fw::DIR_INGRESS {
-        ct_key(ifindex, proto, saddr, daddr, sport, dport)
+        ct_key(ifindex, FAMILY_V4, proto, &saddr, &daddr, sport, dport)
     } else {
-        ct_key(ifindex, proto, daddr, saddr, dport, sport)
+        ct_key(ifindex, FAMILY_V4, proto, &daddr, &saddr, dport, sport)
+    };
+    // SAFETY: read-only use of a map value during this run.
+    unsafe { FW_CT.get(&key) }.is_some()
+}
+
+/// [`related`] for an ICMPv6 error: the quoted packet starts 8 bytes into
+/// the message (no extension headers followed in it).
+#[inline(always)]
+fn related6(ctx: &TcContext, ifindex: u32, f: &Flow, dir: u8) -> bool {
+    let l3 = f.l4 + 8;
+    let l4 = l3 + IP6_HLEN;
+    let (Ok(proto), Ok(saddr), Ok(daddr)) = (
+        ctx.load::<u8>(l3 + 6),
+        ctx.load::<[u32; 4]>(l3 + 8),
+        ctx.load::<[u32; 4]>(l3 + 24),
+    ) else {
+        return false;
+    };
+    let (sport, dport) = match proto {
+        IPPROTO_TCP | IPPROTO_UDP => match (ctx.load::<u16>(l4), ctx.load::<u16>(l4 + 2)) {
+            (Ok(s), Ok(d)) => (s, d),
+            _ => return false,
+        },
+        IPPROTO_ICMPV6 => match ctx.load::<u16>(l4 + 4) {
+            Ok(id) => (id, id),
+            Err(_) => return false,
+        },
+        _ => (0, 0),
+    };
+    let key = if dir == fw::DIR_INGRESS {
+        ct_key(ifindex, FAMILY_V6, proto, &saddr, &daddr, sport, dport)
+    } else {
+        ct_key(ifindex, FAMILY_V6, proto, &daddr, &saddr, dport, sport)
     };
     // SAFETY: read-only use of a map value during this run.
     unsafe { FW_CT.get(&key) }.is_some()
@@ -394,11 +541,22 @@ fn related(ctx: &TcContext, ifindex: u32, f: &Flow, dir: u8) -> bool {
 /// `ingressPolicy` keeps out: one on another bridge (same-bridge), or any
 /// (isolated). A pod is a firewalled endpoint (its source address is
 /// anti-spoofed), or anything routed in from a bridge that hosts them.
+///
+/// An IPv6 link-local source can only be on the pod's own link, i.e. a pod
+/// of its bridge (or the bridge itself): refused when isolated.
 #[inline(always)]
-fn refused_by_policy(ctx: &TcContext, cfg: &FwAttach, remote: u32) -> bool {
+fn refused_by_policy(ctx: &TcContext, cfg: &FwAttach, f: &Flow, remote: &[u32; 4]) -> bool {
     let isolated = cfg.ingress_policy == fw::POLICY_ISOLATED;
-    if let Some(ep) = endpoint(remote) {
+    let key = IpKey {
+        addr: *remote,
+        family: f.family,
+        _pad: [0; 3],
+    };
+    if let Some(ep) = endpoint_of(&key) {
         return isolated || ep.bridge_ifindex != cfg.bridge_ifindex;
+    }
+    if f.family == FAMILY_V6 && is_link_local6(remote) {
+        return isolated;
     }
     // SAFETY: __sk_buff is valid for the program's run.
     let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
@@ -412,20 +570,22 @@ fn refused_by_policy(ctx: &TcContext, cfg: &FwAttach, remote: u32) -> bool {
 /// The first rule of direction `dir` matching a new connection to/from
 /// `remote` (destination port `dport`), or `ACTION_NONE`.
 #[inline(always)]
-fn evaluate(ifindex: u32, dir: u8, proto: u8, remote: u32, dport: u16) -> FwVerdict {
+fn evaluate(ifindex: u32, dir: u8, f: &Flow, remote: &[u32; 4]) -> FwVerdict {
+    let (proto, dport) = (f.proto, f.dport);
     let none = FwVerdict {
         rule: fw::RULE_DEFAULT,
         action: fw::ACTION_NONE,
         _pad: 0,
     };
+    let bits = if f.family == FAMILY_V6 { 128 } else { 32 };
     let ck = Key::new(
-        KEY_FIXED_BITS + 32,
+        KEY_FIXED_BITS + bits,
         FwCidrKey {
             ifindex,
             dir,
-            family: FAMILY_V4,
+            family: f.family,
             _pad: [0; 2],
-            addr: [remote, 0, 0, 0],
+            addr: *remote,
         },
     );
     let Some(region) = FW_CIDRS.get(&ck) else {
@@ -446,43 +606,31 @@ fn evaluate(ifindex: u32, dir: u8, proto: u8, remote: u32, dport: u16) -> FwVerd
             );
             FW_PORTS.get(&pk).copied().unwrap_or(none)
         }
-        IPPROTO_ICMP => region.icmp,
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => region.icmp,
         _ => region.other,
     }
 }
 
-/// The verdict on one IPv4 packet of the attachment in direction `dir`.
+/// The verdict on one IP packet of the attachment in direction `dir`.
 #[inline(always)]
 fn decide(ctx: &TcContext, ifindex: u32, cfg: &FwAttach, dir: u8, f: &Flow) -> bool {
-    let (pod, remote, pod_port, remote_port) = if dir == fw::DIR_EGRESS {
-        (f.saddr, f.daddr, f.sport, f.dport)
-    } else {
-        (f.daddr, f.saddr, f.dport, f.sport)
-    };
+    if f.ndp {
+        return true;
+    }
     let frag_key = FwFragKey {
         ifindex,
         id: f.id,
         proto: f.proto,
-        family: FAMILY_V4,
-        src: [f.saddr, 0, 0, 0],
-        dst: [f.daddr, 0, 0, 0],
+        family: f.family,
+        src: f.saddr,
+        dst: f.daddr,
     };
     if f.frag == Frag::Later {
         // SAFETY: read-only use of a map value during this run.
         return unsafe { FW_FRAGS.get(&frag_key) }
             .is_some_and(|a| *a == u32::from(fw::ACTION_ALLOW));
     }
-    let allowed = decide_first(
-        ctx,
-        ifindex,
-        cfg,
-        dir,
-        f,
-        pod,
-        remote,
-        pod_port,
-        remote_port,
-    );
+    let allowed = decide_first(ctx, ifindex, cfg, dir, f);
     if f.frag == Frag::First {
         let action = if allowed {
             fw::ACTION_ALLOW
@@ -494,19 +642,13 @@ fn decide(ctx: &TcContext, ifindex: u32, cfg: &FwAttach, dir: u8, f: &Flow) -> b
     allowed
 }
 
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn decide_first(
-    ctx: &TcContext,
-    ifindex: u32,
-    cfg: &FwAttach,
-    dir: u8,
-    f: &Flow,
-    pod: u32,
-    remote: u32,
-    pod_port: u16,
-    remote_port: u16,
-) -> bool {
+fn decide_first(ctx: &TcContext, ifindex: u32, cfg: &FwAttach, dir: u8, f: &Flow) -> bool {
+    let (pod, remote, pod_port, remote_port) = if dir == fw::DIR_EGRESS {
+        (&f.saddr, &f.daddr, f.sport, f.dport)
+    } else {
+        (&f.daddr, &f.saddr, f.dport, f.sport)
+    };
     let established = if dir == fw::DIR_EGRESS {
         fw::STAT_EGRESS_ESTABLISHED
     } else {
@@ -516,7 +658,15 @@ fn decide_first(
         count(ifindex, established);
         return true;
     }
-    let key = ct_key(ifindex, f.proto, pod, remote, pod_port, remote_port);
+    let key = ct_key(
+        ifindex,
+        f.family,
+        f.proto,
+        pod,
+        remote,
+        pod_port,
+        remote_port,
+    );
     let ts = now();
     if tracked(&key, f, dir, ts) {
         count(ifindex, established);
@@ -524,12 +674,12 @@ fn decide_first(
     }
     if dir == fw::DIR_INGRESS
         && cfg.ingress_policy != fw::POLICY_OPEN
-        && refused_by_policy(ctx, cfg, remote)
+        && refused_by_policy(ctx, cfg, f, remote)
     {
         count(ifindex, fw::STAT_POLICY_DROPPED);
         return false;
     }
-    let v = evaluate(ifindex, dir, f.proto, remote, f.dport);
+    let v = evaluate(ifindex, dir, f, remote);
     count_rule(ifindex, dir, v.rule);
     let action = if v.action == fw::ACTION_NONE {
         if dir == fw::DIR_EGRESS {
@@ -567,31 +717,22 @@ fn attachment(ctx: &TcContext) -> Option<(u32, FwAttach)> {
 /// Judges one packet in direction `dir` and counts it.
 #[inline(always)]
 fn judge(ctx: &TcContext, ifindex: u32, cfg: &FwAttach, dir: u8, ethertype: u16) -> i32 {
-    let (allowed_slot, dropped_slot, default) = if dir == fw::DIR_EGRESS {
-        (
-            fw::STAT_EGRESS_ALLOWED,
-            fw::STAT_EGRESS_DROPPED,
-            cfg.egress_default,
-        )
+    let (allowed_slot, dropped_slot) = if dir == fw::DIR_EGRESS {
+        (fw::STAT_EGRESS_ALLOWED, fw::STAT_EGRESS_DROPPED)
     } else {
-        (
-            fw::STAT_INGRESS_ALLOWED,
-            fw::STAT_INGRESS_DROPPED,
-            cfg.ingress_default,
-        )
+        (fw::STAT_INGRESS_ALLOWED, fw::STAT_INGRESS_DROPPED)
     };
-    let allowed = match ethertype {
-        ETH_P_IP => match parse_flow(ctx) {
-            Some(f) => decide(ctx, ifindex, cfg, dir, &f),
-            // Truncated or malformed.
-            None => false,
-        },
-        // IPv6: neighbour discovery always (the link needs it); the rest
-        // gets the direction's default (no IPv6 rules yet).
-        ETH_P_IPV6 => is_ndp(ctx) || default == fw::ACTION_ALLOW,
+    let flow = match ethertype {
+        ETH_P_IP => parse_flow(ctx),
+        ETH_P_IPV6 => parse_flow6(ctx),
         // ARP and the like towards the pod; from the pod, spoof.rs has
         // already refused everything but IPv4, IPv6 and ARP.
         _ => return NEXT,
+    };
+    let allowed = match flow {
+        Some(f) => decide(ctx, ifindex, cfg, dir, &f),
+        // Truncated or malformed.
+        None => false,
     };
     if allowed {
         count(ifindex, allowed_slot);
@@ -601,17 +742,6 @@ fn judge(ctx: &TcContext, ifindex: u32, cfg: &FwAttach, dir: u8, ethertype: u16)
         bump(stat::FW_DROPPED);
         TC_ACT_SHOT
     }
-}
-
-/// ICMPv6 neighbour/router discovery (types 133-137) without extension
-/// headers.
-#[inline(always)]
-fn is_ndp(ctx: &TcContext) -> bool {
-    let l3 = spoof::ETH_HLEN;
-    let (Ok(next), Ok(t)) = (ctx.load::<u8>(l3 + 6), ctx.load::<u8>(l3 + 40)) else {
-        return false;
-    };
-    next == IPPROTO_ICMPV6 && (133..=137).contains(&t)
 }
 
 #[classifier]

@@ -332,6 +332,7 @@ fn pods(s: &mut Scrape, paths: &Paths) {
                         ("spoofed_ip", fw::STAT_SPOOFED_IP),
                         ("spoofed_mac", fw::STAT_SPOOFED_MAC),
                         ("spoofed_arp", fw::STAT_SPOOFED_ARP),
+                        ("spoofed_nd", fw::STAT_SPOOFED_ND),
                         ("other", fw::STAT_OTHER_DROPPED),
                     ] {
                         s.counter(

@@ -40,9 +40,10 @@
 //! ```
 //! - `ingress` = connections to the pod (the CIDR matches their source),
 //!   `egress` = connections from the pod (the CIDR matches the destination);
-//! - a rule: `action` `allow`|`deny` (required), `cidr` (IPv4 CIDR or
-//!   address; default any), `protocol` `tcp`|`udp`|`icmp`|`any` (default
-//!   `any`), `ports`: a port or `"from-to"` range of the destination port
+//! - a rule: `action` `allow`|`deny` (required), `cidr` (IPv4 or IPv6
+//!   CIDR or address; default any address of either family), `protocol`
+//!   `tcp`|`udp`|`icmp`|`any` (default `any`; `icmp` is ICMPv6 for IPv6,
+//!   `icmpv6` is accepted as its alias), `ports`: a port or `"from-to"` range of the destination port
 //!   (TCP/UDP only; a rule with ports never matches other protocols),
 //!   `comment` (free text);
 //! - `default`: `allow` (default) or `deny`, for connections no rule
@@ -59,9 +60,11 @@
 //! `ingressPolicy` counts as "a pod" a firewalled pod (its source address
 //! is anti-spoofed) or anything routed in from a bridge that hosts them.
 //!
-//! IPv6 is anti-spoofed (link-local sources excepted); its packets other
-//! than neighbour discovery get the direction's default action (IPv6 rules
-//! are refused for now).
+//! IPv6 gets all of it: rules with IPv6 CIDRs, `ingressPolicy`,
+//! connection tracking, related ICMPv6 errors and forwarding past the
+//! stack (ip6tables FORWARD DROP). Neighbour discovery always passes the
+//! rules; anti-spoofing checks sources (link-local ones excepted) and what
+//! neighbour advertisements claim (see cni-ebpf `spoof.rs`).
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -69,7 +72,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::{
-    datapath::policy::{
+    firewall::{
         compile, Action, FirewallSpec, IngressPolicy, PortRange, Rule, RuleProtocol, RuleSet,
     },
     netlink::{format_mac, NetNs, Netlink},
@@ -191,10 +194,11 @@ fn parse_rule(v: &Value, at: &str) -> Result<Rule, CniError> {
             Some("any") | Some("all") | Some("") => RuleProtocol::Any,
             Some("tcp") => RuleProtocol::Tcp,
             Some("udp") => RuleProtocol::Udp,
-            Some("icmp") => RuleProtocol::Icmp,
+            // ICMP of the packet's family: ICMPv6 for IPv6.
+            Some("icmp") | Some("icmpv6") | Some("ipv6-icmp") => RuleProtocol::Icmp,
             _ => {
                 return Err(invalid(format!(
-                    "{at}.protocol: unknown protocol {p} (tcp, udp, icmp or any)"
+                    "{at}.protocol: unknown protocol {p} (tcp, udp, icmp, icmpv6 or any)"
                 )))
             }
         },
@@ -222,11 +226,6 @@ fn parse_cidr(s: &str, at: &str) -> Result<IpNet, CniError> {
             Err(_) => return Err(invalid(format!("{at}: invalid CIDR {s:?}"))),
         },
     };
-    if net.addr().is_ipv6() {
-        return Err(invalid(format!(
-            "{at}: {s:?} is an IPv6 CIDR; IPv6 rules are not supported yet"
-        )));
-    }
     Ok(net.trunc())
 }
 
@@ -568,6 +567,23 @@ mod tests {
         assert_eq!(c.egress.rules[0].protocol, RuleProtocol::Icmp);
     }
 
+    /// IPv6 CIDRs and addresses are rules like IPv4's (truncated to their
+    /// network); `icmpv6` is `icmp`.
+    #[test]
+    fn ipv6_rules_are_accepted() {
+        let c = FirewallConfig::from_conf(&conf(
+            r#","runtimeConfig":{"firewallRules":{"egress":{"rules":[
+                {"action":"deny","protocol":"tcp","ports":80,"cidr":"fd00:198:18::5/48"},
+                {"action":"allow","cidr":"2001:db8::1"},
+                {"action":"allow","protocol":"ICMPv6"}]}}}"#,
+        ))
+        .unwrap();
+        let r = &c.egress.rules;
+        assert_eq!(r[0].cidr, Some("fd00:198:18::/48".parse().unwrap()));
+        assert_eq!(r[1].cidr, Some("2001:db8::1/128".parse().unwrap()));
+        assert_eq!(r[2].protocol, RuleProtocol::Icmp);
+    }
+
     #[test]
     fn bad_rules_name_the_field() {
         let rc = |rules: &str| {
@@ -580,7 +596,7 @@ mod tests {
             ),
             (rc(r#"{"action":"allow","cidr":"bogus"}"#), "rules[0].cidr"),
             (
-                rc(r#"{"action":"allow","cidr":"fd00::/8"}"#),
+                rc(r#"{"action":"allow","cidr":"fd00::/129"}"#),
                 "rules[0].cidr",
             ),
             (

@@ -83,8 +83,8 @@ pub enum Entry {
     BridgeHook { bridge: String },
     /// ebpf-firewall's state of one attachment (configuration, endpoints,
     /// compiled rules, counters, tracked connections), keyed by the host
-    /// veth's ifindex; see `datapath::policy`.
-    Firewall(Box<crate::datapath::policy::FirewallSpec>),
+    /// veth's ifindex; see `crate::firewall`.
+    Firewall(Box<crate::firewall::FirewallSpec>),
     /// ebpf-firewall's forwarding hooks on a bridge and the uplinks.
     /// Shared by every firewalled attachment on that bridge: removing it is
     /// a no-op, the agent drops the links with their devices.
