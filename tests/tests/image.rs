@@ -18,7 +18,8 @@ use cni_tests::prelude::*;
 /// runtime state), which otherwise unpack the archive in /var/tmp.
 fn podman(dir: &Path) -> Command {
     let mut c = Command::new("podman");
-    c.env("TMPDIR", dir.join("big-tmp")).arg("--root")
+    c.env("TMPDIR", dir.join("big-tmp"))
+        .arg("--root")
         .arg(dir.join("storage"))
         .arg("--runroot")
         .arg(dir.join("run"))
