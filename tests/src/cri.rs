@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cni_cri::{Containerd, ContainerdConfig, ImageBuilder, RuntimeDir};
-use nix::sched::{setns, CloneFlags};
 use serde_json::{json, Value};
 
 use crate::agentctl::AgentProc;
@@ -343,10 +342,7 @@ pub fn in_netns_path<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> T {
     let path = path.to_path_buf();
     std::thread::scope(|s| {
         s.spawn(move || {
-            let ns = std::fs::File::open(&path)
-                .unwrap_or_else(|e| panic!("cannot open netns {}: {e}", path.display()));
-            setns(&ns, CloneFlags::CLONE_NEWNET)
-                .unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
+            crate::netns::enter_thread(&path).unwrap_or_else(|e| panic!("{e:#}"));
             f()
         })
         .join()
@@ -356,23 +352,7 @@ pub fn in_netns_path<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> T {
 
 /// One HTTP/1.0 GET of `path` from `server`; the response body.
 pub fn http_get(server: SocketAddr, path: &str) -> Result<String, String> {
-    use std::io::{Read, Write};
-    let mut s = TcpStream::connect_timeout(&server, Duration::from_secs(3))
-        .map_err(|e| format!("connect {server}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: pod\r\n\r\n").as_bytes())
-        .map_err(|e| format!("send to {server}: {e}"))?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)
-        .map_err(|e| format!("read from {server}: {e}"))?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no HTTP response from {server}: {text:?}"))?;
-    if !head.starts_with("HTTP/1.") || !head.contains(" 200 ") {
-        return Err(format!("{server} answered {head:?}"));
-    }
-    Ok(body.to_string())
+    cni_harness::http::http_get(server, path, Duration::from_secs(3)).map_err(|e| format!("{e:#}"))
 }
 
 /// One TCP line round trip to an echo server of `crate::traffic` from the

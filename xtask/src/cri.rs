@@ -11,8 +11,7 @@
 //! then kills, unmounts and removes whatever is left, even when containerd
 //! never came up. Directories of an xtask that died without cleaning up
 //! are reaped by the next one.
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -99,9 +98,9 @@ impl Cri {
             .context("the conflist has no name")?
             .to_string();
         let files = TempDir::create("cni-xtask-cri")?;
-        let conf_dir = files.path.join("conf");
-        let log_dir = files.path.join("logs");
-        let images = files.path.join("images");
+        let conf_dir = files.path().join("conf");
+        let log_dir = files.path().join("logs");
+        let images = files.path().join("images");
         for d in [&conf_dir, &log_dir, &images] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
@@ -110,7 +109,7 @@ impl Cri {
             .with_context(|| format!("writing {}", conf_file.display()))?;
         let bin_dir = match plugins {
             Plugins::Ours(build) => {
-                let d = files.path.join("bin");
+                let d = files.path().join("bin");
                 std::fs::create_dir_all(&d)?;
                 // Every plugin of ours that is built; containerd cannot run
                 // a sandbox without `loopback`.
@@ -201,21 +200,7 @@ fn build_images(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// One HTTP/1.0 GET of `/` from the calling thread's netns; the body.
 pub fn http_get(server: SocketAddr, connect_timeout: Duration) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(&server, connect_timeout)
-        .with_context(|| format!("connecting to {server}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET / HTTP/1.0\r\nHost: pod\r\n\r\n")
-        .with_context(|| format!("sending to {server}"))?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)
-        .with_context(|| format!("reading from {server}"))?;
-    let Some((head, body)) = text.split_once("\r\n\r\n") else {
-        bail!("no HTTP response from {server}: {text:?}");
-    };
-    if !head.starts_with("HTTP/1.") || !head.contains(" 200 ") {
-        bail!("{server} answered {:?}", head.lines().next().unwrap_or(""));
-    }
-    Ok(body.to_string())
+    cni_harness::http::http_get(server, "/", connect_timeout)
 }
 
 /// Polls `server` with GETs from the netns at `ns` until one returns
