@@ -91,8 +91,12 @@ pub fn with_netlink<T: Send>(
 
 /// The ifindex of a link of the node's namespace.
 pub fn link_index(ifname: &str) -> Result<u32, DatapathError> {
-    with_netlink(|nl| nl.link_by_name(ifname).map(|l| l.index))
-        .map_err(|e| DatapathError::Link(format!("{ifname}: {e}")))
+    with_netlink(|nl| nl.link_by_name(ifname).map(|l| l.index)).map_err(|source| {
+        DatapathError::LinkLookup {
+            ifname: ifname.to_string(),
+            source,
+        }
+    })
 }
 
 fn veth_hook(h: VethHook) -> Hook {
@@ -241,7 +245,10 @@ impl EntryMaps {
                 .unwrap_or(0);
             Ok((link.index, addr))
         })
-        .map_err(|e| DatapathError::Link(format!("bridge {bridge}: {e}")))?;
+        .map_err(|source| DatapathError::LinkLookup {
+            ifname: bridge.to_string(),
+            source,
+        })?;
         // The bridge address is a node address: hostPorts must answer on it
         // now, not at the agent's next address scan.
         if addr != 0 {
