@@ -15,7 +15,7 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cni_cri::{Containerd, ContainerdConfig, ImageBuilder, RuntimeDir};
+use cni_cri::{Containerd, ContainerdConfig, RuntimeDir};
 use serde_json::{json, Value};
 
 use crate::agentctl::AgentProc;
@@ -139,7 +139,14 @@ impl CriNode {
         let logs = TempDir::new("crilogs");
 
         let images = TempDir::new("criimg");
-        let archives = build_images(images.path());
+        let archives = cni_cri::image::write_pause_and_httpd(
+            images.path(),
+            PAUSE_IMAGE,
+            WORKLOAD_IMAGE,
+            WORKLOAD_PORT,
+            WORKLOAD_PAYLOAD,
+        )
+        .unwrap_or_else(|e| panic!("writing the images: {e}"));
         let cri_dir =
             RuntimeDir::create(CRI_DIR_PREFIX).unwrap_or_else(|e| panic!("containerd dir: {e}"));
         let cfg = ContainerdConfig::new(
@@ -312,28 +319,6 @@ pub fn conflist(node: &Node, imp: Impl, net: &str, bridge: &str, subnet: &str) -
         }
     }
     json!({"cniVersion": "1.0.0", "name": net, "plugins": plugins})
-}
-
-/// Writes the pause and workload images into `dir`; returns the tarballs.
-pub fn build_images(dir: &Path) -> Vec<PathBuf> {
-    let busybox = Path::new(cni_cri::image::HOST_BUSYBOX);
-    let pause = ImageBuilder::busybox(PAUSE_IMAGE, busybox)
-        .unwrap_or_else(|e| panic!("pause image: {e}"))
-        .entrypoint(["/bin/busybox", "sleep", "2147483647"]);
-    let workload = ImageBuilder::busybox(WORKLOAD_IMAGE, busybox)
-        .unwrap_or_else(|e| panic!("workload image: {e}"))
-        .dir("www")
-        .file("www/index.html", WORKLOAD_PAYLOAD)
-        .entrypoint(["/bin/busybox", "httpd", "-f", "-p"])
-        .cmd([WORKLOAD_PORT.to_string(), "-h".into(), "/www".into()]);
-    let mut out = Vec::new();
-    for img in [pause, workload] {
-        let path = cni_cri::image::archive_path(dir, img.name());
-        img.write_docker_archive(&path)
-            .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
-        out.push(path);
-    }
-    out
 }
 
 /// Runs `f` on a thread inside the network namespace at `path` (a

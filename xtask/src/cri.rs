@@ -16,9 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use cni_cri::{
-    BlockingCriClient, Containerd, ContainerdConfig, ImageBuilder, RuntimeDir, Teardown,
-};
+use cni_cri::{BlockingCriClient, Containerd, ContainerdConfig, RuntimeDir, Teardown};
 
 use crate::netns::{self, TempDir};
 use crate::proc;
@@ -128,7 +126,14 @@ impl Cri {
             }
             Plugins::Reference => PathBuf::from(REFERENCE_DIR),
         };
-        let archives = build_images(&images)?;
+        let archives = cni_cri::image::write_pause_and_httpd(
+            &images,
+            PAUSE_IMAGE,
+            HTTPD_IMAGE,
+            HTTPD_PORT,
+            PAYLOAD,
+        )
+        .context("writing the pause and httpd images")?;
         let dir = RuntimeDir::create(DIR_PREFIX)?;
         let cfg = ContainerdConfig::new(dir.path(), netns, &bin_dir, &conf_dir, sandbox_image);
         let containerd = Containerd::start(cfg).context("starting containerd")?;
@@ -173,29 +178,6 @@ impl Cri {
     pub fn shutdown(&mut self) -> Option<Teardown> {
         self.containerd.take().map(Containerd::shutdown)
     }
-}
-
-/// Writes the pause and httpd images into `dir`; returns the tarballs.
-fn build_images(dir: &Path) -> Result<Vec<PathBuf>> {
-    let busybox = Path::new(cni_cri::image::HOST_BUSYBOX);
-    let pause = ImageBuilder::busybox(PAUSE_IMAGE, busybox)?.entrypoint([
-        "/bin/busybox",
-        "sleep",
-        "2147483647",
-    ]);
-    let httpd = ImageBuilder::busybox(HTTPD_IMAGE, busybox)?
-        .dir("www")
-        .file("www/index.html", PAYLOAD)
-        .entrypoint(["/bin/busybox", "httpd", "-f", "-p"])
-        .cmd([HTTPD_PORT.to_string(), "-h".into(), "/www".into()]);
-    let mut out = Vec::new();
-    for img in [pause, httpd] {
-        let path = cni_cri::image::archive_path(dir, img.name());
-        img.write_docker_archive(&path)
-            .with_context(|| format!("writing {}", path.display()))?;
-        out.push(path);
-    }
-    Ok(out)
 }
 
 /// One HTTP/1.0 GET of `/` from the calling thread's netns; the body.
