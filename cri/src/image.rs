@@ -252,6 +252,34 @@ pub fn oci_arch() -> &'static str {
     }
 }
 
+/// The two images the tests and the xtask run pods from, written into
+/// `dir` as docker archives: `pause` (its process sleeps) and `httpd`
+/// (busybox httpd serving `payload` at `/` on `port`). Returns the
+/// archives, pause first.
+pub fn write_pause_and_httpd(
+    dir: &Path,
+    pause: &str,
+    httpd: &str,
+    port: u16,
+    payload: &str,
+) -> Result<Vec<PathBuf>> {
+    let busybox = Path::new(HOST_BUSYBOX);
+    let pause =
+        ImageBuilder::busybox(pause, busybox)?.entrypoint(["/bin/busybox", "sleep", "2147483647"]);
+    let httpd = ImageBuilder::busybox(httpd, busybox)?
+        .dir("www")
+        .file("www/index.html", payload)
+        .entrypoint(["/bin/busybox", "httpd", "-f", "-p"])
+        .cmd([port.to_string(), "-h".into(), "/www".into()]);
+    let mut out = Vec::new();
+    for img in [pause, httpd] {
+        let path = archive_path(dir, img.name());
+        img.write_docker_archive(&path)?;
+        out.push(path);
+    }
+    Ok(out)
+}
+
 /// The path of a tarball for `image` in `dir` (its name made file-safe).
 pub fn archive_path(dir: &Path, image: &str) -> PathBuf {
     let safe: String = image

@@ -41,11 +41,7 @@ impl BpfFs {
 
 impl Drop for BpfFs {
     fn drop(&mut self) {
-        unmount(&self.path);
+        // Quiet if nothing is mounted there.
+        let _ = umount2(&self.path, MntFlags::MNT_DETACH);
     }
-}
-
-/// Detaches a bpffs mount; quiet if nothing is mounted there.
-pub fn unmount(path: &Path) {
-    let _ = umount2(path, MntFlags::MNT_DETACH);
 }

@@ -15,8 +15,7 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cni_cri::{Containerd, ContainerdConfig, ImageBuilder, RuntimeDir};
-use nix::sched::{setns, CloneFlags};
+use cni_cri::{Containerd, ContainerdConfig, RuntimeDir};
 use serde_json::{json, Value};
 
 use crate::agentctl::AgentProc;
@@ -140,7 +139,14 @@ impl CriNode {
         let logs = TempDir::new("crilogs");
 
         let images = TempDir::new("criimg");
-        let archives = build_images(images.path());
+        let archives = cni_cri::image::write_pause_and_httpd(
+            images.path(),
+            PAUSE_IMAGE,
+            WORKLOAD_IMAGE,
+            WORKLOAD_PORT,
+            WORKLOAD_PAYLOAD,
+        )
+        .unwrap_or_else(|e| panic!("writing the images: {e}"));
         let cri_dir =
             RuntimeDir::create(CRI_DIR_PREFIX).unwrap_or_else(|e| panic!("containerd dir: {e}"));
         let cfg = ContainerdConfig::new(
@@ -315,38 +321,13 @@ pub fn conflist(node: &Node, imp: Impl, net: &str, bridge: &str, subnet: &str) -
     json!({"cniVersion": "1.0.0", "name": net, "plugins": plugins})
 }
 
-/// Writes the pause and workload images into `dir`; returns the tarballs.
-pub fn build_images(dir: &Path) -> Vec<PathBuf> {
-    let busybox = Path::new(cni_cri::image::HOST_BUSYBOX);
-    let pause = ImageBuilder::busybox(PAUSE_IMAGE, busybox)
-        .unwrap_or_else(|e| panic!("pause image: {e}"))
-        .entrypoint(["/bin/busybox", "sleep", "2147483647"]);
-    let workload = ImageBuilder::busybox(WORKLOAD_IMAGE, busybox)
-        .unwrap_or_else(|e| panic!("workload image: {e}"))
-        .dir("www")
-        .file("www/index.html", WORKLOAD_PAYLOAD)
-        .entrypoint(["/bin/busybox", "httpd", "-f", "-p"])
-        .cmd([WORKLOAD_PORT.to_string(), "-h".into(), "/www".into()]);
-    let mut out = Vec::new();
-    for img in [pause, workload] {
-        let path = cni_cri::image::archive_path(dir, img.name());
-        img.write_docker_archive(&path)
-            .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
-        out.push(path);
-    }
-    out
-}
-
 /// Runs `f` on a thread inside the network namespace at `path` (a
 /// namespace the runtime created, which the harness's `NetNs` does not own).
 pub fn in_netns_path<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> T {
     let path = path.to_path_buf();
     std::thread::scope(|s| {
         s.spawn(move || {
-            let ns = std::fs::File::open(&path)
-                .unwrap_or_else(|e| panic!("cannot open netns {}: {e}", path.display()));
-            setns(&ns, CloneFlags::CLONE_NEWNET)
-                .unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
+            crate::netns::enter_thread(&path).unwrap_or_else(|e| panic!("{e:#}"));
             f()
         })
         .join()
@@ -356,23 +337,7 @@ pub fn in_netns_path<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> T {
 
 /// One HTTP/1.0 GET of `path` from `server`; the response body.
 pub fn http_get(server: SocketAddr, path: &str) -> Result<String, String> {
-    use std::io::{Read, Write};
-    let mut s = TcpStream::connect_timeout(&server, Duration::from_secs(3))
-        .map_err(|e| format!("connect {server}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: pod\r\n\r\n").as_bytes())
-        .map_err(|e| format!("send to {server}: {e}"))?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)
-        .map_err(|e| format!("read from {server}: {e}"))?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no HTTP response from {server}: {text:?}"))?;
-    if !head.starts_with("HTTP/1.") || !head.contains(" 200 ") {
-        return Err(format!("{server} answered {head:?}"));
-    }
-    Ok(body.to_string())
+    cni_harness::http::http_get(server, path, Duration::from_secs(3)).map_err(|e| format!("{e:#}"))
 }
 
 /// One TCP line round trip to an echo server of `crate::traffic` from the

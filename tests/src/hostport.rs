@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use nix::sched::{setns, CloneFlags};
 use serde_json::{json, Value};
 
 use crate::netns::NetNs;
@@ -144,20 +143,8 @@ fn remove_cgroup(dir: &Path) {
 
 /// Removes `cni-tests-<pid>-…` cgroups of test processes that are gone.
 fn reap_stale_cgroups(root: &Path) {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(DIR_PREFIX) else {
-            continue;
-        };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            remove_cgroup(&e.path());
-        }
+    for path in cni_harness::stale_entries(root, DIR_PREFIX) {
+        remove_cgroup(&path);
     }
 }
 
@@ -358,10 +345,7 @@ impl UdpEchoFleet {
             paths
                 .iter()
                 .map(|p| {
-                    let f = std::fs::File::open(p)
-                        .unwrap_or_else(|e| panic!("open netns {}: {e}", p.display()));
-                    setns(&f, CloneFlags::CLONE_NEWNET)
-                        .unwrap_or_else(|e| panic!("setns {}: {e}", p.display()));
+                    crate::netns::enter_thread(p).unwrap_or_else(|e| panic!("{e:#}"));
                     let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
                         .unwrap_or_else(|e| panic!("bind udp {port} in {}: {e}", p.display()));
                     s.set_nonblocking(true).expect("nonblocking");

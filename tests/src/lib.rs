@@ -27,7 +27,6 @@ pub mod cri;
 pub mod diff;
 pub mod hostport;
 pub mod hostport_node;
-pub mod netns;
 pub mod packet;
 pub mod plugin;
 pub mod poll;
@@ -36,10 +35,12 @@ pub mod residue;
 pub mod result;
 pub mod runtime;
 pub mod snapshot;
-pub mod tempdir;
 pub mod topology;
 pub mod traffic;
 pub mod uplink;
+
+/// Shared with the xtask (crate `cni-harness`), under the paths tests use.
+pub use cni_harness::{netns, tempdir};
 
 /// Everything a test file usually needs.
 pub mod prelude {

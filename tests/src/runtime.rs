@@ -2,72 +2,20 @@
 //! the spec independently of our spec layer so it can serve as a witness:
 //! ADD runs the plugins in order feeding each the previous result, DEL runs
 //! them in reverse with the cached result, CHECK in order with the cached
-//! result, and capabilities select what goes into `runtimeConfig`.
+//! result, and capabilities select what goes into `runtimeConfig` (each
+//! plugin's stdin is built by `cni_harness::conflist`, which the xtask's
+//! runtime uses too).
 use std::path::PathBuf;
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
+
+pub use cni_harness::conflist::{
+    conflist_of, plugin_conf, version_at_least, with_prev_result, Attachment, GcKey,
+};
+use cni_harness::conflist::{list_plugin_base, plugins};
 
 use crate::netns::NetNs;
 use crate::plugin::{Impl, Invocation, Outcome};
-
-/// Where one container is attached, as the runtime knows it.
-#[derive(Debug, Clone)]
-pub struct Attachment {
-    pub container_id: String,
-    /// CNI_NETNS.
-    pub netns: String,
-    pub ifname: String,
-    /// CNI_ARGS key/value pairs.
-    pub cni_args: Vec<(String, String)>,
-    /// Capability arguments (`portMappings`, `bandwidth`, ...) offered to
-    /// plugins that declare the capability.
-    pub capability_args: Map<String, Value>,
-}
-
-impl Attachment {
-    pub fn new(container_id: &str, netns: &NetNs, ifname: &str) -> Attachment {
-        Attachment {
-            container_id: container_id.to_string(),
-            netns: netns.path_str().to_string(),
-            ifname: ifname.to_string(),
-            cni_args: Vec::new(),
-            capability_args: Map::new(),
-        }
-    }
-
-    fn cni_args_env(&self) -> Option<String> {
-        (!self.cni_args.is_empty()).then(|| {
-            self.cni_args
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(";")
-        })
-    }
-}
-
-/// Compares dotted versions numerically ("0.10.0" > "0.4.0").
-pub fn version_at_least(v: &str, min: &str) -> bool {
-    let parse = |s: &str| -> Vec<u32> { s.split('.').map(|p| p.parse().unwrap_or(0)).collect() };
-    parse(v) >= parse(min)
-}
-
-/// Which key a GC invocation uses for the valid attachments (the spec's, or
-/// the older draft name the design asks us to accept too).
-#[derive(Debug, Clone, Copy)]
-pub enum GcKey {
-    ValidAttachments,
-    Attachments,
-}
-
-impl GcKey {
-    pub fn key(self) -> &'static str {
-        match self {
-            GcKey::ValidAttachments => "cni.dev/valid-attachments",
-            GcKey::Attachments => "cni.dev/attachments",
-        }
-    }
-}
 
 /// Runs plugins found in `cni_path` inside the `node` namespace.
 pub struct Runtime<'a> {
@@ -241,63 +189,4 @@ impl<'a> Runtime<'a> {
         }
         Ok(())
     }
-}
-
-/// Wraps a single plugin config in a conflist of one.
-pub fn conflist_of(conf: &Value) -> Value {
-    let mut plugin = conf.clone();
-    let obj = plugin.as_object_mut().expect("config is an object");
-    let name = obj.remove("name").unwrap_or(Value::Null);
-    let version = obj.remove("cniVersion").unwrap_or(Value::Null);
-    json!({"cniVersion": version, "name": name, "plugins": [plugin]})
-}
-
-/// `conf` with `prevResult` set (or removed).
-pub fn with_prev_result(conf: &Value, prev: Option<&Value>) -> Value {
-    let mut c = conf.clone();
-    let obj = c.as_object_mut().expect("config is an object");
-    match prev {
-        Some(p) => {
-            obj.insert("prevResult".into(), p.clone());
-        }
-        None => {
-            obj.remove("prevResult");
-        }
-    }
-    c
-}
-
-fn plugins(list: &Value) -> &Vec<Value> {
-    list["plugins"]
-        .as_array()
-        .unwrap_or_else(|| panic!("conflist without plugins: {list}"))
-}
-
-/// Plugin `i` of a conflist with the list's name and cniVersion.
-fn list_plugin_base(list: &Value, i: usize) -> Value {
-    let mut conf = plugins(list)[i].clone();
-    let obj = conf.as_object_mut().expect("plugin config is an object");
-    obj.insert("name".into(), list["name"].clone());
-    obj.insert("cniVersion".into(), list["cniVersion"].clone());
-    conf
-}
-
-/// The stdin of plugin `i` of a conflist: name, cniVersion, prevResult and
-/// the runtimeConfig entries for the capabilities it declares.
-pub fn plugin_conf(list: &Value, i: usize, prev: Option<&Value>, att: &Attachment) -> Value {
-    let mut conf = list_plugin_base(list, i);
-    if let Some(caps) = conf.get("capabilities").and_then(Value::as_object).cloned() {
-        let mut rc = Map::new();
-        for (cap, on) in caps {
-            if on == Value::Bool(true) {
-                if let Some(v) = att.capability_args.get(&cap) {
-                    rc.insert(cap, v.clone());
-                }
-            }
-        }
-        if !rc.is_empty() {
-            conf["runtimeConfig"] = Value::Object(rc);
-        }
-    }
-    with_prev_result(&conf, prev)
 }

@@ -20,8 +20,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use nix::sched::{setns, CloneFlags};
-
 use crate::netns::NetNs;
 
 /// Runs `f` on a new thread inside `ns` and returns its result (panics in
@@ -55,9 +53,7 @@ pub fn spawn_in_netns<T: Send + 'static>(
 
 /// Moves the calling thread into the namespace at `path`.
 fn enter(path: &std::path::Path) {
-    let f = std::fs::File::open(path)
-        .unwrap_or_else(|e| panic!("cannot open netns {}: {e}", path.display()));
-    setns(&f, CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
+    crate::netns::enter_thread(path).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// A socket of `ty` bound to the unspecified address of `ip`'s family and

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 
-use crate::netns::{self, Netns};
+use crate::netns::{self, NetNs};
 use crate::proc;
 
 /// A fresh bpffs instance mounted on a directory; detached on drop. Each
@@ -54,7 +54,7 @@ pub struct Agent {
 impl Agent {
     /// Starts `cni-agent run` in `node` with everything under `dir`, and
     /// waits (30 s at most) for its socket.
-    pub fn start(bin_dir: &Path, node: &Netns, dir: &Path, uplinks: &[&str]) -> Result<Agent> {
+    pub fn start(bin_dir: &Path, node: &NetNs, dir: &Path, uplinks: &[&str]) -> Result<Agent> {
         Agent::start_with(bin_dir, node, dir, uplinks, &[])
     }
 
@@ -62,7 +62,7 @@ impl Agent {
     /// `--hostport-mode xdp`).
     pub fn start_with(
         bin_dir: &Path,
-        node: &Netns,
+        node: &NetNs,
         dir: &Path,
         uplinks: &[&str],
         extra_args: &[&str],

@@ -12,40 +12,14 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Map, Value};
+use cni_harness::conflist::plugin_conf;
+use serde_json::Value;
 
 use crate::proc;
 
-/// One pod attachment: the (container ID, netns, ifname) triple plus what
-/// a kubelet passes in CNI_ARGS and as capability arguments.
-pub struct Attachment {
-    pub container_id: String,
-    pub netns: PathBuf,
-    pub ifname: String,
-    pub args: Vec<(String, String)>,
-    /// Runtime values for capabilities (`portMappings`, `bandwidth`, ...),
-    /// passed to the plugins that declare them as `runtimeConfig`.
-    pub capability_args: Map<String, Value>,
-}
+pub use cni_harness::conflist::Attachment;
 
-impl Attachment {
-    /// An attachment shaped like a kubelet's pod sandbox.
-    pub fn pod(container_id: &str, netns: &Path, pod_name: &str) -> Attachment {
-        Attachment {
-            container_id: container_id.to_string(),
-            netns: netns.to_path_buf(),
-            ifname: "eth0".to_string(),
-            args: vec![
-                ("IgnoreUnknown".into(), "1".into()),
-                ("K8S_POD_NAMESPACE".into(), "default".into()),
-                ("K8S_POD_NAME".into(), pod_name.into()),
-                ("K8S_POD_INFRA_CONTAINER_ID".into(), container_id.into()),
-            ],
-            capability_args: Map::new(),
-        }
-    }
-}
-
+/// A conflist checked to have a name, a version and a plugin list.
 pub struct Conflist {
     pub raw: Value,
 }
@@ -67,39 +41,11 @@ impl Conflist {
         self.raw["name"].as_str().unwrap_or_default()
     }
 
-    fn version(&self) -> &str {
-        self.raw["cniVersion"].as_str().unwrap_or_default()
-    }
-
     pub fn plugins(&self) -> &[Value] {
         self.raw["plugins"]
             .as_array()
             .map(Vec::as_slice)
             .unwrap_or_default()
-    }
-
-    /// The network configuration one plugin gets on stdin.
-    fn plugin_conf(&self, plugin: &Value, att: &Attachment, prev: Option<&Value>) -> Value {
-        let mut conf = plugin.as_object().cloned().unwrap_or_default();
-        conf.insert("cniVersion".into(), json!(self.version()));
-        conf.insert("name".into(), json!(self.name()));
-        if let Some(prev) = prev {
-            conf.insert("prevResult".into(), prev.clone());
-        }
-        let mut rc = Map::new();
-        if let Some(caps) = plugin.get("capabilities").and_then(Value::as_object) {
-            for (cap, on) in caps {
-                if on.as_bool() == Some(true) {
-                    if let Some(v) = att.capability_args.get(cap) {
-                        rc.insert(cap.clone(), v.clone());
-                    }
-                }
-            }
-        }
-        if !rc.is_empty() {
-            conf.insert("runtimeConfig".into(), Value::Object(rc));
-        }
-        Value::Object(conf)
     }
 }
 
@@ -126,8 +72,8 @@ impl Runtime {
     pub fn add_timed(&self, list: &Conflist, att: &Attachment) -> Result<(Value, Vec<f64>)> {
         let mut prev: Option<Value> = None;
         let mut times = Vec::new();
-        for plugin in list.plugins() {
-            let conf = list.plugin_conf(plugin, att, prev.as_ref());
+        for (i, plugin) in list.plugins().iter().enumerate() {
+            let conf = plugin_conf(&list.raw, i, prev.as_ref(), att);
             let t = std::time::Instant::now();
             let out = self.exec("ADD", plugin, att, &conf)?;
             times.push(t.elapsed().as_secs_f64() * 1e3);
@@ -140,8 +86,8 @@ impl Runtime {
 
     /// CHECK through the chain, with the cached ADD result.
     pub fn check(&self, list: &Conflist, att: &Attachment, cached: &Value) -> Result<()> {
-        for plugin in list.plugins() {
-            let conf = list.plugin_conf(plugin, att, Some(cached));
+        for (i, plugin) in list.plugins().iter().enumerate() {
+            let conf = plugin_conf(&list.raw, i, Some(cached), att);
             self.exec("CHECK", plugin, att, &conf)?;
         }
         Ok(())
@@ -162,7 +108,7 @@ impl Runtime {
     ) -> Result<Vec<f64>> {
         let mut times = vec![0.0; list.plugins().len()];
         for (i, plugin) in list.plugins().iter().enumerate().rev() {
-            let conf = list.plugin_conf(plugin, att, cached);
+            let conf = plugin_conf(&list.raw, i, cached, att);
             let t = std::time::Instant::now();
             self.exec("DEL", plugin, att, &conf)?;
             times[i] = t.elapsed().as_secs_f64() * 1e3;
@@ -189,13 +135,12 @@ impl Runtime {
         let ty = plugin_type(plugin);
         let bin = self.find(ty)?;
         let cni_path = std::env::join_paths(&self.cni_path)?;
-        let cni_args: Vec<String> = att.args.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let mut c = proc::cmd(&bin);
         c.env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", &att.container_id)
             .env("CNI_NETNS", &att.netns)
             .env("CNI_IFNAME", &att.ifname)
-            .env("CNI_ARGS", cni_args.join(";"))
+            .env("CNI_ARGS", att.cni_args_env().unwrap_or_default())
             .env("CNI_PATH", cni_path)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

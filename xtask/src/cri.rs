@@ -11,15 +11,12 @@
 //! then kills, unmounts and removes whatever is left, even when containerd
 //! never came up. Directories of an xtask that died without cleaning up
 //! are reaped by the next one.
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use cni_cri::{
-    BlockingCriClient, Containerd, ContainerdConfig, ImageBuilder, RuntimeDir, Teardown,
-};
+use cni_cri::{BlockingCriClient, Containerd, ContainerdConfig, RuntimeDir, Teardown};
 
 use crate::netns::{self, TempDir};
 use crate::proc;
@@ -99,9 +96,9 @@ impl Cri {
             .context("the conflist has no name")?
             .to_string();
         let files = TempDir::create("cni-xtask-cri")?;
-        let conf_dir = files.path.join("conf");
-        let log_dir = files.path.join("logs");
-        let images = files.path.join("images");
+        let conf_dir = files.path().join("conf");
+        let log_dir = files.path().join("logs");
+        let images = files.path().join("images");
         for d in [&conf_dir, &log_dir, &images] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
@@ -110,7 +107,7 @@ impl Cri {
             .with_context(|| format!("writing {}", conf_file.display()))?;
         let bin_dir = match plugins {
             Plugins::Ours(build) => {
-                let d = files.path.join("bin");
+                let d = files.path().join("bin");
                 std::fs::create_dir_all(&d)?;
                 // Every plugin of ours that is built; containerd cannot run
                 // a sandbox without `loopback`.
@@ -129,7 +126,14 @@ impl Cri {
             }
             Plugins::Reference => PathBuf::from(REFERENCE_DIR),
         };
-        let archives = build_images(&images)?;
+        let archives = cni_cri::image::write_pause_and_httpd(
+            &images,
+            PAUSE_IMAGE,
+            HTTPD_IMAGE,
+            HTTPD_PORT,
+            PAYLOAD,
+        )
+        .context("writing the pause and httpd images")?;
         let dir = RuntimeDir::create(DIR_PREFIX)?;
         let cfg = ContainerdConfig::new(dir.path(), netns, &bin_dir, &conf_dir, sandbox_image);
         let containerd = Containerd::start(cfg).context("starting containerd")?;
@@ -176,46 +180,9 @@ impl Cri {
     }
 }
 
-/// Writes the pause and httpd images into `dir`; returns the tarballs.
-fn build_images(dir: &Path) -> Result<Vec<PathBuf>> {
-    let busybox = Path::new(cni_cri::image::HOST_BUSYBOX);
-    let pause = ImageBuilder::busybox(PAUSE_IMAGE, busybox)?.entrypoint([
-        "/bin/busybox",
-        "sleep",
-        "2147483647",
-    ]);
-    let httpd = ImageBuilder::busybox(HTTPD_IMAGE, busybox)?
-        .dir("www")
-        .file("www/index.html", PAYLOAD)
-        .entrypoint(["/bin/busybox", "httpd", "-f", "-p"])
-        .cmd([HTTPD_PORT.to_string(), "-h".into(), "/www".into()]);
-    let mut out = Vec::new();
-    for img in [pause, httpd] {
-        let path = cni_cri::image::archive_path(dir, img.name());
-        img.write_docker_archive(&path)
-            .with_context(|| format!("writing {}", path.display()))?;
-        out.push(path);
-    }
-    Ok(out)
-}
-
 /// One HTTP/1.0 GET of `/` from the calling thread's netns; the body.
 pub fn http_get(server: SocketAddr, connect_timeout: Duration) -> Result<String> {
-    let mut s = TcpStream::connect_timeout(&server, connect_timeout)
-        .with_context(|| format!("connecting to {server}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET / HTTP/1.0\r\nHost: pod\r\n\r\n")
-        .with_context(|| format!("sending to {server}"))?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)
-        .with_context(|| format!("reading from {server}"))?;
-    let Some((head, body)) = text.split_once("\r\n\r\n") else {
-        bail!("no HTTP response from {server}: {text:?}");
-    };
-    if !head.starts_with("HTTP/1.") || !head.contains(" 200 ") {
-        bail!("{server} answered {:?}", head.lines().next().unwrap_or(""));
-    }
-    Ok(body.to_string())
+    cni_harness::http::http_get(server, "/", connect_timeout)
 }
 
 /// Polls `server` with GETs from the netns at `ns` until one returns

@@ -21,7 +21,7 @@ use serde_json::Value;
 use crate::agent::Agent;
 use crate::cni::{self, Attachment, Conflist, Runtime};
 use crate::cri::{Cri, Plugins, HTTPD_IMAGE, HTTPD_PORT, PAUSE_IMAGE, PAYLOAD};
-use crate::netns::{self, Netns, TempDir};
+use crate::netns::{self, NetNs, ShowIp, TempDir};
 use crate::proc;
 
 const BRIDGE: &str = "cni-demo0";
@@ -59,7 +59,7 @@ const CRI_STEP: &str = "CRI: ";
 
 struct Pod {
     label: &'static str,
-    ns: Netns,
+    ns: NetNs,
     att: Attachment,
     result: Option<Value>,
 }
@@ -88,8 +88,8 @@ struct Demo {
     pods: Vec<Pod>,
     agent: Option<Agent>,
     runtime: Option<Runtime>,
-    external: Option<Netns>,
-    node: Option<Netns>,
+    external: Option<NetNs>,
+    node: Option<NetNs>,
     conflist: Option<Conflist>,
     tmp: TempDir,
 }
@@ -100,13 +100,8 @@ impl Drop for Demo {
             let _ = s.kill();
             let _ = s.wait();
         }
-        let mut names: Vec<&str> = self.pods.iter().map(|p| p.ns.name.as_str()).collect();
-        names.extend(
-            self.external
-                .iter()
-                .chain(&self.node)
-                .map(|n| n.name.as_str()),
-        );
+        let mut names: Vec<&str> = self.pods.iter().map(|p| p.ns.name()).collect();
+        names.extend(self.external.iter().chain(&self.node).map(|n| n.name()));
         proc::heading("Cleanup");
         if let Some(c) = &self.cri {
             println!(
@@ -126,7 +121,7 @@ impl Drop for Demo {
             );
         }
         println!("    deleting netns {}", names.join(" "));
-        println!("    removing {}", self.tmp.path.display());
+        println!("    removing {}", self.tmp.path().display());
     }
 }
 
@@ -263,7 +258,7 @@ pub fn run(reference: bool) -> Result<()> {
 }
 
 impl Demo {
-    fn node(&self) -> Result<&Netns> {
+    fn node(&self) -> Result<&NetNs> {
         self.node.as_ref().context("no node netns")
     }
 
@@ -283,25 +278,25 @@ impl Demo {
     }
 
     fn ipam_dir(&self) -> PathBuf {
-        self.tmp.path.join("ipam")
+        self.tmp.path().join("ipam")
     }
 
     fn namespaces(&mut self) -> Result<()> {
-        let node = Netns::create("cnidemo-node")?;
-        println!("    node: {}", node.name);
+        let node = NetNs::create("cnidemo-node")?.lo_up()?;
+        println!("    node: {}", node.name());
         self.runtime = Some(Runtime::new(
-            &node.path(),
+            node.path(),
             vec![self.bin_dir.clone(), PathBuf::from(REFERENCE_DIR)],
         )?);
         self.node = Some(node);
-        let ext = Netns::create("cnidemo-ext")?;
-        println!("    external: {}", ext.name);
+        let ext = NetNs::create("cnidemo-ext")?.lo_up()?;
+        println!("    external: {}", ext.name());
         self.external = Some(ext);
         for label in ["pod1", "pod2"] {
-            let ns = Netns::create(&format!("cnidemo-{label}"))?;
-            println!("    {label}: {}", ns.name);
+            let ns = NetNs::create(&format!("cnidemo-{label}"))?.lo_up()?;
+            println!("    {label}: {}", ns.name());
             let id = netns::unique(&format!("xtask-demo-{label}"));
-            let mut att = Attachment::pod(&id, &ns.path(), label);
+            let mut att = Attachment::pod(&id, ns.path(), label);
             // What a kubelet passes as capability arguments.
             if label == "pod1" {
                 att.capability_args.insert(
@@ -324,7 +319,7 @@ impl Demo {
         Ok(())
     }
 
-    fn external(&self) -> Result<&Netns> {
+    fn external(&self) -> Result<&NetNs> {
         self.external.as_ref().context("no external netns")
     }
 
@@ -351,7 +346,7 @@ impl Demo {
             println!("    (the reference plugins have no agent: skipped)");
             return Ok(());
         }
-        let dir = self.tmp.path.join("agent");
+        let dir = self.tmp.path().join("agent");
         let agent = Agent::start(&self.bin_dir, self.node()?, &dir, &[UPLINK])?;
         println!(
             "    cni-agent run (pid {}), log {}",
@@ -423,7 +418,7 @@ impl Demo {
         // The reference plugins (v1.1.1) stop at spec 1.0.0.
         let text = self.conflist_text(self.version());
         let raw: Value = serde_json::from_str(&text).context("demo conflist")?;
-        let path = self.tmp.path.join("10-demo.conflist");
+        let path = self.tmp.path().join("10-demo.conflist");
         std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
         println!("    {}:", path.display());
         for line in text.lines() {
@@ -439,10 +434,7 @@ impl Demo {
         for pod in &self.pods {
             println!(
                 "    ADD {} (CNI_CONTAINERID={} CNI_NETNS={} CNI_IFNAME={})",
-                pod.label,
-                pod.att.container_id,
-                pod.att.netns.display(),
-                pod.att.ifname
+                pod.label, pod.att.container_id, pod.att.netns, pod.att.ifname
             );
             let res = rt.add(list, &pod.att)?;
             for line in serde_json::to_string_pretty(&res)?.lines() {
@@ -609,7 +601,7 @@ impl Demo {
 
     /// What a client in `ns` gets back from `addr:port` (the peer address
     /// the server saw).
-    fn ask(ns: &Netns, addr: &str, port: u16) -> Result<String> {
+    fn ask(ns: &NetNs, addr: &str, port: u16) -> Result<String> {
         let mut c = ns.exec("socat");
         c.args(["-T3", "-", &format!("TCP:{addr}:{port}")])
             .stdin(std::process::Stdio::null());
@@ -803,7 +795,9 @@ impl Demo {
 
     /// Veths in the node netns other than the uplink.
     fn pod_veths(&self) -> Result<Vec<String>> {
-        let out = self.node()?.ip(&["-o", "link", "show", "type", "veth"])?;
+        let out = self
+            .node()?
+            .try_ip(&["-o", "link", "show", "type", "veth"])?;
         Ok(out
             .lines()
             .filter_map(|l| l.split(": ").nth(1))
@@ -847,7 +841,7 @@ impl Demo {
         } else {
             Plugins::Ours(&self.bin_dir)
         };
-        let cri = Cri::start(&node.path(), &text, plugins, PAUSE_IMAGE)?;
+        let cri = Cri::start(node.path(), &text, plugins, PAUSE_IMAGE)?;
         let c = cri.containerd()?;
         println!(
             "    $ nsenter --net={} -- containerd --config {}   (pid {})",
@@ -1059,7 +1053,7 @@ impl Demo {
 
     fn cri_host_port(&mut self) -> Result<()> {
         let target: SocketAddr = format!("{NODE_UPLINK_IP}:{CRI_HOST_PORT}").parse()?;
-        let took = crate::cri::wait_served(&self.external()?.path(), target, CRI_SERVE_TIMEOUT)?;
+        let took = crate::cri::wait_served(self.external()?.path(), target, CRI_SERVE_TIMEOUT)?;
         println!(
             "    external {EXTERNAL_IP} -> GET http://{target}/ -> 200 {:?} (after {} ms of polling)",
             PAYLOAD.trim_end(),
@@ -1113,7 +1107,7 @@ impl Demo {
         );
         ensure!(held.is_empty(), "IP reservations left behind");
         let target: SocketAddr = format!("{NODE_UPLINK_IP}:{CRI_HOST_PORT}").parse()?;
-        let refused = crate::netns::in_netns(&self.external()?.path(), || {
+        let refused = crate::netns::in_netns(self.external()?.path(), || {
             Ok(crate::cri::http_get(target, Duration::from_secs(2)).is_err())
         })?;
         println!(
@@ -1139,7 +1133,9 @@ impl Demo {
                 "the agent still holds entries of the pod"
             );
         } else {
-            let ifbs = self.node()?.ip(&["-o", "link", "show", "type", "ifb"])?;
+            let ifbs = self
+                .node()?
+                .try_ip(&["-o", "link", "show", "type", "ifb"])?;
             ensure!(ifbs.trim().is_empty(), "ifb devices left: {ifbs}");
         }
         self.cri_pod = None;

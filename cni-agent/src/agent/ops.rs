@@ -49,10 +49,10 @@ impl From<OpsError> for CniError {
         let code = match &e {
             OpsError::Record(RecordError::BadName { .. }) => ErrorCode::InvalidNetworkConfig,
             OpsError::Record(_) | OpsError::Lock { .. } => ErrorCode::Io,
-            OpsError::Datapath(_)
-            | OpsError::Netlink(_)
-            | OpsError::Check { .. }
-            | OpsError::Conflict { .. } => ErrorCode::Internal,
+            OpsError::Datapath(d) => d.code(),
+            OpsError::Netlink(_) | OpsError::Check { .. } | OpsError::Conflict { .. } => {
+                ErrorCode::Internal
+            }
         };
         CniError::new(code, e.to_string())
     }

@@ -91,8 +91,12 @@ pub fn with_netlink<T: Send>(
 
 /// The ifindex of a link of the node's namespace.
 pub fn link_index(ifname: &str) -> Result<u32, DatapathError> {
-    with_netlink(|nl| nl.link_by_name(ifname).map(|l| l.index))
-        .map_err(|e| DatapathError::Link(format!("{ifname}: {e}")))
+    with_netlink(|nl| nl.link_by_name(ifname).map(|l| l.index)).map_err(|source| {
+        DatapathError::LinkLookup {
+            ifname: ifname.to_string(),
+            source,
+        }
+    })
 }
 
 fn veth_hook(h: VethHook) -> Hook {
@@ -247,7 +251,10 @@ impl EntryMaps {
             });
             Ok((link.index, addr, addr6))
         })
-        .map_err(|e| DatapathError::Link(format!("bridge {bridge}: {e}")))?;
+        .map_err(|source| DatapathError::LinkLookup {
+            ifname: bridge.to_string(),
+            source,
+        })?;
         // The bridge addresses are node addresses: hostPorts must answer on
         // them now, not at the agent's next address scan.
         let mut node: HashMap<MapData, IpKey, u32> = hash(&self.layout, map_names::NODE_ADDRS)?;

@@ -59,10 +59,6 @@ fn prog_err(name: &str) -> impl FnOnce(aya::programs::ProgramError) -> DatapathE
     }
 }
 
-fn link_err(what: impl std::fmt::Display) -> DatapathError {
-    DatapathError::Link(what.to_string())
-}
-
 /// Loads every program of the object and pins it under `progs/`, replacing
 /// the pins of a previous agent, so other processes (and later requests)
 /// attach the programs of this build.
@@ -81,7 +77,7 @@ pub fn load_and_pin_programs(ebpf: &mut Ebpf, layout: &PinLayout) -> Result<(), 
         let path = layout.progs_dir().join(&name);
         let _ = fs::remove_file(&path);
         prog.pin(&path)
-            .map_err(|e| link_err(format!("pin program {}: {e}", path.display())))?;
+            .map_err(|source| DatapathError::Pin { path, source })?;
     }
     Ok(())
 }
@@ -237,7 +233,12 @@ pub fn ensure_tc(
     let attach = match hook {
         Hook::Ingress => aya::programs::TcAttachType::Ingress,
         Hook::Egress => aya::programs::TcAttachType::Egress,
-        _ => return Err(link_err(format!("{name}: {hook:?} is not a TC hook"))),
+        _ => {
+            return Err(DatapathError::NotTcHook {
+                name: name.to_string(),
+                hook,
+            })
+        }
     };
     let order = match placement {
         Placement::Last => LinkOrder::default(),
@@ -247,9 +248,10 @@ pub fn ensure_tc(
         .attach_with_options(ifname, attach, TcAttachOptions::TcxOrder(order))
         .map_err(prog_err(name))?;
     let link = prog.take_link(id).map_err(prog_err(name))?;
-    let fd_link: FdLink = link
-        .try_into()
-        .map_err(|e| link_err(format!("{ifname}: {e}")))?;
+    let fd_link: FdLink = link.try_into().map_err(|source| DatapathError::FdLink {
+        target: ifname.to_string(),
+        source,
+    })?;
     pin_link(fd_link, &pin)?;
     Ok(true)
 }
@@ -275,9 +277,10 @@ pub fn ensure_xdp(
         }
     };
     let link = prog.take_link(id).map_err(prog_err(name))?;
-    let fd_link: FdLink = link
-        .try_into()
-        .map_err(|e| link_err(format!("{ifname}: {e}")))?;
+    let fd_link: FdLink = link.try_into().map_err(|source| DatapathError::FdLink {
+        target: ifname.to_string(),
+        source,
+    })?;
     pin_link(fd_link, &pin)?;
     Ok(true)
 }
@@ -291,23 +294,28 @@ pub fn ensure_cgroup(
     cgroup: &Path,
 ) -> Result<bool, DatapathError> {
     use std::os::unix::fs::MetadataExt;
-    let meta =
-        fs::metadata(cgroup).map_err(|e| link_err(format!("cgroup {}: {e}", cgroup.display())))?;
+    let meta = fs::metadata(cgroup).map_err(|source| DatapathError::Cgroup {
+        path: cgroup.to_path_buf(),
+        source,
+    })?;
     let pin = link_pin(layout, &format!("cg{}", meta.ino()), name, hook);
     if pin.exists() {
         return Ok(false);
     }
-    let dir = fs::File::open(cgroup)
-        .map_err(|e| link_err(format!("cgroup {}: {e}", cgroup.display())))?;
+    let dir = fs::File::open(cgroup).map_err(|source| DatapathError::Cgroup {
+        path: cgroup.to_path_buf(),
+        source,
+    })?;
     // Through bpf_link_create, a cgroup link always coexists with other
     // programs; the kernel wants no multi-attach flag for it.
     let id = prog
         .attach(&dir, CgroupAttachMode::Single)
         .map_err(prog_err(name))?;
     let link = prog.take_link(id).map_err(prog_err(name))?;
-    let fd_link: FdLink = link
-        .try_into()
-        .map_err(|e| link_err(format!("cgroup link: {e}")))?;
+    let fd_link: FdLink = link.try_into().map_err(|source| DatapathError::FdLink {
+        target: cgroup.display().to_string(),
+        source,
+    })?;
     pin_link(fd_link, &pin)?;
     Ok(true)
 }
@@ -315,7 +323,10 @@ pub fn ensure_cgroup(
 fn pin_link(link: FdLink, pin: &Path) -> Result<(), DatapathError> {
     link.pin(pin)
         .map(drop)
-        .map_err(|e| link_err(format!("pin {}: {e}", pin.display())))
+        .map_err(|source| DatapathError::Pin {
+            path: pin.to_path_buf(),
+            source,
+        })
 }
 
 /// Detaches and unpins the links of `programs` (all if empty) on `target`

@@ -5,6 +5,8 @@
 //! ours, in an order the kernel keeps for each of them.
 use aya::{programs::ProgramError, EbpfError};
 
+use crate::spec::error::ErrorCode;
+
 /// What can go wrong while loading or attaching.
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -46,6 +48,33 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    /// A link to attach to (a pod's veth, a bridge) is not in the node's
+    /// namespace, or netlink could not say.
+    #[error("link {ifname}: {source}")]
+    LinkLookup {
+        ifname: String,
+        #[source]
+        source: crate::netlink::NetlinkError,
+    },
+    /// A TC attachment asked for a hook that is not TC (a caller's bug).
+    #[error("program {name}: {hook:?} is not a TC hook")]
+    NotTcHook { name: String, hook: Hook },
+    /// An attached program's link could not be made an fd link to pin.
+    #[error("link of {target}: {source}")]
+    FdLink {
+        target: String,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    /// A program or link could not be pinned on bpffs.
+    #[error("pin {path}: {source}")]
+    Pin {
+        path: std::path::PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    /// What the firewall's rule compiler and MAC check still report as
+    /// text; they get typed variants when `datapath/policy.rs` is split.
     #[error("tcx link {0}")]
     Link(String),
     #[error("map {name}: {source}")]
@@ -54,6 +83,30 @@ pub enum DatapathError {
         #[source]
         source: aya::maps::MapError,
     },
+}
+
+impl DatapathError {
+    /// The CNI error code of each failure, in one place: a bpffs root that
+    /// is not bpffs is the configuration's fault, a pin directory or
+    /// cgroup that cannot be read or written is I/O, the rest is internal.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DatapathError::NotBpffs(_) => ErrorCode::InvalidNetworkConfig,
+            DatapathError::Pins { .. } | DatapathError::Cgroup { .. } => ErrorCode::Io,
+            DatapathError::Load(_)
+            | DatapathError::MissingProgram(_)
+            | DatapathError::MissingMap(_)
+            | DatapathError::Program { .. }
+            | DatapathError::LayoutMismatch { .. }
+            | DatapathError::SizeMismatch { .. }
+            | DatapathError::LinkLookup { .. }
+            | DatapathError::NotTcHook { .. }
+            | DatapathError::FdLink { .. }
+            | DatapathError::Pin { .. }
+            | DatapathError::Link(_)
+            | DatapathError::Map { .. } => ErrorCode::Internal,
+        }
+    }
 }
 
 /// Where a program hooks in: TC ingress/egress of a device (named from the

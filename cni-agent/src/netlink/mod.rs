@@ -10,10 +10,12 @@
 //! Every failure is a [`NetlinkError`], mapped once to a CNI error code below.
 
 mod addr;
+pub mod iface;
 mod link;
 mod netns;
 mod route;
 pub mod sysctl;
+pub mod veth;
 
 use std::future::Future;
 use std::io;

@@ -17,19 +17,21 @@
 //!   zeros) works, where the reference fails to "set bridge's mac".
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::netlink::iface::{
+    best_effort_sysctl, configure_container, container_ipv6_sysctls, ensure_bridge_addr,
+};
+use crate::netlink::veth::{delete_link_then, random_veth_name, wait_port_up};
 use crate::netlink::{
-    format_mac, parse_mac, sysctl, BridgeSpec, Link, NetNs, Netlink, NetlinkError, RouteSpec,
-    VethSpec,
+    format_mac, parse_mac, sysctl, BridgeSpec, Link, NetNs, Netlink, NetlinkError, VethSpec,
 };
 use crate::plugins::datapath::DatapathConf;
 use crate::spec::delegate;
-use crate::spec::{CmdArgs, CniError, CniResult, ErrorCode, Interface, NetConf, Plugin, Route};
+use crate::spec::{CmdArgs, CniError, CniResult, Interface, NetConf, Plugin, Route};
 use crate::state::record::{AttachmentKey, Entry, Owner};
 
 /// The plugin behind the `ebpf-bridge` binary.
@@ -271,72 +273,6 @@ fn calc_gateways(result: &mut CniResult, conf: &BridgeConfig) -> Gateways {
     gws
 }
 
-/// "veth" + 8 random hex digits, like the reference (NetworkManager ignores
-/// devices named veth*).
-fn random_veth_name() -> Result<String, CniError> {
-    use std::io::Read;
-    let mut bytes = [0u8; 4];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|e| {
-            CniError::new(
-                ErrorCode::Io,
-                format!("failed to generate random veth name: {e}"),
-            )
-        })?;
-    Ok(format!(
-        "veth{}",
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    ))
-}
-
-/// Sysctls that only tune behaviour: failures are ignored, as the reference
-/// does (e.g. IPv6 disabled on the node, so the ipv6 keys do not exist).
-fn best_effort_sysctl(key: &str, value: &str) {
-    if let Err(e) = sysctl::write(key, value) {
-        log::debug!("ignoring: {e}");
-    }
-}
-
-/// Waits (up to `timeout`) until no address of the link is tentative, so
-/// IPv6 routes via the gateway can be added. Polls the link's own addresses
-/// (a kernel-filtered dump) every few milliseconds, so the wait ends soon
-/// after DAD does.
-fn settle_addresses(nl: &Netlink, index: u32, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    let mut pause = Backoff::new();
-    loop {
-        match nl.addresses(Some(index)) {
-            Ok(addrs) if addrs.iter().any(|a| a.is_unsettled()) => {}
-            _ => return,
-        }
-        if Instant::now() >= deadline {
-            log::warn!("link #{index} still has tentative addresses after {timeout:?}");
-            return;
-        }
-        pause.sleep();
-    }
-}
-
-/// Sleeps of a polling loop: short at first, since what is waited for
-/// (a link's operstate, its removal) usually follows within a millisecond,
-/// then longer, so a long wait does not spin.
-struct Backoff(Duration);
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_micros(100);
-    const MAX: Duration = Duration::from_millis(10);
-
-    fn new() -> Self {
-        Self(Self::FIRST)
-    }
-
-    fn sleep(&mut self) {
-        std::thread::sleep(self.0);
-        self.0 = (self.0 * 2).min(Self::MAX);
-    }
-}
-
 /// The bridge: created if missing, promiscuous if asked, our own routes
 /// (accept_ra off), up.
 fn setup_bridge(host: &Netlink, conf: &BridgeConfig) -> Result<Link, CniError> {
@@ -442,236 +378,6 @@ fn setup_veth(
             "failed to connect {name:?} to bridge {:?}",
             br.name
         ))
-    })
-}
-
-/// The container interface's IPv6 sysctls, set before its addresses as the
-/// reference does (DAD off unless `enabledad`). Runs on a thread inside the
-/// container namespace. (`arp_notify`, the reference's other one, is set
-/// through netlink: see [`Netlink::set_arp_notify`].)
-fn container_ipv6_sysctls(ifname: &str, enable_dad: bool) {
-    if enable_dad {
-        best_effort_sysctl(&format!("net/ipv6/conf/{ifname}/enhanced_dad"), "1");
-        best_effort_sysctl(&format!("net/ipv6/conf/{ifname}/accept_dad"), "1");
-    } else {
-        best_effort_sysctl(&format!("net/ipv6/conf/{ifname}/accept_dad"), "0");
-    }
-}
-
-/// Applies the IPAM result inside the container namespace, like the reference
-/// `ipam.ConfigureIface`: addresses, link up, then routes (a route without
-/// its own gateway goes via the first gateway of its family). The
-/// interface's sysctls ([`container_ipv6_sysctls`], `arp_notify`) must
-/// already be set.
-fn configure_container(
-    cont: &Netlink,
-    netns: &NetNs,
-    link: &Link,
-    result: &CniResult,
-) -> Result<(), CniError> {
-    let ifname = link.name.as_str();
-    let mut v4gw = None;
-    let mut v6gw = None;
-    let mut ipv6_enabled = false;
-    for ip in &result.ips {
-        let Some(idx) = ip.interface else { continue };
-        if result.interfaces.get(idx).map(|i| i.name.as_str()) != Some(ifname) {
-            return Err(CniError::internal(format!(
-                "failed to add IP addr {} to {ifname:?}: invalid interface index",
-                ip.address
-            )));
-        }
-        if ip.address.addr().is_ipv6() && !ipv6_enabled {
-            enable_ipv6(netns, ifname)?;
-            ipv6_enabled = true;
-        }
-        cont.add_address(link.index, ip.address).map_err(|e| {
-            CniError::from(e).context(format!(
-                "failed to add IP addr {} to {ifname:?}",
-                ip.address
-            ))
-        })?;
-        match ip.gateway {
-            Some(gw @ IpAddr::V4(_)) if v4gw.is_none() => v4gw = Some(gw),
-            Some(gw @ IpAddr::V6(_)) if v6gw.is_none() => v6gw = Some(gw),
-            _ => {}
-        }
-    }
-    cont.set_up(link.index)
-        .map_err(|e| CniError::from(e).context(format!("failed to set {ifname:?} UP")))?;
-    if v6gw.is_some() {
-        settle_addresses(cont, link.index, Duration::from_secs(10));
-    }
-    for route in &result.routes {
-        let gw = route.gw.or(if route.dst.addr().is_ipv4() {
-            v4gw
-        } else {
-            v6gw
-        });
-        let spec = RouteSpec {
-            dst: route.dst.trunc(),
-            gateway: gw,
-            oif: Some(link.index),
-        };
-        cont.add_route(&spec).map_err(|e| {
-            let via = gw.map(|g| g.to_string()).unwrap_or_else(|| "<nil>".into());
-            CniError::from(e).context(format!(
-                "failed to add route '{} via {via} dev {ifname}'",
-                route.dst
-            ))
-        })?;
-    }
-    Ok(())
-}
-
-/// IPv6 addresses need `disable_ipv6=0` on the interface and on lo.
-fn enable_ipv6(netns: &NetNs, ifname: &str) -> Result<(), CniError> {
-    let ifname = ifname.to_string();
-    netns
-        .run(move || {
-            for iface in ["lo", ifname.as_str()] {
-                let key = format!("net/ipv6/conf/{iface}/disable_ipv6");
-                match sysctl::read(&key) {
-                    Ok(v) if v == "0" => {}
-                    Ok(_) => sysctl::write(&key, "0")?,
-                    Err(e) => log::warn!("{e}"),
-                }
-            }
-            Ok::<(), NetlinkError>(())
-        })?
-        .map_err(|e| CniError::from(e).context("failed to enable IPv6"))
-}
-
-/// Puts the gateway address on the bridge. An identical address is fine; a
-/// different IPv4 address (or an overlapping IPv6 one) is replaced with
-/// `forceAddress`, an error otherwise. The bridge MAC is then pinned to the
-/// one it had before this ADD's port joined, so it no longer follows ports.
-fn ensure_bridge_addr(host: &Netlink, br: &Link, gw: IpNet, force: bool) -> Result<(), CniError> {
-    let addrs = host
-        .addresses(Some(br.index))
-        .map_err(|e| CniError::from(e).context("could not get list of IP addresses"))?;
-    let ipv6 = gw.addr().is_ipv6();
-    for a in addrs.iter().filter(|a| a.addr.addr().is_ipv6() == ipv6) {
-        if a.addr == gw {
-            return Ok(());
-        }
-        let conflicts = !ipv6 || a.addr.contains(&gw.addr()) || gw.contains(&a.addr.addr());
-        if !conflicts {
-            continue;
-        }
-        if !force {
-            return Err(CniError::internal(format!(
-                "{:?} already has an IP address different from {gw}",
-                br.name
-            )));
-        }
-        host.delete_address(br.index, a.addr).map_err(|e| {
-            CniError::from(e).context(format!("could not remove IP address from {:?}", br.name))
-        })?;
-    }
-    match host.add_address(br.index, gw) {
-        Ok(()) => {}
-        Err(e) if e.errno() == Some(libc::EEXIST) => {}
-        Err(e) => {
-            return Err(
-                CniError::from(e).context(format!("could not add IP address to {:?}", br.name))
-            )
-        }
-    }
-    // A bridge whose last port left has an all-zero MAC until a port joins;
-    // the reference then fails here ("invalid argument"). Pin the MAC it has
-    // now (adopted from this ADD's port) instead.
-    let mac = if br.mac.iter().all(|&b| b == 0) {
-        host.link_by_name(&br.name)?.mac
-    } else {
-        br.mac.clone()
-    };
-    if mac.iter().all(|&b| b == 0) {
-        return Ok(());
-    }
-    host.set_mac(br.index, &mac)
-        .map_err(|e| CniError::from(e).context("could not set bridge's mac"))
-}
-
-/// How long the host veth may take to become operationally up: the sum of
-/// the reference's retry schedule (0, 50, 500, 1000, 1000 ms).
-const PORT_UP_TIMEOUT: Duration = Duration::from_millis(2550);
-
-/// Waits for the host veth to become operationally up (the bridge port
-/// leaves the disabled state). The kernel's link watcher usually gets there
-/// within a millisecond of the peer coming up, so this polls closely at
-/// first (see [`Backoff`]) rather than sleeping 50 ms after the first miss
-/// as the reference does; it gives up after the reference's total wait.
-fn wait_port_up(host: &Netlink, name: &str) -> Result<Link, CniError> {
-    let deadline = Instant::now() + PORT_UP_TIMEOUT;
-    let mut pause = Backoff::new();
-    loop {
-        let link = host.link_by_name(name)?;
-        if link.oper_up {
-            return Ok(link);
-        }
-        if Instant::now() >= deadline {
-            let state = if link.up { "down (no carrier)" } else { "down" };
-            return Err(CniError::internal(format!(
-                "bridge port in error state: {state}"
-            )));
-        }
-        pause.sleep();
-    }
-}
-
-/// Deletes `link` (in `netns`, reached through `cont`) and then runs `next`,
-/// as soon as the link has left the namespace rather than when the deletion
-/// request returns.
-///
-/// Deleting a device is quick up to its removal from the namespace; then
-/// the kernel waits for an RCU grace period (`rcu_barrier` in
-/// `netdev_run_todo`, after RTNL is released) before acknowledging, which
-/// is 10-20 ms of nothing to do. So the request runs on its own thread in
-/// the namespace, this thread polls until the link is gone (or the request
-/// finished, e.g. with an error), and `next` (IPAM and datapath release)
-/// overlaps the grace period. The order the reference keeps is kept: the
-/// address is released only once the interface is gone, and not at all if
-/// the deletion fails.
-fn delete_link_then(
-    netns: &NetNs,
-    cont: &Netlink,
-    link: &Link,
-    next: impl FnOnce() -> Result<(), CniError>,
-) -> Result<(), CniError> {
-    let fail =
-        |e: NetlinkError| CniError::from(e).context(format!("failed to delete {:?}", link.name));
-    let index = link.index;
-    std::thread::scope(|scope| {
-        let deletion = netns
-            .spawn_scoped(scope, move || {
-                match Netlink::connect().and_then(|nl| nl.delete_link(index)) {
-                    // Deleted meanwhile by someone else: just as good.
-                    Err(e) if e.errno() == Some(libc::ENODEV) => Ok(()),
-                    other => other,
-                }
-            })
-            .map_err(fail)?;
-        let mut pause = Backoff::new();
-        let gone_early = loop {
-            if deletion.is_finished() {
-                break false;
-            }
-            match cont.link_by_index(index) {
-                Ok(None) => break true,
-                Ok(Some(_)) => pause.sleep(),
-                // Cannot tell: wait for the request's own answer.
-                Err(_) => break false,
-            }
-        };
-        // The rest of the teardown runs whether or not the link went.
-        if !gone_early {
-            let deleted = deletion.join().and_then(|r| r).map_err(fail);
-            return deleted.and(next());
-        }
-        let outcome = next();
-        let deleted = deletion.join().and_then(|r| r).map_err(fail);
-        deleted.and(outcome)
     })
 }
 
@@ -1309,12 +1015,5 @@ mod tests {
         let gws = calc_gateways(&mut r, &c);
         assert_eq!(r.ips[0].gateway, None);
         assert!(gws.v4.is_empty() && r.routes.is_empty());
-    }
-
-    #[test]
-    fn veth_names_look_like_the_reference() {
-        let n = random_veth_name().unwrap();
-        assert_eq!(n.len(), 12);
-        assert!(n.starts_with("veth") && n[4..].chars().all(|c| c.is_ascii_hexdigit()));
     }
 }

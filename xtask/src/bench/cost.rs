@@ -8,7 +8,7 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::netns::Netns;
+use crate::netns::NetNs;
 use crate::proc;
 
 /// CPU (user + system) of every child this process has reaped so far,
@@ -122,7 +122,7 @@ fn memlock(kind: &str, pin: &Path) -> Option<u64> {
 
 /// Netfilter rules and tc state in a netns: `(iptables rules, nft
 /// ruleset lines, qdiscs other than the defaults, ifb devices)`.
-pub fn netfilter_and_tc(node: &Netns) -> (usize, usize, usize, usize) {
+pub fn netfilter_and_tc(node: &NetNs) -> (usize, usize, usize, usize) {
     let ipt = proc::stdout_of(&mut node.exec("iptables-save"))
         .map(|s| s.lines().filter(|l| l.starts_with("-A ")).count())
         .unwrap_or(0);
@@ -130,10 +130,10 @@ pub fn netfilter_and_tc(node: &Netns) -> (usize, usize, usize, usize) {
         .map(|s| s.lines().filter(|l| !l.trim().is_empty()).count())
         .unwrap_or(0);
     let qd = node
-        .ip(&["-o", "link", "show"])
+        .try_ip(&["-o", "link", "show"])
         .ok()
         .map(|_| {
-            proc::stdout_of(proc::cmd("tc").args(["-n", &node.name, "qdisc", "show"]))
+            proc::stdout_of(proc::cmd("tc").args(["-n", node.name(), "qdisc", "show"]))
                 .map(|s| {
                     s.lines()
                         .filter(|l| {
@@ -147,7 +147,7 @@ pub fn netfilter_and_tc(node: &Netns) -> (usize, usize, usize, usize) {
         })
         .unwrap_or(0);
     let ifb = node
-        .ip(&["-o", "link", "show", "type", "ifb"])
+        .try_ip(&["-o", "link", "show", "type", "ifb"])
         .map(|s| s.lines().count())
         .unwrap_or(0);
     (ipt, nft, qd, ifb)

@@ -105,7 +105,7 @@ impl CriNode {
             _ => Plugins::Reference,
         };
         let t = Instant::now();
-        let cri = Cri::start(&s.node.path(), &text, plugins, HTTPD_IMAGE)
+        let cri = Cri::start(s.node.path(), &text, plugins, HTTPD_IMAGE)
             .with_context(|| format!("{}: containerd", imp.key()))?;
         let started = t.elapsed().as_secs_f64();
         Ok((
@@ -163,7 +163,10 @@ impl CriNode {
                 .first()
                 .context("containerd reports no pod IP")?
                 .parse()?;
-            (self.s.node.path(), SocketAddr::new(ip, HTTPD_PORT))
+            (
+                self.s.node.path().to_path_buf(),
+                SocketAddr::new(ip, HTTPD_PORT),
+            )
         };
         crate::cri::wait_served(&ns, target, READY_TIMEOUT)
             .with_context(|| format!("{} pod {i}", imp.key()))?;

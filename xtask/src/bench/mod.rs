@@ -1234,8 +1234,8 @@ fn traffic_phase(
 /// benchmark must not change), and the frames right behind it, such as the
 /// gateway's ARP reply, are dropped: both chains lose pods that way. The
 /// fillers send nothing; their rules, map entries and links stay as they are.
-fn quiet_ports(node: &crate::netns::Netns) -> Result<()> {
-    let links = node.ip(&["-o", "link", "show", "master", session::BRIDGE])?;
+fn quiet_ports(node: &crate::netns::NetNs) -> Result<()> {
+    let links = node.try_ip(&["-o", "link", "show", "master", session::BRIDGE])?;
     let mut script = String::new();
     for l in links.lines() {
         if let Some(name) = l.split(": ").nth(1).and_then(|n| n.split('@').next()) {

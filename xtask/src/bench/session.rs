@@ -23,7 +23,7 @@ use serde_json::{json, Map, Value};
 use super::cost;
 use crate::agent::Agent;
 use crate::cni::{self, Attachment, Conflist, Runtime};
-use crate::netns::{add_uplink, Netns, TempDir};
+use crate::netns::{add_uplink, NetNs, TempDir};
 
 pub const POD_SUBNET: &str = "10.244.0.0/16";
 pub const BRIDGE: &str = "cnib0";
@@ -175,8 +175,8 @@ pub struct Session {
     pub agent: Option<Agent>,
     rt: Runtime,
     pub list: Conflist,
-    pub ext: Netns,
-    pub node: Netns,
+    pub ext: NetNs,
+    pub node: NetNs,
     tmp: TempDir,
     tag: String,
 }
@@ -184,8 +184,8 @@ pub struct Session {
 impl Session {
     pub fn create(env: &Env, imp: Impl, tag: &str) -> Result<Session> {
         let tmp = TempDir::create("cni-xtask-bench")?;
-        let node = Netns::create("cnib-node")?;
-        let ext = Netns::create("cnib-ext")?;
+        let node = NetNs::create("cnib-node")?.lo_up()?;
+        let ext = NetNs::create("cnib-ext")?.lo_up()?;
         add_uplink(
             &node,
             &ext,
@@ -195,7 +195,7 @@ impl Session {
         )?;
         // No DAD: an address that is still tentative cannot be used (or
         // served by the agent) for the first second or so.
-        node.ip(&[
+        node.try_ip(&[
             "-6",
             "addr",
             "add",
@@ -204,7 +204,7 @@ impl Session {
             UPLINK,
             "nodad",
         ])?;
-        ext.ip(&[
+        ext.try_ip(&[
             "-6",
             "addr",
             "add",
@@ -213,7 +213,7 @@ impl Session {
             "eth0",
             "nodad",
         ])?;
-        node.ip(&[
+        node.try_ip(&[
             "-6",
             "route",
             "add",
@@ -222,8 +222,8 @@ impl Session {
             &EXTERNAL_IP6.to_string(),
         ])?;
         if imp == Impl::Routed {
-            ext.ip(&["route", "add", POD_SUBNET, "via", &NODE_IP.to_string()])?;
-            ext.ip(&[
+            ext.try_ip(&["route", "add", POD_SUBNET, "via", &NODE_IP.to_string()])?;
+            ext.try_ip(&[
                 "-6",
                 "route",
                 "add",
@@ -237,7 +237,7 @@ impl Session {
                 let a = Agent::start_with(
                     &env.bin_dir,
                     &node,
-                    &tmp.path.join("agent"),
+                    &tmp.path().join("agent"),
                     &[UPLINK],
                     &["--hostport-mode", &env.hostport_mode],
                 )?;
@@ -247,12 +247,12 @@ impl Session {
             }
             _ => None,
         };
-        let list = Conflist::new(conflist(env, imp, &tmp.path, agent.as_ref()))?;
+        let list = Conflist::new(conflist(env, imp, tmp.path(), agent.as_ref()))?;
         let cni_path = match imp {
             Impl::Ours => vec![env.bin_dir.clone(), PathBuf::from(REFERENCE_DIR)],
             _ => vec![PathBuf::from(REFERENCE_DIR)],
         };
-        let rt = Runtime::new(&node.path(), cni_path)?;
+        let rt = Runtime::new(node.path(), cni_path)?;
         Ok(Session {
             imp,
             pods: Vec::new(),
@@ -267,7 +267,7 @@ impl Session {
     }
 
     pub fn ext_path(&self) -> PathBuf {
-        self.ext.path()
+        self.ext.path().to_path_buf()
     }
 
     /// ADD one pod through the conflist, timed.
@@ -403,14 +403,14 @@ impl Session {
 
     /// After every pod's DEL: no IP reserved, no pod veth or ifb left.
     pub fn check_clean(&self) -> Result<()> {
-        let store = self.tmp.path.join("ipam").join(self.list.name());
+        let store = self.tmp.path().join("ipam").join(self.list.name());
         let held = cni::ipam_reservations(&store)?.len();
         ensure!(
             held == 0,
             "{}: {held} IPs still reserved after DEL of every pod",
             self.imp.key()
         );
-        let veths = self.node.ip(&["-o", "link", "show", "type", "veth"])?;
+        let veths = self.node.try_ip(&["-o", "link", "show", "type", "veth"])?;
         let left = veths
             .lines()
             .filter(|l| !l.contains(&format!(": {UPLINK}@")))
