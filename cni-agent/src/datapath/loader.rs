@@ -73,10 +73,17 @@ pub enum DatapathError {
         #[source]
         source: aya::pin::PinError,
     },
-    /// What the firewall's rule compiler and MAC check still report as
-    /// text; they get typed variants when `datapath/policy.rs` is split.
-    #[error("tcx link {0}")]
-    Link(String),
+    /// A firewall attachment whose MAC does not parse (the plugin checks
+    /// it first; a hand-made request can still carry one).
+    #[error("firewall: invalid MAC {0:?}")]
+    InvalidMac(String),
+    /// Firewall rules that do not fit the datapath's tables.
+    #[error("firewall rules of {ifname}: {source}")]
+    FirewallRules {
+        ifname: String,
+        #[source]
+        source: crate::firewall::CompileError,
+    },
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
@@ -88,10 +95,13 @@ pub enum DatapathError {
 impl DatapathError {
     /// The CNI error code of each failure, in one place: a bpffs root that
     /// is not bpffs is the configuration's fault, a pin directory or
-    /// cgroup that cannot be read or written is I/O, the rest is internal.
+    /// cgroup that cannot be read or written is I/O; rules or a MAC
+    /// the datapath cannot take are the configuration's; the rest is internal.
     pub fn code(&self) -> ErrorCode {
         match self {
-            DatapathError::NotBpffs(_) => ErrorCode::InvalidNetworkConfig,
+            DatapathError::NotBpffs(_)
+            | DatapathError::InvalidMac(_)
+            | DatapathError::FirewallRules { .. } => ErrorCode::InvalidNetworkConfig,
             DatapathError::Pins { .. } | DatapathError::Cgroup { .. } => ErrorCode::Io,
             DatapathError::Load(_)
             | DatapathError::MissingProgram(_)
@@ -103,7 +113,6 @@ impl DatapathError {
             | DatapathError::NotTcHook { .. }
             | DatapathError::FdLink { .. }
             | DatapathError::Pin { .. }
-            | DatapathError::Link(_)
             | DatapathError::Map { .. } => ErrorCode::Internal,
         }
     }

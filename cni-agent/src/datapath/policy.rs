@@ -34,7 +34,7 @@ use super::{
 /// The attachment's configuration entry.
 fn attach_value(spec: &FirewallSpec) -> Result<FwAttach, DatapathError> {
     let mac = crate::netlink::parse_mac(&spec.mac)
-        .map_err(|_| DatapathError::Link(format!("firewall: invalid MAC {:?}", spec.mac)))?;
+        .map_err(|_| DatapathError::InvalidMac(spec.mac.clone()))?;
     Ok(FwAttach {
         mac,
         ingress_policy: spec.ingress_policy.code(),
@@ -150,9 +150,11 @@ impl PolicyMaps {
             (fw::DIR_INGRESS, &spec.ingress),
             (fw::DIR_EGRESS, &spec.egress),
         ] {
-            let c = compile(spec.ifindex, dir, set).map_err(|e| {
-                DatapathError::Link(format!("firewall rules of {}: {e}", spec.ifname))
-            })?;
+            let c =
+                compile(spec.ifindex, dir, set).map_err(|source| DatapathError::FirewallRules {
+                    ifname: spec.ifname.clone(),
+                    source,
+                })?;
             for (bits, k, v) in &c.cidrs {
                 self.cidrs
                     .insert(&Key::new(*bits, *k), *v, 0)
