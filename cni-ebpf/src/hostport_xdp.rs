@@ -8,6 +8,10 @@
 //! which knows. The TC program also catches what this one passes on
 //! untranslated (IPv4 options), so both modes give the same results.
 //!
+//! ICMP errors are not looked at here: they pass to `hostport_ingress`,
+//! which translates those about hostPort flows in both modes (they are
+//! rare, and their quoted headers and checksums want the skb helpers).
+//!
 //! A fragment after the first gets the translation of its first fragment
 //! (`frag`): its destination and header checksum only, and no metadata
 //! (it has no transport checksum), so TC leaves it alone.

@@ -530,7 +530,8 @@ fn note_inbound(pkt: &Ipv4Packet) {
 /// from a router on the path) arrives addressed to the uplink and quotes the
 /// translated header. Both the outer destination and the quoted source must
 /// go back to the pod's, or the pod never learns the path MTU and large
-/// transfers stall.
+/// transfers stall. The rewrite (checksums included) is the one the
+/// hostPort programs use too (`rewrite::rewrite_icmp_error`).
 fn icmp_error_ingress(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, ()> {
     let inner = parse_icmp_error(ctx, pkt).ok_or(())?;
     // The quoted packet went pod -> remote after translation, so its reply

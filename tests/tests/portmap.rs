@@ -24,7 +24,9 @@ use cni_tests::agentctl::{admin, record_of, AgentProc};
 use cni_tests::hostport::{
     bulk_echo, local_client, mapping, mapping_on, set_tx_checksum, BulkEchoServer, ClientKind,
 };
-use cni_tests::hostport_node::{delta, fixture, Fixture, Mode, Setup, BRIDGE_NAME, NET, POD_PORT};
+use cni_tests::hostport_node::{
+    delta, fixture, uplink_has_xdp, Fixture, Mode, Setup, BRIDGE_NAME, NET, POD_PORT,
+};
 use cni_tests::prelude::*;
 use cni_tests::traffic::{in_netns, tcp_echo, udp_echo, TcpEchoServer, UdpEchoServer};
 use cni_tests::uplink::{External, UPLINK_IF};
@@ -705,6 +707,11 @@ fn frag_needed_reaches_the_pod_through_a_hostport(tag: &str, mode: Mode) {
         ext,
         node,
     };
+    assert_eq!(
+        uplink_has_xdp(&fx.node),
+        mode == Mode::Xdp,
+        "XDP program on {UPLINK_IF} in {mode:?} mode"
+    );
     let list = fx.list(None);
     let pod = fx.add_pod(
         &list,
@@ -768,6 +775,12 @@ fn frag_needed_reaches_the_pod_through_a_hostport(tag: &str, mode: Mode) {
         delta(&before, &after, "hostPortIcmpErrorsTranslated") > 0,
         "fragmentation needed translated by the datapath\n{after:#}"
     );
+    if mode == Mode::Xdp {
+        assert!(
+            delta(&before, &after, "hostPortDnatXdp") > 0,
+            "the client's packets DNATed at XDP\n{after:#}"
+        );
+    }
     fx.del_pod(&list, &pod);
 }
 
