@@ -686,7 +686,8 @@ pub mod stat {
     pub const SNAT6_XLATE: u32 = 22;
     /// Of SNAT_REPLY_XLATE, the IPv6 packets.
     pub const SNAT6_REPLY_XLATE: u32 = 23;
-    /// ICMPv6 errors about hostPort flows translated (both directions).
+    /// ICMP and ICMPv6 errors about hostPort flows translated (both
+    /// directions).
     pub const HOSTPORT_ICMP_ERROR_XLATE: u32 = 24;
 
     /// Names of the slots, as the agent reports them.

@@ -11,6 +11,14 @@
 //!   since a packet whose source is a local address would be dropped as
 //!   martian by the host's input routing.
 //!
+//! ICMP errors about DNATed flows are translated both ways, as the
+//! reference's conntrack does for RELATED packets: one for node:hostPort
+//! quoting a reply as it left (fragmentation needed from a router on the
+//! client's path, above all: without it the pod never learns the path MTU)
+//! goes to the pod (`hostport_ingress`), and one the pod sends about a
+//! DNATed packet (port unreachable) leaves as node:hostPort's
+//! (`hostport_egress`). IPv6 does the same in `hostport6`.
+//!
 //! Node-local clients are served at the socket layer (`sock.rs`). Every
 //! fragment of a datagram gets its first fragment's translation (`frag`).
 //! IPv6 has programs of its own (`hostport6`), sharing these maps.
@@ -29,8 +37,11 @@ use cni_ebpf_common::{
 use crate::{
     conntrack::{now, state_bits, v4_key},
     frag::{self, Frag},
-    parsing::{parse_ipv4, Ipv4Packet, IPPROTO_TCP, IPPROTO_UDP, IP_DADDR, IP_SADDR},
-    rewrite::{fix_l4_csum, rewrite},
+    parsing::{
+        is_icmp_error, parse_icmp_error, parse_ipv4, Ipv4Packet, IPPROTO_TCP, IPPROTO_UDP,
+        IP_DADDR, IP_SADDR,
+    },
+    rewrite::{fix_l4_csum, rewrite, rewrite_icmp_error, Quoted},
     stats::bump,
 };
 
@@ -151,9 +162,15 @@ fn xdp_dnat_meta(ctx: &TcContext) -> Option<XdpDnatMeta> {
 
 #[classifier]
 pub fn hostport_ingress(ctx: TcContext) -> i32 {
-    let Some(pkt) = tcp_or_udp(&ctx) else {
+    let Some(pkt) = parse_ipv4(&ctx) else {
         return NEXT;
     };
+    if is_icmp_error(&pkt) {
+        return icmp_error_to_pod(&ctx, &pkt).unwrap_or(TC_ACT_SHOT);
+    }
+    if pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP {
+        return NEXT;
+    }
     // Already translated at XDP: only the transport checksum is left (the
     // XDP program leaves no metadata on a later fragment, which has none).
     if let Some(m) = xdp_dnat_meta(&ctx) {
@@ -189,9 +206,15 @@ pub fn hostport_ingress(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn hostport_egress(ctx: TcContext) -> i32 {
-    let Some(pkt) = tcp_or_udp(&ctx) else {
+    let Some(pkt) = parse_ipv4(&ctx) else {
         return NEXT;
     };
+    if is_icmp_error(&pkt) {
+        return icmp_error_from_pod(&ctx, &pkt).unwrap_or(TC_ACT_SHOT);
+    }
+    if pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP {
+        return NEXT;
+    }
     let rkey = v4_key(pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto);
     let Some(r) = HP_REPLY.get_ptr_mut(&rkey) else {
         return NEXT;
@@ -384,6 +407,65 @@ fn hairpin_bind(
         return Some((src, port));
     }
     None
+}
+
+/// An ICMP error for node:hostPort, quoting a reply that `hostport_egress`
+/// translated (node:hostPort -> client): the outer destination and the
+/// quoted source go back to the pod's address and port. Only for a flow
+/// the mapping carries to that client: an error about the node's own
+/// traffic from that port stays the node's.
+#[inline(always)]
+fn icmp_error_to_pod(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, ()> {
+    let Some(inner) = parse_icmp_error(ctx, pkt) else {
+        return Ok(NEXT);
+    };
+    if inner.saddr != pkt.daddr || (inner.proto != IPPROTO_TCP && inner.proto != IPPROTO_UDP) {
+        return Ok(NEXT);
+    }
+    let Some(t) = lookup(inner.saddr, inner.sport, inner.proto, false) else {
+        return Ok(NEXT);
+    };
+    let rkey = v4_key(t.addr[0], inner.daddr, t.port, inner.dport, inner.proto);
+    // SAFETY: read-only use of a map value during this run.
+    match unsafe { HP_REPLY.get(&rkey) } {
+        Some(r) if r.hairpin == 0 && r.src_addr[0] == inner.saddr && r.src_port == inner.sport => {}
+        _ => return Ok(NEXT),
+    }
+    rewrite_icmp_error(ctx, pkt, &inner, Quoted::Source, t.addr[0], t.port)?;
+    bump(stat::HOSTPORT_ICMP_ERROR_XLATE);
+    Ok(NEXT)
+}
+
+/// An ICMP error the pod sends about a packet the DNAT delivered to it
+/// (client -> pod:containerPort, e.g. a UDP port nobody listens on): the
+/// outer source and the quoted destination become node:hostPort, so the
+/// client's socket matches it (a connected UDP socket then gets
+/// "connection refused" instead of waiting) and the pod's address does not
+/// leave the node.
+#[inline(always)]
+fn icmp_error_from_pod(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, ()> {
+    let Some(inner) = parse_icmp_error(ctx, pkt) else {
+        return Ok(NEXT);
+    };
+    if inner.daddr != pkt.saddr || (inner.proto != IPPROTO_TCP && inner.proto != IPPROTO_UDP) {
+        return Ok(NEXT);
+    }
+    // The quoted packet went client -> pod: its reply tuple is the key.
+    let rkey = v4_key(
+        inner.daddr,
+        inner.saddr,
+        inner.dport,
+        inner.sport,
+        inner.proto,
+    );
+    // SAFETY: read-only use of a map value during this run.
+    let (node, hport) = match unsafe { HP_REPLY.get(&rkey) } {
+        Some(r) if r.hairpin == 0 => (r.src_addr[0], r.src_port),
+        _ => return Ok(NEXT),
+    };
+    rewrite_icmp_error(ctx, pkt, &inner, Quoted::Destination, node, hport)?;
+    bump(stat::HOSTPORT_ICMP_ERROR_XLATE);
+    Ok(NEXT)
 }
 
 /// Sends the rewritten packet out of the bridge with a fresh L2 header from

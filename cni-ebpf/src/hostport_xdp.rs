@@ -8,6 +8,10 @@
 //! which knows. The TC program also catches what this one passes on
 //! untranslated (IPv4 options), so both modes give the same results.
 //!
+//! ICMP errors are not looked at here: they pass to `hostport_ingress`,
+//! which translates those about hostPort flows in both modes (they are
+//! rare, and their quoted headers and checksums want the skb helpers).
+//!
 //! A fragment after the first gets the translation of its first fragment
 //! (`frag`): its destination and header checksum only, and no metadata
 //! (it has no transport checksum), so TC leaves it alone.
@@ -30,6 +34,7 @@ use crate::{
         Ipv4Packet, Ipv6Packet, ETH_HLEN, IP6_DADDR, IP6_HLEN, IP6_SADDR, IPPROTO_TCP, IPPROTO_UDP,
         IP_DADDR, IP_FRAG_OFF, IP_ID,
     },
+    rewrite::{csum_update, halves},
     stats::bump,
 };
 
@@ -50,31 +55,6 @@ fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
         return None;
     }
     Some((start + off) as *mut T)
-}
-
-/// HC' = ~(~HC + ~m + m') over 16-bit words as they sit in memory (the
-/// ones'-complement sum does not care about byte order if all words agree).
-#[inline(always)]
-fn csum_update(csum: u16, old: &[u16], new: &[u16]) -> u16 {
-    let mut sum = u32::from(!csum);
-    for w in old {
-        sum += u32::from(!*w);
-    }
-    for w in new {
-        sum += u32::from(*w);
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
-}
-
-#[inline(always)]
-fn halves(v: u32) -> [u16; 2] {
-    let b = v.to_ne_bytes();
-    [
-        u16::from_ne_bytes([b[0], b[1]]),
-        u16::from_ne_bytes([b[2], b[3]]),
-    ]
 }
 
 fn try_hostport_xdp(ctx: &XdpContext) -> Option<u32> {

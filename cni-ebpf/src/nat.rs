@@ -18,10 +18,11 @@ use crate::{
     conntrack::{now, state_bits, touch, v4_key, SNAT_ORIG, SNAT_REPLY},
     frag::{self, Frag},
     parsing::{
-        parse_icmp_error, parse_ipv4, Ipv4Packet, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPPROTO_ICMP,
-        IPPROTO_TCP, IPPROTO_UDP, IP_CSUM, IP_DADDR, IP_SADDR, TCP_FLAG_ACK, TCP_FLAG_SYN,
+        is_icmp_error, parse_icmp_error, parse_ipv4, Ipv4Packet, ICMP_ECHO_REPLY,
+        ICMP_ECHO_REQUEST, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IP_DADDR, IP_SADDR,
+        TCP_FLAG_ACK, TCP_FLAG_SYN,
     },
-    rewrite::rewrite,
+    rewrite::{rewrite, rewrite_icmp_error, Quoted},
     stats::bump,
 };
 
@@ -436,9 +437,7 @@ pub(crate) fn take_over_closed(rkey: &CtKey, reply_val: &NatEntry, proto: u8) ->
 fn try_snat_ingress(ctx: &TcContext) -> Result<i32, ()> {
     let pkt = parse_ipv4(ctx).ok_or(())?;
     if pkt.proto == IPPROTO_ICMP && pkt.icmp_type != ICMP_ECHO_REPLY {
-        // An error quotes a header right after its own, which a later
-        // fragment does not have.
-        if pkt.icmp_type == ICMP_ECHO_REQUEST || pkt.frag == Frag::Later {
+        if !is_icmp_error(&pkt) {
             return Ok(NEXT);
         }
         return icmp_error_ingress(ctx, &pkt);
@@ -531,7 +530,8 @@ fn note_inbound(pkt: &Ipv4Packet) {
 /// from a router on the path) arrives addressed to the uplink and quotes the
 /// translated header. Both the outer destination and the quoted source must
 /// go back to the pod's, or the pod never learns the path MTU and large
-/// transfers stall.
+/// transfers stall. The rewrite (checksums included) is the one the
+/// hostPort programs use too (`rewrite::rewrite_icmp_error`).
 fn icmp_error_ingress(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, ()> {
     let inner = parse_icmp_error(ctx, pkt).ok_or(())?;
     // The quoted packet went pod -> remote after translation, so its reply
@@ -553,29 +553,7 @@ fn icmp_error_ingress(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, ()> {
     if inner.saddr != pkt.daddr {
         return Ok(NEXT);
     }
-    let icmp_csum = pkt.l4 + 2;
-    let inner_csum_off = inner.l3 + IP_CSUM;
-    let old_inner_csum: u16 = ctx.load(inner_csum_off).map_err(|_| ())?;
-
-    // Quoted header: source address (with its own header checksum) and
-    // source port. The ICMP checksum covers all these bytes, no pseudo-header.
-    ctx.l3_csum_replace(inner_csum_off, inner.saddr as u64, pod_addr as u64, 4)
-        .map_err(|_| ())?;
-    let new_inner_csum: u16 = ctx.load(inner_csum_off).map_err(|_| ())?;
-    ctx.l4_csum_replace(icmp_csum, inner.saddr as u64, pod_addr as u64, 4)
-        .map_err(|_| ())?;
-    ctx.l4_csum_replace(icmp_csum, old_inner_csum as u64, new_inner_csum as u64, 2)
-        .map_err(|_| ())?;
-    ctx.l4_csum_replace(icmp_csum, inner.sport as u64, pod_port as u64, 2)
-        .map_err(|_| ())?;
-    ctx.store(inner.l3 + IP_SADDR, &pod_addr, 0)
-        .map_err(|_| ())?;
-    ctx.store(inner.sport_off(), &pod_port, 0).map_err(|_| ())?;
-
-    // Outer destination: the uplink address becomes the pod's.
-    ctx.l3_csum_replace(pkt.l3 + IP_CSUM, pkt.daddr as u64, pod_addr as u64, 4)
-        .map_err(|_| ())?;
-    ctx.store(pkt.l3 + IP_DADDR, &pod_addr, 0).map_err(|_| ())?;
+    rewrite_icmp_error(ctx, pkt, &inner, Quoted::Source, pod_addr, pod_port)?;
     bump(stat::SNAT_ICMP_ERROR_XLATE);
     debug!(
         ctx,

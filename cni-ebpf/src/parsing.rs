@@ -174,6 +174,20 @@ impl IcmpError {
     pub fn sport_off(&self) -> usize {
         self.l4 + if self.proto == IPPROTO_ICMP { 4 } else { 0 }
     }
+    /// Offset of the quoted destination port (ICMP echo: the identifier).
+    pub fn dport_off(&self) -> usize {
+        self.l4 + if self.proto == IPPROTO_ICMP { 4 } else { 2 }
+    }
+}
+
+/// Whether `pkt` is an ICMP error whose quoted header we can read: not a
+/// fragment after the first (an error quotes a header right after its
+/// own, which such a fragment does not have).
+#[inline(always)]
+pub fn is_icmp_error(pkt: &Ipv4Packet) -> bool {
+    pkt.proto == IPPROTO_ICMP
+        && pkt.frag != Frag::Later
+        && (pkt.icmp_type == ICMP_DEST_UNREACH || pkt.icmp_type == ICMP_TIME_EXCEEDED)
 }
 
 /// Parses the packet quoted by the ICMP error `outer`.

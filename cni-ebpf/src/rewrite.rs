@@ -11,7 +11,10 @@ use aya_ebpf::programs::TcContext;
 
 use crate::{
     frag::Frag,
-    parsing::{Ipv4Packet, Ipv6Packet, IPPROTO_TCP, IPPROTO_UDP, IP_CSUM},
+    parsing::{
+        IcmpError, Ipv4Packet, Ipv6Packet, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IP_CSUM,
+        IP_DADDR, IP_SADDR,
+    },
 };
 
 pub const BPF_F_PSEUDO_HDR: u64 = 0x10;
@@ -82,6 +85,160 @@ pub fn rewrite(
         .map_err(|_| ())?;
     ctx.store(port_off, &new_port, 0).map_err(|_| ())?;
     Ok(())
+}
+
+/// HC' = ~(~HC + ~m + m') (RFC 1624) over 16-bit words as they sit in
+/// memory (the ones'-complement sum does not care about byte order if all
+/// words agree): for checksums no helper can update — a quoted header's
+/// inside an ICMP error, or any at XDP, where there is no skb.
+#[inline(always)]
+pub fn csum_update(csum: u16, old: &[u16], new: &[u16]) -> u16 {
+    let mut sum = u32::from(!csum);
+    for w in old {
+        sum += u32::from(!*w);
+    }
+    for w in new {
+        sum += u32::from(*w);
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// The two 16-bit words of a 32-bit value, in memory order.
+#[inline(always)]
+pub fn halves(v: u32) -> [u16; 2] {
+    let b = v.to_ne_bytes();
+    [
+        u16::from_ne_bytes([b[0], b[1]]),
+        u16::from_ne_bytes([b[2], b[3]]),
+    ]
+}
+
+/// Which end of the packet quoted in an ICMP error a translation changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Quoted {
+    /// The quoted source: an error coming back about a packet whose
+    /// source was translated on its way out (masquerade, hostPort reply).
+    /// The outer destination changes with it.
+    Source,
+    /// The quoted destination: an error a pod sends about a packet whose
+    /// destination was translated on its way in (hostPort DNAT). The outer
+    /// source changes with it.
+    Destination,
+}
+
+/// Translates an IPv4 ICMP error about a translated flow, as netfilter's
+/// ICMP reply translation does, so the receiver matches it with its own
+/// socket: the quoted packet's address and port on `side` become
+/// `new_addr`/`new_port`, and so does the outer address on the other side
+/// (the error travels against the packet it quotes).
+///
+/// Checksums: the quoted IPv4 header's; the quoted transport checksum when
+/// the quote holds it (TCP only when the whole header is quoted, UDP unless
+/// 0 for "none", an echo's for its identifier), with the pseudo-header
+/// change for TCP and UDP; the ICMP checksum, which has no pseudo-header
+/// and covers all those bytes, gets every change, so the message's sum —
+/// and skb->csum of a CHECKSUM_COMPLETE packet — stays right; the outer
+/// header's for its address.
+#[inline(always)]
+pub fn rewrite_icmp_error(
+    ctx: &TcContext,
+    outer: &Ipv4Packet,
+    inner: &IcmpError,
+    side: Quoted,
+    new_addr: u32,
+    new_port: u16,
+) -> Result<(), ()> {
+    let (field, old_addr, port_off, old_port, outer_field, old_outer) = match side {
+        Quoted::Source => (
+            IP_SADDR,
+            inner.saddr,
+            inner.sport_off(),
+            inner.sport,
+            IP_DADDR,
+            outer.daddr,
+        ),
+        Quoted::Destination => (
+            IP_DADDR,
+            inner.daddr,
+            inner.dport_off(),
+            inner.dport,
+            IP_SADDR,
+            outer.saddr,
+        ),
+    };
+    let icmp_csum = outer.l4 + 2;
+    quoted_l4_csum(
+        ctx,
+        outer,
+        inner,
+        (old_addr, new_addr),
+        (old_port, new_port),
+    )?;
+
+    let inner_csum_off = inner.l3 + IP_CSUM;
+    let old_inner_csum: u16 = ctx.load(inner_csum_off).map_err(|_| ())?;
+    ctx.l3_csum_replace(inner_csum_off, old_addr as u64, new_addr as u64, 4)
+        .map_err(|_| ())?;
+    let new_inner_csum: u16 = ctx.load(inner_csum_off).map_err(|_| ())?;
+    ctx.l4_csum_replace(icmp_csum, old_addr as u64, new_addr as u64, 4)
+        .map_err(|_| ())?;
+    ctx.l4_csum_replace(icmp_csum, old_inner_csum as u64, new_inner_csum as u64, 2)
+        .map_err(|_| ())?;
+    ctx.l4_csum_replace(icmp_csum, old_port as u64, new_port as u64, 2)
+        .map_err(|_| ())?;
+    ctx.store(inner.l3 + field, &new_addr, 0).map_err(|_| ())?;
+    ctx.store(port_off, &new_port, 0).map_err(|_| ())?;
+
+    ctx.l3_csum_replace(outer.l3 + IP_CSUM, old_outer as u64, new_addr as u64, 4)
+        .map_err(|_| ())?;
+    ctx.store(outer.l3 + outer_field, &new_addr, 0)
+        .map_err(|_| ())
+}
+
+/// The quoted transport checksum of `rewrite_icmp_error`, computed here
+/// (the helpers only update the checksum of the packet itself) and its
+/// change added to the ICMP checksum. Nothing when the quote ends before
+/// the field (an error need only quote 8 bytes of TCP) or a UDP checksum
+/// is 0; a UDP result of 0 is written as 0xffff.
+#[inline(always)]
+fn quoted_l4_csum(
+    ctx: &TcContext,
+    outer: &Ipv4Packet,
+    inner: &IcmpError,
+    addr: (u32, u32),
+    port: (u16, u16),
+) -> Result<(), ()> {
+    let off = inner.l4
+        + match inner.proto {
+            IPPROTO_TCP => 16,
+            IPPROTO_UDP => 6,
+            _ => 2,
+        };
+    // Within the outer datagram, not just the frame (Ethernet padding).
+    let total: u16 = ctx.load(outer.l3 + 2).map_err(|_| ())?;
+    if off + 2 > outer.l3 + usize::from(u16::from_be(total)) {
+        return Ok(());
+    }
+    let Ok(old) = ctx.load::<u16>(off) else {
+        return Ok(());
+    };
+    if inner.proto == IPPROTO_UDP && old == 0 {
+        return Ok(());
+    }
+    let (a, b) = (halves(addr.0), halves(addr.1));
+    let mut new = if inner.proto == IPPROTO_ICMP {
+        csum_update(old, &[port.0], &[port.1])
+    } else {
+        csum_update(old, &[a[0], a[1], port.0], &[b[0], b[1], port.1])
+    };
+    if new == 0 && inner.proto == IPPROTO_UDP {
+        new = 0xffff;
+    }
+    ctx.store(off, &new, 0).map_err(|_| ())?;
+    ctx.l4_csum_replace(outer.l4 + 2, old as u64, new as u64, 2)
+        .map_err(|_| ())
 }
 
 /// Updates only the transport checksum for an address and port that were

@@ -10,7 +10,10 @@
 //! node's addresses only; unmapped ports, protocols and addresses pass
 //! untouched; every fragment of a datagram is translated; a pod reaching a
 //! hostPort of its own node (hairpin) is translated both ways and
-//! redirected.
+//! redirected; ICMP errors about DNATed flows are translated both ways
+//! (outer address, quoted address and port, and every checksum — the
+//! quoted transport checksum too, as netfilter updates it), and errors
+//! about other flows are left alone.
 //!
 //! Each test runs in a private network namespace (the uplink and bridge are
 //! devices there, their ifindexes handed to the programs in the test
@@ -40,7 +43,7 @@ use cni_tests::{
     bpffs::BpfFs,
     packet::{
         assert_ipv4_frame, frame, ipv4_at, ipv4_fragments, l4_valid, raw_frame, reassemble, tcp,
-        udp, ETH, TCP, UDP,
+        udp, ETH, ICMP, TCP, UDP,
     },
     prelude::*,
 };
@@ -58,6 +61,8 @@ const NODE_B: Ipv4Addr = Ipv4Addr::new(198, 18, 7, 2);
 /// An address that is not the node's.
 const OTHER: Ipv4Addr = Ipv4Addr::new(198, 18, 7, 3);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 19, 8, 9);
+/// A router on the client's path.
+const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 7, 254);
 /// The target pod, and another pod on the same bridge.
 const POD: Ipv4Addr = Ipv4Addr::new(10, 77, 7, 5);
 const NEIGHBOUR: Ipv4Addr = Ipv4Addr::new(10, 77, 7, 6);
@@ -389,5 +394,168 @@ fn a_pod_reaching_a_hostport_of_its_node_is_translated_and_redirected() {
             (NEXT, f.clone()),
             "not a hostPort: untouched"
         );
+    });
+}
+
+/// An ICMP error of `ty`/`code` (rest of header `rest`) quoting `quoted`
+/// (an IPv4 packet without Ethernet), from `src` to `dst`, its checksums
+/// computed here.
+fn icmp_error(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ty: u8,
+    code: u8,
+    rest: [u8; 4],
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut m = vec![ty, code, 0, 0];
+    m.extend_from_slice(&rest);
+    m.extend_from_slice(quoted);
+    frame(src, dst, ICMP, m)
+}
+
+/// "Fragmentation needed" (next-hop MTU 1400) from a router on the
+/// client's path, about the pod's reply as it left the node (from
+/// node:hostPort), reaches the pod: outer destination, quoted source
+/// address and port are the pod's, and the frame equals one built for the
+/// pod from scratch — outer and quoted IPv4 header checksums, the quoted
+/// TCP checksum (the whole segment is quoted) and the ICMP checksum. With
+/// only the 8 bytes of TCP an error must quote, there is no transport
+/// checksum to update. Errors about the node's own traffic, or about a
+/// flow the mapping does not carry to that client, are left alone.
+#[test]
+fn an_icmp_error_about_a_reply_reaches_the_pod() {
+    with_datapath("hpicmpin", |dp| {
+        let before = dp.stat("hostPortIcmpErrorsTranslated");
+        let syn = frame(CLIENT, NODE, TCP, tcp(40000, 8080, SYN));
+        assert_eq!(dp.ingress(&syn).0, NEXT, "SYN in");
+        let mut seg = tcp(80, 40000, ACK);
+        seg.extend_from_slice(&[0xa5; 1200]);
+        let reply = frame(POD, CLIENT, TCP, seg.clone());
+        let (rc, sent) = dp.egress(&reply);
+        assert_eq!(rc, NEXT);
+        let mut sent_seg = seg;
+        sent_seg[0..2].copy_from_slice(&8080u16.to_be_bytes());
+        assert_ipv4_frame(
+            &sent,
+            &frame(NODE, CLIENT, TCP, sent_seg),
+            "the reply left from node:8080",
+        );
+        let mtu = [0, 0, 0x05, 0x78];
+        // Routers quote up to 576 bytes: a whole short segment here.
+        let whole = &sent[ETH..ETH + 20 + 20 + 100];
+        let want_whole = &reply[ETH..ETH + 20 + 20 + 100];
+        assert_frame(
+            dp.ingress(&icmp_error(ROUTER, NODE, 3, 4, mtu, whole)),
+            NEXT,
+            &icmp_error(ROUTER, POD, 3, 4, mtu, want_whole),
+            "fragmentation needed, quoting the whole TCP header",
+        );
+        // (The quoted segment is cut short, so its checksum is no longer
+        // verifiable over the quote: it must equal the pod's original.)
+        assert_frame(
+            dp.ingress(&icmp_error(ROUTER, NODE, 3, 4, mtu, &sent[ETH..ETH + 28])),
+            NEXT,
+            &icmp_error(ROUTER, POD, 3, 4, mtu, &reply[ETH..ETH + 28]),
+            "fragmentation needed, quoting 8 bytes of TCP",
+        );
+        // Time exceeded about a UDP reply, the whole datagram quoted: its
+        // checksum verifiable from the quote alone.
+        let q = frame(CLIENT, NODE, UDP, udp(5000, 5353, b"query"));
+        assert_eq!(dp.ingress(&q).0, NEXT, "UDP in");
+        let answer = frame(POD, CLIENT, UDP, udp(53, 5000, b"answer"));
+        let (_, sent) = dp.egress(&answer);
+        assert_eq!(ipv4_at(&sent, ETH + 12), NODE);
+        let (rc, out) = dp.ingress(&icmp_error(ROUTER, NODE, 11, 0, [0; 4], &sent[ETH..]));
+        assert_frame(
+            (rc, out.clone()),
+            NEXT,
+            &icmp_error(ROUTER, POD, 11, 0, [0; 4], &answer[ETH..]),
+            "time exceeded about a UDP reply",
+        );
+        let quoted = &out[ETH + 20 + 8..];
+        assert!(
+            l4_valid(POD, CLIENT, UDP, &quoted[20..]),
+            "quoted UDP checksum right for the pod's tuple"
+        );
+        assert_eq!(dp.stat("hostPortIcmpErrorsTranslated"), before + 3);
+
+        for (what, quoted) in [
+            (
+                "the node's own connection from the hostPort to another client",
+                frame(NODE, ROUTER, TCP, tcp(8080, 40000, ACK)),
+            ),
+            (
+                "the node's own connection from another port",
+                frame(NODE, CLIENT, TCP, tcp(8081, 40000, ACK)),
+            ),
+            (
+                "a flow of another protocol",
+                frame(NODE, CLIENT, UDP, udp(8080, 40000, b"x")),
+            ),
+        ] {
+            let e = icmp_error(ROUTER, NODE, 3, 4, mtu, &quoted[ETH..]);
+            assert_eq!(dp.ingress(&e), (NEXT, e.clone()), "{what}: untouched");
+        }
+        assert_eq!(dp.stat("hostPortIcmpErrorsTranslated"), before + 3);
+    });
+}
+
+/// The pod's port unreachable about a datagram that came in through
+/// node:hostPort (quoting client -> pod:containerPort) leaves as
+/// node:hostPort's, quoting what the client sent (client ->
+/// node:hostPort), every checksum as computed here from scratch; the
+/// pod's errors about other packets are left alone.
+#[test]
+fn a_pods_icmp_error_leaves_as_the_hostports() {
+    with_datapath("hpicmpout", |dp| {
+        let before = dp.stat("hostPortIcmpErrorsTranslated");
+        let sent = frame(CLIENT, NODE, UDP, udp(5000, 5353, b"anyone there?"));
+        let (rc, delivered) = dp.ingress(&sent);
+        assert_eq!(rc, NEXT);
+        assert_ipv4_frame(
+            &delivered,
+            &frame(CLIENT, POD, UDP, udp(5000, 53, b"anyone there?")),
+            "datagram in",
+        );
+        assert_frame(
+            dp.egress(&icmp_error(POD, CLIENT, 3, 3, [0; 4], &delivered[ETH..])),
+            NEXT,
+            &icmp_error(NODE, CLIENT, 3, 3, [0; 4], &sent[ETH..]),
+            "port unreachable from node:5353",
+        );
+        // TCP: a reset would be the answer, but a router-like error from
+        // the pod (e.g. its firewall's) quotes the SYN's 8 bytes.
+        let syn = frame(CLIENT, NODE, TCP, tcp(40010, 8080, SYN));
+        let (_, in_syn) = dp.ingress(&syn);
+        assert_frame(
+            dp.egress(&icmp_error(
+                POD,
+                CLIENT,
+                3,
+                13,
+                [0; 4],
+                &in_syn[ETH..ETH + 28],
+            )),
+            NEXT,
+            &icmp_error(NODE, CLIENT, 3, 13, [0; 4], &syn[ETH..ETH + 28]),
+            "administratively prohibited, 8 bytes of TCP",
+        );
+        assert_eq!(dp.stat("hostPortIcmpErrorsTranslated"), before + 2);
+
+        for (what, quoted) in [
+            (
+                "a datagram of a client the mapping never carried",
+                frame(ROUTER, POD, UDP, udp(5000, 53, b"x")),
+            ),
+            (
+                "a datagram to another port of the pod",
+                frame(CLIENT, POD, UDP, udp(5000, 54, b"x")),
+            ),
+        ] {
+            let e = icmp_error(POD, CLIENT, 3, 3, [0; 4], &quoted[ETH..]);
+            assert_eq!(dp.egress(&e), (NEXT, e.clone()), "{what}: untouched");
+        }
+        assert_eq!(dp.stat("hostPortIcmpErrorsTranslated"), before + 2);
     });
 }

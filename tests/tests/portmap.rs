@@ -2,7 +2,9 @@
 //! modes of the agent (TC ingress, or XDP in front of it on the uplink):
 //! an external client reaching a pod through node:hostPort (TCP, UDP,
 //! bulk), hostIP restrictions, hairpin from pods, node-local clients
-//! through the cgroup socket hooks. The verbs (conflicts, bad input, DEL,
+//! through the cgroup socket hooks, ICMP errors about hostPort flows both
+//! ways (path MTU discovery through a smaller hop, a pod's port
+//! unreachable reaching the client). The verbs (conflicts, bad input, DEL,
 //! CHECK, GC) are in portmap_verbs.rs, 500 pods in portmap_scale.rs.
 //!
 //! Topology (per test, see `cni_tests::hostport_node`): a node namespace
@@ -13,18 +15,21 @@
 //! every exchange shows the source address the pod saw, and a client that
 //! connected to node:hostPort and got its echo back proves the reply left
 //! as node:hostPort.
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cni_tests::agentctl::{admin, record_of};
+use cni_tests::agentctl::{admin, record_of, AgentProc};
 use cni_tests::hostport::{
     bulk_echo, local_client, mapping, mapping_on, set_tx_checksum, BulkEchoServer, ClientKind,
 };
-use cni_tests::hostport_node::{delta, fixture, Mode, Setup, BRIDGE_NAME, NET, POD_PORT};
+use cni_tests::hostport_node::{
+    delta, fixture, uplink_has_xdp, Fixture, Mode, Setup, BRIDGE_NAME, NET, POD_PORT,
+};
 use cni_tests::prelude::*;
 use cni_tests::traffic::{in_netns, tcp_echo, udp_echo, TcpEchoServer, UdpEchoServer};
-use cni_tests::uplink::UPLINK_IF;
+use cni_tests::uplink::{External, UPLINK_IF};
 
 /// Port of the pods' bulk echo server.
 const BULK_PORT: u16 = 9000;
@@ -664,5 +669,167 @@ fn node_local_udp_sendto_reply_source() {
             "the reply to a datagram sent to {target} must come from it"
         );
     }
+    fx.del_pod(&list, &pod);
+}
+
+// ---------------------------------------------------------------------------
+// 5. ICMP errors about hostPort flows.
+// ---------------------------------------------------------------------------
+
+/// A router with a 1280-byte link towards the external client answers the
+/// pod's full-size DF replies (sent as node:hostPort) with "fragmentation
+/// needed" addressed to the node's uplink address; the datapath must hand
+/// it to the pod, or a download through the hostPort stalls in a path-MTU
+/// black hole. A 1 MiB download through node:hostPort completes, the
+/// pod's route cache holds the path MTU, and the counter shows the
+/// translation. In XDP mode the XDP program passes ICMP on, and the TC
+/// program behind it translates it.
+fn frag_needed_reaches_the_pod_through_a_hostport(tag: &str, mode: Mode) {
+    const PATH_MTU: u32 = 1280;
+    const HP: u16 = 30200;
+    const LEN: usize = 1 << 20;
+    let node = Node::new(tag);
+    let ext = External::routed(&node, PATH_MTU);
+    // The client keeps a 1500 MTU, so its MSS does not hide the smaller
+    // link: only path MTU discovery can.
+    ext.ns.ip(&["link", "set", "eth0", "mtu", "1500"]);
+    let agent = AgentProc::start(&node, &["--hostport-mode", mode.arg()]);
+    let v4 = ext.node_addr.to_string();
+    wait_until("the agent to serve uplink0", SETTLE, || {
+        let status = admin(&node, "status");
+        (status["uplinks"][0]["address"] == v4.as_str()).then_some(())
+    });
+    let fx = Fixture {
+        agent,
+        cgroup: None,
+        // The pod sends full checksums, which the client verifies.
+        wire_checksums: true,
+        ext,
+        node,
+    };
+    assert_eq!(
+        uplink_has_xdp(&fx.node),
+        mode == Mode::Xdp,
+        "XDP program on {UPLINK_IF} in {mode:?} mode"
+    );
+    let list = fx.list(None);
+    let pod = fx.add_pod(
+        &list,
+        &format!("{tag}-ctr"),
+        vec![mapping(HP.into(), BULK_PORT.into(), "tcp")],
+    );
+    let far = fx.ext.ext_addr.to_string();
+    let route = pod.ns.ip(&["-4", "route", "get", &far]);
+    assert!(!route.contains("mtu"), "no path MTU known yet: {route}");
+    let before = fx.status();
+
+    // The pod serves LEN bytes to whoever connects (DF set: Linux TCP
+    // does path MTU discovery).
+    let listener = in_netns(&pod.ns, || {
+        TcpListener::bind((Ipv4Addr::UNSPECIFIED, BULK_PORT)).expect("bind 0.0.0.0")
+    });
+    listener
+        .set_nonblocking(true)
+        .expect("nonblocking listener");
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        // Gives up (instead of blocking forever) if the client never comes.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut s = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        s.set_nonblocking(false)?;
+        s.set_write_timeout(Some(Duration::from_secs(20)))?;
+        s.write_all(&vec![0x5a; LEN])?;
+        s.shutdown(std::net::Shutdown::Write)
+    });
+    let target = fx.node_hostport(HP);
+    let got = in_netns(&fx.ext.ns, move || -> std::io::Result<usize> {
+        let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(15)))?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)?;
+        Ok(buf.len())
+    });
+    let served = server.join().expect("server thread");
+    assert_eq!(
+        got.map_err(|e| e.to_string()),
+        Ok(LEN),
+        "1 MiB download through {target} across a {PATH_MTU}-MTU hop ({mode:?}; server: {served:?})"
+    );
+    eventually("the pod to cache the path MTU", SETTLE, || {
+        pod.ns
+            .ip(&["-4", "route", "get", &far])
+            .contains(&format!("mtu {PATH_MTU}"))
+    });
+    let after = fx.status();
+    assert!(
+        delta(&before, &after, "hostPortIcmpErrorsTranslated") > 0,
+        "fragmentation needed translated by the datapath\n{after:#}"
+    );
+    if mode == Mode::Xdp {
+        assert!(
+            delta(&before, &after, "hostPortDnatXdp") > 0,
+            "the client's packets DNATed at XDP\n{after:#}"
+        );
+    }
+    fx.del_pod(&list, &pod);
+}
+
+#[test]
+fn frag_needed_reaches_the_pod_through_a_hostport_tc() {
+    require_e2e!();
+    frag_needed_reaches_the_pod_through_a_hostport("fnhptc", Mode::Tc);
+}
+
+#[test]
+fn frag_needed_reaches_the_pod_through_a_hostport_xdp() {
+    require_e2e!();
+    frag_needed_reaches_the_pod_through_a_hostport("fnhpxdp", Mode::Xdp);
+}
+
+/// A UDP datagram through node:hostPort to a pod port nobody listens on:
+/// the pod answers with port unreachable, which the datapath sends on as
+/// node:hostPort's, quoting what the client sent, so the client's
+/// connected socket gets "connection refused" at once instead of waiting
+/// for a reply (and the pod's address never leaves the node).
+#[test]
+fn pod_port_unreachable_reaches_the_client() {
+    require_e2e!();
+    let fx = fixture("unrhp", Setup::mode(Mode::Tc));
+    let list = fx.list(None);
+    const HP: u16 = 30201;
+    let pod = fx.add_pod(
+        &list,
+        "unrhp-ctr",
+        vec![mapping(HP.into(), POD_PORT.into(), "udp")],
+    );
+    let before = fx.status();
+    let target = fx.node_hostport(HP);
+    let r = in_netns(&fx.ext.ns, move || -> std::io::Result<usize> {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        s.connect(target)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.send(b"anyone?")?;
+        let mut buf = [0u8; 64];
+        s.recv(&mut buf)
+    });
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        other => panic!("expected connection refused from {target}, got {other:?}"),
+    }
+    let after = fx.status();
+    assert!(
+        delta(&before, &after, "hostPortIcmpErrorsTranslated") > 0,
+        "{after:#}"
+    );
     fx.del_pod(&list, &pod);
 }
