@@ -24,7 +24,9 @@
 //!   MAC, a Neighbor Advertisement for a foreign target, an NS/NA with a
 //!   foreign link-layer address option, a Router Advertisement or Redirect
 //!   from the pod, a non-IP ethertype: each dropped and counted in its slot
-//!   of the attachment's counters; their legitimate versions pass.
+//!   of the attachment's counters; their legitimate versions pass;
+//! - an IPv6 hop-by-hop options header is followed: MLD (which always has
+//!   one) passes a default deny like ND, ND behind one is anti-spoofed.
 //!
 //! Every check states the verdict (TC_ACT_SHOT = 2, or TC_ACT_UNSPEC: tcx
 //! "next", the value the programs return for a pass) and the counter slots
@@ -59,7 +61,9 @@ use cni_ebpf_common::{
 };
 use cni_tests::{
     bpffs::BpfFs,
-    packet::{echo, fill_l4_csum, frame, raw_frame, tcp, udp, ETH, ICMP, ICMPV6, TCP, UDP},
+    packet::{
+        echo, fill_l4_csum, frame, ipv4_fragments, raw_frame, tcp, udp, ETH, ICMP, ICMPV6, TCP, UDP,
+    },
     prelude::*,
 };
 
@@ -1390,4 +1394,70 @@ fn v6_mld_with_router_alert_passes_default_deny() {
             "udp behind hop-by-hop",
         );
     });
+}
+
+/// The fragments of the UDP datagram `l4` (checksum filled in here), of at
+/// most `chunk` payload bytes each: IPv4 fragments, or IPv6 ones with a
+/// fragment header, both with identification `id`.
+fn fragments(src: IpAddr, dst: IpAddr, id: u16, mut l4: Vec<u8>, chunk: usize) -> Vec<Vec<u8>> {
+    if let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) {
+        return ipv4_fragments(s, d, UDP, id, l4, chunk);
+    }
+    fill_l4_csum(src, dst, UDP, &mut l4);
+    let n = l4.len().div_ceil(chunk);
+    l4.chunks(chunk)
+        .enumerate()
+        .map(|(i, part)| {
+            let off_m = (i * chunk) as u16 | u16::from(i + 1 < n);
+            let mut h = vec![UDP, 0];
+            h.extend_from_slice(&off_m.to_be_bytes());
+            h.extend_from_slice(&u32::from(id).to_be_bytes());
+            h.extend_from_slice(part);
+            raw_frame(src, dst, 44, &h)
+        })
+        .collect()
+}
+
+/// Fragments of a datagram share their first fragment's verdict (FW_FRAGS):
+/// the rest of an allowed datagram passes the default deny, the rest of a
+/// denied one does not, and a fragment that comes before its first
+/// fragment has no verdict to share.
+#[test]
+fn fragments_get_their_first_fragments_verdict() {
+    with_datapath(
+        "polfrag",
+        IngressPolicy::Open,
+        ingress_rules(),
+        egress_rules(),
+        |dp| {
+            for n in [&V4, &V6] {
+                let payload = vec![0x5a; 600];
+                let allowed = fragments(n.pod_a, n.far, 7, udp(5353, 53, &payload), 200);
+                let denied = fragments(n.pod_a, n.far, 8, udp(5354, 54, &payload), 200);
+                let early = fragments(n.pod_a, n.far, 9, udp(5355, 53, &payload), 200);
+                assert_eq!(allowed.len(), 4);
+                for (i, f) in allowed.iter().enumerate() {
+                    dp.sent(
+                        f,
+                        NEXT,
+                        OUT_NEW,
+                        &format!("fragment {i} of an allowed datagram"),
+                    );
+                }
+                for (i, f) in denied.iter().enumerate() {
+                    dp.sent(
+                        f,
+                        SHOT,
+                        OUT_DROP,
+                        &format!("fragment {i} of a denied datagram"),
+                    );
+                }
+                dp.sent(&early[1], SHOT, OUT_DROP, "a fragment before its first");
+                // Only first fragments meet the rules.
+                let off = usize::from(n.v6);
+                let (rules, default) = dp.hits("egress");
+                assert_eq!((rules[4], default), (1 + off as u64, 1 + off as u64));
+            }
+        },
+    );
 }
