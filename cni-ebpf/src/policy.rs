@@ -37,9 +37,10 @@
 //! discovery) always passes (the link needs it; anti-spoofing has already
 //! checked what the pod announces),
 //! and ICMPv6 errors about a tracked connection pass as part of it. A
-//! fragment header is followed (the verdict of the first fragment holds
-//! for the rest); any other extension header makes the packet one of an
-//! "other" protocol.
+//! hop-by-hop options header (every MLD message has one, for its router
+//! alert) and a fragment header are followed (the verdict of the first
+//! fragment holds for the rest); any other extension header makes the
+//! packet one of an "other" protocol.
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
@@ -69,6 +70,7 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROB: u8 = 12;
+const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_FRAGMENT: u8 = 44;
 const ICMP6_PARAM_PROBLEM: u8 = 4;
 const ICMP6_ECHO_REQUEST: u8 = 128;
@@ -275,8 +277,9 @@ fn parse_flow(ctx: &TcContext) -> Option<Flow> {
     Some(f)
 }
 
-/// The IPv6 counterpart of [`parse_flow`]: the fixed header and at most a
-/// fragment header before the transport header.
+/// The IPv6 counterpart of [`parse_flow`]: the fixed header, at most a
+/// hop-by-hop options header and then at most a fragment header before the
+/// transport header.
 #[inline(always)]
 fn parse_flow6(ctx: &TcContext) -> Option<Flow> {
     let l3 = spoof::ETH_HLEN;
@@ -298,6 +301,12 @@ fn parse_flow6(ctx: &TcContext) -> Option<Flow> {
         id: 0,
         ndp: false,
     };
+    if f.proto == IPPROTO_HOPOPTS {
+        // Every MLD message carries one (a router alert).
+        let h: [u8; 2] = ctx.load(f.l4).ok()?;
+        f.proto = h[0];
+        f.l4 += (usize::from(h[1]) + 1) * 8;
+    }
     if f.proto == IPPROTO_FRAGMENT {
         let off_m = u16::from_be(ctx.load::<u16>(f.l4 + 2).ok()?);
         f.proto = ctx.load(f.l4).ok()?;

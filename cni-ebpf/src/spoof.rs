@@ -63,6 +63,7 @@ fn own_v6(addr: &[u32; 4], ifindex: u32, mac: &[u8; 6]) -> bool {
     endpoint_of(&v6_ip(*addr)).is_some_and(|ep| ep.ifindex == ifindex)
 }
 
+const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_ICMPV6: u8 = 58;
 const IP6_HLEN: usize = 40;
 const ND_ROUTER_ADVERT: u8 = 134;
@@ -78,17 +79,25 @@ const ND_OPTS: usize = 24;
 /// Options looked at per message (bounded; real NS/NA carry one).
 const ND_MAX_OPTS: usize = 4;
 
-/// Checks what an ICMPv6 neighbour discovery message from the pod claims.
-/// Other ICMPv6 (and ND behind extension headers, which a receiver
-/// refuses: ND requires none) passes here.
+/// Checks what an ICMPv6 neighbour discovery message from the pod claims,
+/// directly behind the IPv6 header or behind a hop-by-hop options header
+/// (which Linux accepts on ND, and policy.rs follows). Other ICMPv6, and ND
+/// behind other extension headers (receivers drop fragmented ND, RFC 6980),
+/// passes here.
 #[inline(always)]
 fn check_nd(ctx: &TcContext, ifindex: u32, cfg: &FwAttach) -> Result<(), usize> {
     let l3 = ETH_HLEN;
-    let next: u8 = ctx.load(l3 + 6).map_err(|_| fw::STAT_SPOOFED_ND)?;
+    let mut next: u8 = ctx.load(l3 + 6).map_err(|_| fw::STAT_SPOOFED_ND)?;
+    let mut l4 = l3 + IP6_HLEN;
+    if next == IPPROTO_HOPOPTS {
+        // As policy.rs follows it: ND behind it must not skip the checks.
+        let h: [u8; 2] = ctx.load(l4).map_err(|_| fw::STAT_SPOOFED_ND)?;
+        next = h[0];
+        l4 += (usize::from(h[1]) + 1) * 8;
+    }
     if next != IPPROTO_ICMPV6 {
         return Ok(());
     }
-    let l4 = l3 + IP6_HLEN;
     let t: u8 = ctx.load(l4).map_err(|_| fw::STAT_SPOOFED_ND)?;
     match t {
         ND_ROUTER_ADVERT | ND_REDIRECT => return Err(fw::STAT_SPOOFED_ND),
