@@ -148,6 +148,12 @@ fn run_cases(root: std::path::PathBuf) {
         let p: &mut SchedClassifier = program(&mut ebpf, name).expect("program");
         p.load()
             .unwrap_or_else(|e| panic!("verifier rejects {name}: {e}"));
+        // The verifier's budget is 1M instructions per program: the header
+        // walk and the fragment handling must leave room (shown, not
+        // asserted: the count varies with the kernel).
+        if let Some(n) = p.info().ok().and_then(|i| i.verified_instruction_count()) {
+            eprintln!("{name}: verified in {n} instructions");
+        }
     }
     let mut dp = Datapath { ebpf, ifindex };
     configure(&mut dp);
