@@ -15,7 +15,8 @@
 //!   checksum, through the pseudo-header — ICMPv6's included, which ICMPv4's
 //!   does not cover (`rewrite::rewrite6`);
 //! - UDP checksums are mandatory: never written as zero;
-//! - the parser steps over a few extension headers (`parsing::parse_ipv6`),
+//! - the parser follows a Fragment header right after the fixed header
+//!   (`parsing::ext_headers6`; other extension headers pass untranslated),
 //!   and fragments are handled as IPv4's (`frag`): a translated first
 //!   fragment is remembered by (source, destination, 32-bit fragment id,
 //!   protocol), and the fragments after it get the same address.
