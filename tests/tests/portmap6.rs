@@ -1146,3 +1146,72 @@ fn v6_fragments_through_a_hostport_xdp() {
     require_e2e!();
     v6_fragments_through_a_hostport("pm6fragxdp", Mode::Xdp);
 }
+
+/// Hairpin with snat over IPv6: a pod sends a 4,000-byte datagram to
+/// another pod's hostPort on the node's IPv6 address; the bridge program
+/// translates (and redirects) every fragment both ways. The target pod sees
+/// the bridge's IPv6 address, the client gets the reply from
+/// [node]:hostPort, and nothing crosses the uplink.
+#[test]
+fn v6_fragments_through_a_hairpin() {
+    require_e2e!();
+    const HP: u16 = 30091;
+    const LEN: usize = 4000;
+    let fx = fixture("pm6fraghp", Mode::Tc, false);
+    let list = fx.list(Some(true));
+    let target_pod = fx.add_pod(&list, "pm6fraghp-1", vec![mapping(HP, POD_PORT, "udp")]);
+    let client = fx.add_pod(&list, "pm6fraghp-2", vec![]);
+    let server = UdpBlobServer::start_v6(&target_pod.ns, POD_PORT);
+    let target = fx.node6(HP);
+    let request = blob(LEN, 11);
+    let before = fx.status();
+
+    let reply = udp_blob(&client.ns, target, &request)
+        .unwrap_or_else(|e| panic!("pod -> {target}, {LEN} bytes: {e}"));
+    assert_eq!(
+        reply.from, target,
+        "the reply must come from [node]:hostPort"
+    );
+    assert!(
+        reply.data == blob_reply(&request),
+        "the client must receive the {LEN}-byte reply exactly (got {} bytes)",
+        reply.data.len()
+    );
+    let received = server.received();
+    assert!(!received.is_empty(), "the target pod received nothing");
+    for (peer, data) in &received {
+        assert_eq!(
+            peer.ip(),
+            IpAddr::V6(target_pod.gw6),
+            "snat: the target pod must see the bridge's IPv6 address"
+        );
+        assert!(
+            *data == request,
+            "the target pod must receive the bytes exactly"
+        );
+    }
+    let after = fx.status();
+    let first = delta(&before, &after, "fragFirstRemembered");
+    let later = delta(&before, &after, "fragTranslated");
+    let hairpin = delta(&before, &after, "hostPortHairpin");
+    eprintln!("fragFirstRemembered +{first}, fragTranslated +{later}, hostPortHairpin +{hairpin}");
+    assert!(
+        first >= 2,
+        "a first fragment remembered per direction: +{first}"
+    );
+    assert!(
+        later >= 4,
+        "two later fragments translated per direction: +{later}"
+    );
+    assert!(
+        hairpin >= 6,
+        "every fragment both ways hairpin-translated: +{hairpin}"
+    );
+    assert_eq!(
+        delta(&before, &after, "hostPortDnat"),
+        0,
+        "hairpin traffic never crosses the uplink"
+    );
+    fx.del_pod(&list, &client);
+    fx.del_pod(&list, &target_pod);
+}
