@@ -25,9 +25,10 @@
 //! leaves as [node]:hostPort's.
 //!
 //! IPv6 has no header checksum: an address change moves only the transport
-//! checksum, through the pseudo-header (`rewrite::rewrite6`). Packets with
-//! extension headers (fragments included) are not parsed and pass
-//! untranslated, as in the IPv6 masquerade.
+//! checksum, through the pseudo-header (`rewrite::rewrite6`). Fragments
+//! are handled as in the IPv6 masquerade and IPv4's hostPorts (`frag`):
+//! every program that translates a first fragment remembers it, and the
+//! fragments after it get the same address translation.
 use aya_ebpf::{
     bindings::TC_ACT_SHOT,
     helpers::bpf_get_prandom_u32,
@@ -42,6 +43,7 @@ use cni_ebpf_common::{
 
 use crate::{
     conntrack::{flag_bits, now, v6_key},
+    frag::{self, Frag},
     hostport::{redirect, BPF_NOEXIST, HOSTPORTS, HP_ORIG, HP_REPLY, NEXT, NODE_ADDRS, PORT_TRIES},
     parsing::{
         is_icmp6_error, parse_icmp6_error, parse_ipv6, Ipv6Packet, ETH_HLEN, IP6_DADDR, IP6_SADDR,
@@ -164,12 +166,13 @@ fn try_hostport6_ingress(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(NEXT);
     };
     if pkt.proto == IPPROTO_ICMPV6 {
-        if is_icmp6_error(pkt.icmp_type) {
+        if is_icmp6_error(pkt.icmp_type) && pkt.frag != Frag::Later {
             return icmp6_error_to_pod(ctx, &pkt);
         }
         return Ok(NEXT);
     }
-    // Already translated at XDP: only the transport checksum is left.
+    // Already translated at XDP: only the transport checksum is left (XDP
+    // leaves packets with extension headers, fragments among them, to us).
     if let Some(m) = xdp_dnat6_meta(ctx) {
         fix_l4_csum6(ctx, &pkt, &m.old_daddr, &pkt.daddr, m.old_dport, pkt.dport)?;
         return Ok(NEXT);
@@ -177,7 +180,9 @@ fn try_hostport6_ingress(ctx: &TcContext) -> Result<i32, ()> {
     let Some(t) = lookup6(&pkt.daddr, pkt.dport, pkt.proto, false) else {
         return Ok(NEXT);
     };
-    note_reply6(&pkt, &t, (&pkt.saddr, pkt.sport), 0);
+    if pkt.frag != Frag::Later {
+        note_reply6(&pkt, &t, (&pkt.saddr, pkt.sport), 0);
+    }
     rewrite6(
         ctx,
         &pkt,
@@ -188,6 +193,7 @@ fn try_hostport6_ingress(ctx: &TcContext) -> Result<i32, ()> {
         pkt.dport,
         t.port,
     )?;
+    frag::translated6(ctx, &pkt);
     bump(stat::HOSTPORT_DNAT);
     Ok(NEXT)
 }
@@ -205,7 +211,7 @@ fn try_hostport6_egress(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(NEXT);
     };
     if pkt.proto == IPPROTO_ICMPV6 {
-        if is_icmp6_error(pkt.icmp_type) {
+        if is_icmp6_error(pkt.icmp_type) && pkt.frag != Frag::Later {
             return icmp6_error_from_pod(ctx, &pkt);
         }
         return Ok(NEXT);
@@ -233,6 +239,7 @@ fn try_hostport6_egress(ctx: &TcContext) -> Result<i32, ()> {
         pkt.sport,
         sport,
     )?;
+    frag::translated6(ctx, &pkt);
     bump(stat::HOSTPORT_REPLY);
     Ok(NEXT)
 }
@@ -292,6 +299,7 @@ fn try_bridge6_from_pods(ctx: &TcContext) -> Result<i32, ()> {
             pkt.dport,
             dport,
         )?;
+        frag::translated6(ctx, &pkt);
         bump(stat::HOSTPORT_HAIRPIN);
         return Ok(redirect(ifindex));
     }
@@ -306,6 +314,8 @@ fn try_bridge6_from_pods(ctx: &TcContext) -> Result<i32, ()> {
             (*e).last_seen_ns = now();
             ((*e).addr, (*e).port)
         },
+        // A later fragment opens no binding: its first fragment did.
+        None if pkt.frag == Frag::Later => return Ok(NEXT),
         None => match hairpin_bind6(&pkt, &t, ifindex, &rkey) {
             Some(b) => b,
             None => {
@@ -336,6 +346,7 @@ fn try_bridge6_from_pods(ctx: &TcContext) -> Result<i32, ()> {
             sport,
         )?;
     }
+    frag::translated6(ctx, &pkt);
     bump(stat::HOSTPORT_HAIRPIN);
     Ok(redirect(ifindex))
 }

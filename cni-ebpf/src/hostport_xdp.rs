@@ -20,7 +20,9 @@
 //! lookup (`hostport6::lookup6`) and rewrite of the destination, no header
 //! checksum to update, and the old destination handed to
 //! `hostport6_ingress` in an [`XdpDnat6Meta`]. Only packets whose fixed
-//! header is followed by TCP or UDP; the rest (extension headers) pass.
+//! header is followed by TCP or UDP; the rest (extension headers, so every
+//! IPv6 fragment) pass to `hostport6_ingress`, which follows them and
+//! translates fragments: a datagram's fragments all take one path.
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_xdp_adjust_meta, macros::xdp, programs::XdpContext,
 };
@@ -230,6 +232,7 @@ fn try_hostport_xdp6(ctx: &XdpContext) -> Option<u32> {
         dport,
         tcp_flags,
         icmp_type: 0,
+        frag: Frag::None,
     };
     note_reply6(&pkt, &t, (&saddr, sport), 0);
 

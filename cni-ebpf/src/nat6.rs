@@ -15,9 +15,11 @@
 //!   checksum, through the pseudo-header — ICMPv6's included, which ICMPv4's
 //!   does not cover (`rewrite::rewrite6`);
 //! - UDP checksums are mandatory: never written as zero;
-//! - packets with extension headers are not parsed (`parsing::parse_ipv6`)
-//!   and pass untranslated, fragments included: the node does not track
-//!   IPv6 fragments (a pod's datagram larger than the path MTU is lost).
+//! - the parser follows a Fragment header right after the fixed header
+//!   (`parsing::ext_headers6`; other extension headers pass untranslated),
+//!   and fragments are handled as IPv4's (`frag`): a translated first
+//!   fragment is remembered by (source, destination, 32-bit fragment id,
+//!   protocol), and the fragments after it get the same address.
 use aya_ebpf::{
     bindings::{bpf_sock_tuple, TC_ACT_SHOT},
     helpers::{bpf_get_prandom_u32, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
@@ -30,6 +32,7 @@ use cni_ebpf_common::{
 
 use crate::{
     conntrack::{flag_bits, now, touch, v6_key, SNAT_ORIG, SNAT_REPLY},
+    frag::{self, Frag},
     hostport::HOSTPORTS,
     nat::{
         finish, restart, take_over_closed, BPF_NOEXIST, CURRENT_NETNS, MASQ_SOURCES, NEXT,
@@ -167,6 +170,9 @@ fn try_snat6_egress(ctx: &TcContext) -> Result<i32, ()> {
         {
             return Ok(NEXT);
         }
+        // A later fragment never opens a binding: its first fragment did,
+        // or the datagram is not ours.
+        None if pkt.frag == Frag::Later => return Ok(NEXT),
         None => match bind6(ctx, &pkt, &key, &uplink, bits) {
             Some(port) => (uplink.addr_v6, port),
             None => {
@@ -185,6 +191,7 @@ fn try_snat6_egress(ctx: &TcContext) -> Result<i32, ()> {
         pkt.sport,
         nat_port,
     )?;
+    frag::translated6(ctx, &pkt);
     bump(stat::SNAT_XLATE);
     bump(stat::SNAT6_XLATE);
     Ok(NEXT)
@@ -208,6 +215,8 @@ fn node_flow_egress6(ctx: &TcContext, pkt: &Ipv6Packet) -> Result<i32, ()> {
             // SAFETY: valid map value pointer for this run.
             unsafe { (*e).port }
         }
+        // Later fragments carry no ports to move.
+        None if pkt.frag == Frag::Later => return Ok(NEXT),
         None => {
             let rkey = v6_key(pkt.daddr, pkt.saddr, key.dport, pkt.sport, pkt.proto);
             // SAFETY: read-only use of a map value during this run.
@@ -361,7 +370,9 @@ fn port_in_use6(ctx: &TcContext, pkt: &Ipv6Packet, addr: &[u32; 4], port: u16) -
 fn try_snat6_ingress(ctx: &TcContext) -> Result<i32, ()> {
     let pkt = parse_ipv6(ctx).ok_or(())?;
     if pkt.proto == IPPROTO_ICMPV6 && pkt.icmp_type != ICMP6_ECHO_REPLY {
-        if is_icmp6_error(pkt.icmp_type) {
+        // An error quotes a packet right after its own header, which a
+        // later fragment does not have.
+        if is_icmp6_error(pkt.icmp_type) && pkt.frag != Frag::Later {
             return icmp6_error_ingress(ctx, &pkt);
         }
         return Ok(NEXT);
@@ -373,7 +384,7 @@ fn try_snat6_ingress(ctx: &TcContext) -> Result<i32, ()> {
     };
     let rkey = v6_key(pkt.saddr, pkt.daddr, sport, pkt.dport, pkt.proto);
     let Some(rev) = SNAT_REPLY.get_ptr_mut(&rkey) else {
-        if pkt.proto == IPPROTO_UDP {
+        if pkt.proto == IPPROTO_UDP && pkt.frag != Frag::Later {
             note_inbound6(&pkt);
         }
         return Ok(NEXT);
@@ -407,6 +418,7 @@ fn try_snat6_ingress(ctx: &TcContext) -> Result<i32, ()> {
         pkt.dport,
         pod_port,
     )?;
+    frag::translated6(ctx, &pkt);
     bump(stat::SNAT_REPLY_XLATE);
     bump(stat::SNAT6_REPLY_XLATE);
     Ok(NEXT)

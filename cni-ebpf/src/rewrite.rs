@@ -6,7 +6,8 @@
 //! A fragment after the first of a datagram (`Frag::Later`) has no
 //! transport header: only its address and the IPv4 header checksum change.
 //! The transport checksum, in the first fragment, covers the whole datagram
-//! and is updated there (pseudo-header included).
+//! and is updated there (pseudo-header included). IPv6 likewise, with no
+//! header checksum: a later fragment only gets its new address.
 use aya_ebpf::programs::TcContext;
 
 use crate::{
@@ -320,6 +321,13 @@ pub fn rewrite6(
     old_port: u16,
     new_port: u16,
 ) -> Result<(), ()> {
+    // A later fragment: no transport header, and no checksum covers the
+    // address here (the first fragment's took the pseudo-header change).
+    if pkt.frag == Frag::Later {
+        return ctx
+            .store(addr_off, new_addr, BPF_F_RECOMPUTE_CSUM)
+            .map_err(|_| ());
+    }
     let csum_off = pkt.l4_csum_off();
     let mangled = if pkt.proto == IPPROTO_UDP {
         BPF_F_MARK_MANGLED_0 | BPF_F_MARK_ENFORCE
@@ -355,6 +363,9 @@ pub fn fix_l4_csum6(
     old_port: u16,
     new_port: u16,
 ) -> Result<(), ()> {
+    if pkt.frag == Frag::Later {
+        return Ok(());
+    }
     let csum_off = pkt.l4_csum_off();
     let mangled = if pkt.proto == IPPROTO_UDP {
         BPF_F_MARK_MANGLED_0 | BPF_F_MARK_ENFORCE

@@ -185,6 +185,50 @@ pub fn reassemble(frames: &[Vec<u8>]) -> Vec<u8> {
     out
 }
 
+/// IPv6 next-header value of the Fragment extension header.
+pub const FRAGMENT: u8 = 44;
+
+/// The IPv6 fragments of the datagram `l4` (its checksum filled in here):
+/// each a fixed header followed by a Fragment header (identification
+/// `id`) and at most `chunk` bytes of the datagram (a multiple of 8).
+pub fn ipv6_fragments(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    proto: u8,
+    id: u32,
+    mut l4: Vec<u8>,
+    chunk: usize,
+) -> Vec<Vec<u8>> {
+    assert_eq!(chunk % 8, 0, "fragment payloads are multiples of 8 bytes");
+    fill_l4_csum(src, dst, proto, &mut l4);
+    let n = l4.len().div_ceil(chunk);
+    l4.chunks(chunk)
+        .enumerate()
+        .map(|(i, part)| {
+            // Offset in 8-byte units, shifted left by 3: the byte offset.
+            let off_m = (i * chunk) as u16 | u16::from(i + 1 < n);
+            let mut body = vec![proto, 0];
+            body.extend_from_slice(&off_m.to_be_bytes());
+            body.extend_from_slice(&id.to_be_bytes());
+            body.extend_from_slice(part);
+            raw_frame(src, dst, FRAGMENT, &body)
+        })
+        .collect()
+}
+
+/// The datagram carried by IPv6 fragments (Ethernet frames, in order, each
+/// with its Fragment header right after the fixed header).
+pub fn reassemble6(frames: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for f in frames {
+        assert_eq!(f[ETH + 6], FRAGMENT, "a Fragment header");
+        let off = usize::from(u16_at(f, ETH + 40 + 2) & 0xfff8);
+        assert_eq!(off, out.len(), "fragments in order, without gaps");
+        out.extend_from_slice(&f[ETH + 48..]);
+    }
+    out
+}
+
 pub fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     let mut t = vec![0u8; 20];
     t[0..2].copy_from_slice(&sport.to_be_bytes());

@@ -441,8 +441,18 @@ pub struct UdpBlobServer {
 
 impl UdpBlobServer {
     pub fn start(ns: &NetNs, port: u16) -> UdpBlobServer {
+        Self::start_family(ns, port, false)
+    }
+
+    /// On [::]:`port` (IPv6 only; larger datagrams travel as IPv6
+    /// fragments).
+    pub fn start_v6(ns: &NetNs, port: u16) -> UdpBlobServer {
+        Self::start_family(ns, port, true)
+    }
+
+    fn start_family(ns: &NetNs, port: u16, v6: bool) -> UdpBlobServer {
         let sock = in_netns(ns, || {
-            UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
+            UdpSocket::bind((any_of(v6), port))
                 .unwrap_or_else(|e| panic!("bind udp port {port}: {e}"))
         });
         sock.set_read_timeout(Some(Duration::from_millis(50)))
@@ -510,7 +520,7 @@ pub struct BlobReply {
 pub fn udp_blob(ns: &NetNs, server: SocketAddr, payload: &[u8]) -> Result<BlobReply, String> {
     let payload = payload.to_vec();
     in_netns(ns, move || {
-        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| e.to_string())?;
+        let s = UdpSocket::bind((any_of(server.is_ipv6()), 0)).map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(Duration::from_secs(2)))
             .map_err(|e| e.to_string())?;
         let mut buf = vec![0u8; 65536];
@@ -543,7 +553,7 @@ pub fn udp_blob(ns: &NetNs, server: SocketAddr, payload: &[u8]) -> Result<BlobRe
 /// The source address the current namespace uses towards `dest` (a
 /// connected UDP socket's local address: no packet is sent), with `port`.
 fn local_address_towards(dest: SocketAddr, port: u16) -> Result<SocketAddr, String> {
-    let probe = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(|e| e.to_string())?;
+    let probe = UdpSocket::bind((any_of(dest.is_ipv6()), 0)).map_err(|e| e.to_string())?;
     probe.connect(dest).map_err(|e| e.to_string())?;
     let mut local = probe.local_addr().map_err(|e| e.to_string())?;
     local.set_port(port);
@@ -585,6 +595,26 @@ impl FragCounters {
             reasm_reqds: field("ReasmReqds"),
             reasm_oks: field("ReasmOKs"),
             frag_oks: field("FragOKs"),
+        }
+    }
+
+    /// The IPv6 counters of `ns` (`Ip6ReasmReqds`, `Ip6ReasmOKs`,
+    /// `Ip6FragOKs` of /proc/net/snmp6).
+    pub fn of6(ns: &NetNs) -> FragCounters {
+        let text = in_netns(ns, || {
+            std::fs::read_to_string("/proc/thread-self/net/snmp6").expect("read /proc/net/snmp6")
+        });
+        let field = |name: &str| -> u64 {
+            text.lines()
+                .filter_map(|l| l.split_once(char::is_whitespace))
+                .find(|(n, _)| *n == name)
+                .and_then(|(_, v)| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in /proc/net/snmp6:\n{text}"))
+        };
+        FragCounters {
+            reasm_reqds: field("Ip6ReasmReqds"),
+            reasm_oks: field("Ip6ReasmOKs"),
+            frag_oks: field("Ip6FragOKs"),
         }
     }
 

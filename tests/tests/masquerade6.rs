@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use cni_tests::agentctl::{admin, record_of, AgentProc};
 use cni_tests::prelude::*;
 use cni_tests::traffic::{
-    echo_on, in_netns, tcp_connect_from, tcp_echo, udp_echo, udp_echo_from, TcpEchoServer,
-    UdpEchoServer,
+    blob, blob_reply, echo_on, in_netns, tcp_connect_from, tcp_echo, udp_blob, udp_echo,
+    udp_echo_from, FragCounters, TcpEchoServer, UdpBlobServer, UdpEchoServer,
 };
 use cni_tests::uplink::{masq_conf_dual, no_dad, result_ipv4, result_ipv6, wait_settled, External};
 
@@ -853,4 +853,92 @@ fn v6_flow_survives_agent_restart() {
     drop(conn);
     rt.del_list(&list, &att, Some(&result))
         .unwrap_or_else(|o| panic!("{o}"));
+}
+
+/// A pod's 4,000-byte UDP datagram over IPv6 at MTU 1500 travels as three
+/// fragments, which the pod makes itself (IPv6 routers never fragment) and
+/// only the first of which carries the UDP header: the masquerade must give
+/// every fragment the uplink's address, and every fragment of the server's
+/// 4,000-byte reply the pod's, or neither end can reassemble. Both ends
+/// check every byte and the addresses they saw; the namespaces' IPv6
+/// counters (/proc/net/snmp6) show the ends fragmented and reassembled and
+/// the node neither (it translated the fragments as they came), the
+/// datapath counters that it remembered the first fragments and translated
+/// the others.
+#[test]
+fn v6_fragments_are_masqueraded_both_ways() {
+    require_e2e!();
+    const LEN: usize = 4000;
+    const BLOB_PORT: u16 = 7002;
+    let fx = fixture("masq6frag", &[]);
+    let rt = fx.node.runtime(Impl::Ours);
+    let list = fx.conf();
+    let (pod, att, result) = fx.pod(&rt, &list, "m6fpod", "masq6f-ctr");
+    let pod6 = result_ipv6(&result);
+    let server = UdpBlobServer::start_v6(&fx.ext.ns, BLOB_PORT);
+    let target = SocketAddr::from((fx.ext.ext_v6(), BLOB_PORT));
+    let request = blob(LEN, 5);
+    let (first0, later0) = (
+        stat(&fx.node, "fragFirstRemembered"),
+        stat(&fx.node, "fragTranslated"),
+    );
+    let namespaces = [&pod, &fx.ext.ns, &fx.node.ns];
+    let before = namespaces.map(FragCounters::of6);
+
+    let reply = udp_blob(&pod, target, &request).unwrap_or_else(|e| {
+        let snmp = [0, 1, 2].map(|i| FragCounters::of6(namespaces[i]).since(before[i]));
+        panic!(
+            "pod -> {target}, {LEN} bytes over IPv6: {e}\n(pod, ext, node) {snmp:?}\n{:#}",
+            admin(&fx.node, "status")["stats"]
+        )
+    });
+    assert_eq!(reply.from, target, "the pod must see the server's address");
+    assert_eq!(reply.local.ip(), IpAddr::V6(pod6));
+    assert!(
+        reply.data == blob_reply(&request),
+        "the pod must receive the {LEN}-byte reply exactly (got {} bytes)",
+        reply.data.len()
+    );
+    let received = server.received();
+    assert!(!received.is_empty(), "the server received nothing");
+    for (peer, data) in &received {
+        assert_eq!(
+            peer.ip(),
+            IpAddr::V6(fx.ext.node_v6()),
+            "the server must see the node's uplink IPv6 address"
+        );
+        assert!(
+            *data == request,
+            "the server must receive the {LEN} bytes exactly (got {})",
+            data.len()
+        );
+    }
+    let [p, e, n] = [0, 1, 2].map(|i| FragCounters::of6(namespaces[i]).since(before[i]));
+    assert!(
+        p.frag_oks >= 1 && e.reasm_oks >= 1,
+        "pod fragments, server reassembles: {p:?} {e:?}"
+    );
+    assert!(
+        e.frag_oks >= 1 && p.reasm_oks >= 1,
+        "server fragments, pod reassembles: {e:?} {p:?}"
+    );
+    assert_eq!(
+        (n.reasm_reqds, n.frag_oks),
+        (0, 0),
+        "the node must pass the fragments on as they are"
+    );
+    let first = stat(&fx.node, "fragFirstRemembered") - first0;
+    let later = stat(&fx.node, "fragTranslated") - later0;
+    eprintln!("fragFirstRemembered +{first}, fragTranslated +{later}");
+    assert!(
+        first >= 2,
+        "a first fragment remembered per direction: +{first}"
+    );
+    assert!(
+        later >= 4,
+        "two later fragments translated per direction: +{later}"
+    );
+
+    rt.del_list(&list, &att, Some(&result))
+        .unwrap_or_else(|o| panic!("DEL: {o}"));
 }

@@ -23,7 +23,10 @@ use std::time::Duration;
 use cni_tests::agentctl::{admin, record_of, AgentProc};
 use cni_tests::hostport::{bulk_echo, set_tx_checksum, stat};
 use cni_tests::prelude::*;
-use cni_tests::traffic::{echo_on, in_netns, tcp_echo, udp_echo, TcpEchoServer, UdpEchoServer};
+use cni_tests::traffic::{
+    blob, blob_reply, echo_on, in_netns, tcp_echo, udp_blob, udp_echo, FragCounters, TcpEchoServer,
+    UdpBlobServer, UdpEchoServer,
+};
 use cni_tests::uplink::{masq_conf_dual, no_dad, result_ipv6, wait_settled, External, UPLINK_IF};
 
 const NET: &str = "pm6net";
@@ -1047,4 +1050,168 @@ fn hostport_conflicts_are_per_family() {
     assert_eq!(fx.status()["hostPorts"], 2);
     fx.del_pod(&list, &c);
     fx.del_pod(&list, &a);
+}
+
+/// An external client's 4,000-byte UDP datagram to [node IPv6]:hostPort at
+/// MTU 1500 travels as three fragments, only the first with the UDP
+/// header: the DNAT must give every fragment the pod's address, and every
+/// fragment of the pod's 4,000-byte reply [node]'s, or neither end can
+/// reassemble. Both ends check every byte and the addresses they saw; the
+/// IPv6 counters (/proc/net/snmp6) show the node fragmented and
+/// reassembled nothing. In XDP mode the XDP program leaves fragments to
+/// `hostport6_ingress` (they carry an extension header), with the same
+/// result.
+fn v6_fragments_through_a_hostport(tag: &str, mode: Mode) {
+    const HP: u16 = 30090;
+    const LEN: usize = 4000;
+    let fx = fixture(tag, mode, false);
+    let list = fx.list(None);
+    let pod = fx.add_pod(
+        &list,
+        &format!("{tag}-ctr"),
+        vec![mapping(HP, POD_PORT, "udp")],
+    );
+    let server = UdpBlobServer::start_v6(&pod.ns, POD_PORT);
+    let target = fx.node6(HP);
+    let request = blob(LEN, 9);
+    let before = fx.status();
+    let namespaces = [&pod.ns, &fx.ext.ns, &fx.node.ns];
+    let snmp = namespaces.map(FragCounters::of6);
+
+    let reply = udp_blob(&fx.ext.ns, target, &request)
+        .unwrap_or_else(|e| panic!("external -> {target}, {LEN} bytes ({mode:?}): {e}"));
+    assert_eq!(
+        reply.from, target,
+        "the reply must come from [node]:hostPort"
+    );
+    assert!(
+        reply.data == blob_reply(&request),
+        "the client must receive the {LEN}-byte reply exactly (got {} bytes)",
+        reply.data.len()
+    );
+    let received = server.received();
+    assert!(!received.is_empty(), "the pod received nothing");
+    for (peer, data) in &received {
+        assert_eq!(
+            *peer, reply.local,
+            "the pod must see the client's own address and port"
+        );
+        assert!(
+            *data == request,
+            "the pod must receive the {LEN} bytes exactly (got {})",
+            data.len()
+        );
+    }
+    let [p, e, n] = [0, 1, 2].map(|i| FragCounters::of6(namespaces[i]).since(snmp[i]));
+    assert!(
+        e.frag_oks >= 1 && p.reasm_oks >= 1,
+        "client fragments, pod reassembles: {e:?} {p:?}"
+    );
+    assert!(
+        p.frag_oks >= 1 && e.reasm_oks >= 1,
+        "pod fragments, client reassembles: {p:?} {e:?}"
+    );
+    assert_eq!(
+        (n.reasm_reqds, n.frag_oks),
+        (0, 0),
+        "the node must pass the fragments on as they are"
+    );
+    let after = fx.status();
+    let first = delta(&before, &after, "fragFirstRemembered");
+    let later = delta(&before, &after, "fragTranslated");
+    let dnat = delta(&before, &after, "hostPortDnat");
+    eprintln!(
+        "{mode:?}: fragFirstRemembered +{first}, fragTranslated +{later}, hostPortDnat +{dnat}"
+    );
+    assert!(
+        first >= 2,
+        "a first fragment remembered per direction: +{first}"
+    );
+    assert!(
+        later >= 4,
+        "two later fragments translated per direction: +{later}"
+    );
+    assert!(dnat >= 3, "every fragment of the request DNATed: +{dnat}");
+    fx.del_pod(&list, &pod);
+}
+
+#[test]
+fn v6_fragments_through_a_hostport_tc() {
+    require_e2e!();
+    v6_fragments_through_a_hostport("pm6fragtc", Mode::Tc);
+}
+
+#[test]
+fn v6_fragments_through_a_hostport_xdp() {
+    require_e2e!();
+    v6_fragments_through_a_hostport("pm6fragxdp", Mode::Xdp);
+}
+
+/// Hairpin with snat over IPv6: a pod sends a 4,000-byte datagram to
+/// another pod's hostPort on the node's IPv6 address; the bridge program
+/// translates (and redirects) every fragment both ways. The target pod sees
+/// the bridge's IPv6 address, the client gets the reply from
+/// [node]:hostPort, and nothing crosses the uplink.
+#[test]
+fn v6_fragments_through_a_hairpin() {
+    require_e2e!();
+    const HP: u16 = 30091;
+    const LEN: usize = 4000;
+    let fx = fixture("pm6fraghp", Mode::Tc, false);
+    let list = fx.list(Some(true));
+    let target_pod = fx.add_pod(&list, "pm6fraghp-1", vec![mapping(HP, POD_PORT, "udp")]);
+    let client = fx.add_pod(&list, "pm6fraghp-2", vec![]);
+    let server = UdpBlobServer::start_v6(&target_pod.ns, POD_PORT);
+    let target = fx.node6(HP);
+    let request = blob(LEN, 11);
+    let before = fx.status();
+
+    let reply = udp_blob(&client.ns, target, &request)
+        .unwrap_or_else(|e| panic!("pod -> {target}, {LEN} bytes: {e}"));
+    assert_eq!(
+        reply.from, target,
+        "the reply must come from [node]:hostPort"
+    );
+    assert!(
+        reply.data == blob_reply(&request),
+        "the client must receive the {LEN}-byte reply exactly (got {} bytes)",
+        reply.data.len()
+    );
+    let received = server.received();
+    assert!(!received.is_empty(), "the target pod received nothing");
+    for (peer, data) in &received {
+        assert_eq!(
+            peer.ip(),
+            IpAddr::V6(target_pod.gw6),
+            "snat: the target pod must see the bridge's IPv6 address"
+        );
+        assert!(
+            *data == request,
+            "the target pod must receive the bytes exactly"
+        );
+    }
+    let after = fx.status();
+    let first = delta(&before, &after, "fragFirstRemembered");
+    let later = delta(&before, &after, "fragTranslated");
+    let hairpin = delta(&before, &after, "hostPortHairpin");
+    eprintln!("fragFirstRemembered +{first}, fragTranslated +{later}, hostPortHairpin +{hairpin}");
+    assert!(
+        first >= 2,
+        "a first fragment remembered per direction: +{first}"
+    );
+    assert!(
+        later >= 4,
+        "two later fragments translated per direction: +{later}"
+    );
+    assert!(
+        hairpin >= 6,
+        "every fragment both ways hairpin-translated: +{hairpin}"
+    );
+    assert_eq!(
+        delta(&before, &after, "hostPortDnat"),
+        0,
+        "hairpin traffic never crosses the uplink"
+    );
+    fx.del_pod(&list, &client);
+    fx.del_pod(&list, &target_pod);
 }
