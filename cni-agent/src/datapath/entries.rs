@@ -15,7 +15,9 @@ use cni_ebpf_common::{
 use ipnet::IpNet;
 
 use super::{
-    links::{ensure_tc, ifindex_exists, link_pin, pinned_ifindexes, remove_links, Placement},
+    links::{
+        ensure_tc, ifindex_exists, link_pin, pinned_ifindexes, remove_links, unpin_link, Placement,
+    },
     loader::{DatapathError, Hook},
     pins::{open_pinned, PinLayout},
     rate::RateMap,
@@ -89,13 +91,15 @@ pub fn with_netlink<T: Send>(
     })
 }
 
-/// The ifindex of a link of the node's namespace.
+/// The ifindex of a link of the calling thread's namespace (the node's).
+///
+/// One `SIOCGIFINDEX` ioctl: an ADD or DEL asks this for every veth entry
+/// it handles, under the state lock, and a netlink round trip on a
+/// thread with its own runtime and socket cost far more for one number.
 pub fn link_index(ifname: &str) -> Result<u32, DatapathError> {
-    with_netlink(|nl| nl.link_by_name(ifname).map(|l| l.index)).map_err(|source| {
-        DatapathError::LinkLookup {
-            ifname: ifname.to_string(),
-            source,
-        }
+    nix::net::if_::if_nametoindex(ifname).map_err(|_| DatapathError::LinkLookup {
+        ifname: ifname.to_string(),
+        source: crate::netlink::NetlinkError::LinkNotFound(ifname.to_string()),
     })
 }
 
@@ -310,14 +314,17 @@ impl EntryMaps {
                 RateMap::open(&self.layout)?.revoke(ifname, *hook)
             }
             Entry::VethProgram {
-                ifname, program, ..
+                ifname,
+                program,
+                hook,
+                ..
             } => {
                 // A veth that is gone took its link with it, but the pin
                 // still holds the defunct link: drop this program's pins
                 // whose device is gone (a GC, or a DEL after the netns).
                 match link_index(ifname) {
                     Ok(index) => {
-                        remove_links(&self.layout, &index.to_string(), &[program.as_str()])
+                        unpin_link(&self.layout, &index.to_string(), program, veth_hook(*hook))
                     }
                     Err(_) => {
                         for index in pinned_ifindexes(&self.layout, &[program.as_str()]) {

@@ -354,6 +354,20 @@ pub fn remove_links(layout: &PinLayout, target: &str, programs: &[&str]) {
     }
 }
 
+/// Drops the pin of one link, named exactly: no walk of `links/`, which
+/// holds a few pins per pod. The pin is the link's last reference once no
+/// agent holds it open, so the kernel detaches it (after an RCU grace
+/// period, on its own workqueue rather than in the caller's DEL). A pin
+/// already gone is fine.
+pub fn unpin_link(layout: &PinLayout, target: &str, program: &str, hook: Hook) {
+    let path = link_pin(layout, target, program, hook);
+    if let Err(e) = fs::remove_file(&path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            log::warn!("unpinning {}: {e}", path.display());
+        }
+    }
+}
+
 /// The ifindexes that have pinned links for any of `programs` (any
 /// program if empty).
 pub fn pinned_ifindexes(layout: &PinLayout, programs: &[&str]) -> Vec<u32> {
