@@ -702,6 +702,9 @@ fn decide_first(ctx: &TcContext, ifindex: u32, cfg: &FwAttach, dir: u8, f: &Flow
     if action != fw::ACTION_ALLOW {
         return false;
     }
+    if to_group(f) {
+        return true;
+    }
     let entry = FwCtEntry {
         last_seen_ns: ts,
         origin: dir,
@@ -710,6 +713,22 @@ fn decide_first(ctx: &TcContext, ifindex: u32, cfg: &FwAttach, dir: u8, f: &Flow
     };
     let _ = FW_CT.insert(&key, &entry, 0);
     true
+}
+
+/// Whether the packet goes to a group: IPv4 multicast or the limited
+/// broadcast, IPv6 multicast. Not tracked: a reply to a group packet comes
+/// from a unicast address and can never match an entry keyed by the
+/// group, and the bridge floods a group packet to every port, so tracking
+/// it cost an entry per pair of pods (about 21,000 for 195 pods, evicting
+/// real connections from the LRU as the node grows).
+#[inline(always)]
+fn to_group(f: &Flow) -> bool {
+    let first = f.daddr[0].to_ne_bytes()[0];
+    if f.family == FAMILY_V6 {
+        first == 0xff
+    } else {
+        first & 0xf0 == 0xe0 || f.daddr[0] == u32::MAX
+    }
 }
 
 /// The configuration of the attachment whose veth runs the program; none

@@ -1361,6 +1361,61 @@ fn with_hop_by_hop(src: Ipv6Addr, dst: Ipv6Addr, mut icmp6: Vec<u8>) -> Vec<u8> 
     raw_frame(src, dst, 0, &l4)
 }
 
+/// Packets to a group (IPv4 multicast, the limited broadcast, IPv6
+/// multicast) are judged by the rules but never tracked: the bridge floods
+/// them to every port, and tracking them cost an entry per pair of pods.
+/// Sent by pod A and flooded to it from pod B, they pass and the
+/// attachment's tracked connections stay at zero; a unicast flow right
+/// after is tracked (the count moves), so the count is live.
+#[test]
+fn group_destinations_are_not_tracked() {
+    with_datapath(
+        "polgrp",
+        IngressPolicy::Open,
+        RuleSet::default(),
+        RuleSet::default(),
+        |dp| {
+            let groups: [(IpAddr, IpAddr, IpAddr); 3] = [
+                (V4.pod_a, V4.pod_b, Ipv4Addr::new(224, 0, 0, 251).into()),
+                (V4.pod_a, V4.pod_b, Ipv4Addr::BROADCAST.into()),
+                (
+                    V6.pod_a,
+                    V6.pod_b,
+                    Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0xfb).into(),
+                ),
+            ];
+            let vh_b = dp.vh[1];
+            for (a, b, group) in groups {
+                dp.sent(
+                    &frame(a, group, UDP, udp(5353, 5353, b"q")),
+                    NEXT,
+                    OUT_NEW,
+                    &format!("pod A -> {group}"),
+                );
+                dp.received_via(
+                    vh_b,
+                    &frame(b, group, UDP, udp(5353, 5353, b"q")),
+                    NEXT,
+                    IN_NEW,
+                    &format!("pod B -> {group}, flooded to A"),
+                );
+                assert_eq!(
+                    dp.report()["connections"],
+                    json!(0),
+                    "{group}: group packets are not tracked"
+                );
+            }
+            dp.sent(
+                &frame(V4.pod_a, V4.far, UDP, udp(5353, 53, b"q")),
+                NEXT,
+                OUT_NEW,
+                "a unicast flow",
+            );
+            assert_eq!(dp.report()["connections"], json!(1), "unicast is tracked");
+        },
+    );
+}
+
 #[test]
 fn v6_mld_with_router_alert_passes_default_deny() {
     let deny = || RuleSet {
