@@ -40,6 +40,10 @@ const REQUIRED: &[(&str, &str)] = &[
     ("ethtool", "checksum offload settings in XDP tests"),
     ("socat", "simple servers and clients in tests and the demo"),
     (
+        "python3",
+        "crafted ARP and neighbour discovery frames in the firewall tests",
+    ),
+    (
         "util-linux",
         "nsenter for running plugins inside a node netns",
     ),
