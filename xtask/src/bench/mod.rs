@@ -1305,19 +1305,11 @@ fn measure(
         Metric::Rr => {
             // sockperf's server listens on IPv4 (`-i 0.0.0.0`); IPv6 paths
             // take the echo server, which every node runs too.
-            let (ns, dst, port) = at(if cfg.sockperf {
-                SOCKPERF_PORT
-            } else {
-                ECHO_PORT
-            })?;
+            let (ns, dst, port) = at(ECHO_PORT)?;
             let r = if cfg.sockperf && dst.is_ipv4() {
+                let (ns, dst, port) = at(SOCKPERF_PORT)?;
                 traffic::sockperf_pp(&ns, dst, port, cfg.duration)?
             } else {
-                let (ns, dst, port) = if dst.is_ipv4() {
-                    (ns, dst, port)
-                } else {
-                    at(ECHO_PORT)?
-                };
                 traffic::own_rr(&ns, SocketAddr::new(dst, port), f64::from(cfg.duration))?
             };
             v.insert("p50_us".into(), r.p50_us);
