@@ -32,7 +32,10 @@
 //! checksum), and link-local or multicast destinations, which are not
 //! routed, are left to the stack.
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, bpf_redir_neigh, TC_ACT_UNSPEC},
+    bindings::{
+        bpf_fib_lookup as FibParams, bpf_redir_neigh, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_REDIRECT,
+    },
     helpers::{bpf_fib_lookup, bpf_redirect_neigh},
     macros::classifier,
     programs::TcContext,
@@ -40,20 +43,19 @@ use aya_ebpf::{
 use cni_ebpf_common::{fw, stat, FwEndpoint};
 
 use crate::{
-    policy::{count, endpoint, endpoint_of, is_link_local6, v6_ip, ETH_P_IP, ETH_P_IPV6},
-    spoof::ETH_HLEN,
+    parsing::{
+        AF_INET, AF_INET6, ETH_HLEN, ETH_PROTO, ETH_P_IP, ETH_P_IPV6, IP6_DADDR, IP6_HOPLIMIT,
+        IP6_NEXTHDR, IP6_SADDR, IP_CSUM, IP_DADDR, IP_SADDR, IP_TOS, IP_TTL,
+    },
+    policy::{count, endpoint, endpoint_of, is_link_local6, v6_ip},
     stats::bump,
+    NEXT,
 };
 
-const NEXT: i32 = TC_ACT_UNSPEC;
-const TC_ACT_REDIRECT: i32 = 7;
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
-const IP6_HOPLIMIT: usize = 7;
-const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
-const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
-const IP_CSUM: usize = 10;
-const IP_TTL: usize = 8;
+/// bpf_fib_lookup's results that found the next hop (without a neighbour
+/// entry, bpf_redirect_neigh resolves it).
+const FIB_SUCCESS: i64 = BPF_FIB_LKUP_RET_SUCCESS as i64;
+const FIB_NO_NEIGH: i64 = BPF_FIB_LKUP_RET_NO_NEIGH as i64;
 
 /// The IPv4 header fields routing needs.
 struct Route {
@@ -68,7 +70,7 @@ struct Route {
 
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Option<Route> {
-    if u16::from_be(ctx.load::<u16>(12).ok()?) != ETH_P_IP {
+    if u16::from_be(ctx.load::<u16>(ETH_PROTO).ok()?) != ETH_P_IP {
         return None;
     }
     let l3 = ETH_HLEN;
@@ -79,10 +81,10 @@ fn parse(ctx: &TcContext) -> Option<Route> {
     let ttl_proto: u16 = ctx.load(l3 + IP_TTL).ok()?;
     let [ttl, proto] = ttl_proto.to_ne_bytes();
     Some(Route {
-        saddr: ctx.load(l3 + 12).ok()?,
-        daddr: ctx.load(l3 + 16).ok()?,
+        saddr: ctx.load(l3 + IP_SADDR).ok()?,
+        daddr: ctx.load(l3 + IP_DADDR).ok()?,
         proto,
-        tos: ctx.load(l3 + 1).ok()?,
+        tos: ctx.load(l3 + IP_TOS).ok()?,
         ttl_proto,
         ttl,
     })
@@ -121,7 +123,7 @@ fn forward(ctx: &TcContext, r: &Route, iif: u32, pod_ifindex: u32) -> i32 {
             0,
         )
     };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
+    if rc != FIB_SUCCESS && rc != FIB_NO_NEIGH {
         return NEXT;
     }
     let out = p.ifindex;
@@ -180,7 +182,7 @@ struct Route6 {
 
 #[inline(always)]
 fn parse6(ctx: &TcContext) -> Option<Route6> {
-    if u16::from_be(ctx.load::<u16>(12).ok()?) != ETH_P_IPV6 {
+    if u16::from_be(ctx.load::<u16>(ETH_PROTO).ok()?) != ETH_P_IPV6 {
         return None;
     }
     let l3 = ETH_HLEN;
@@ -189,9 +191,9 @@ fn parse6(ctx: &TcContext) -> Option<Route6> {
         return None;
     }
     let r = Route6 {
-        saddr: ctx.load(l3 + 8).ok()?,
-        daddr: ctx.load(l3 + 24).ok()?,
-        proto: ctx.load(l3 + 6).ok()?,
+        saddr: ctx.load(l3 + IP6_SADDR).ok()?,
+        daddr: ctx.load(l3 + IP6_DADDR).ok()?,
+        proto: ctx.load(l3 + IP6_NEXTHDR).ok()?,
         hop_limit: ctx.load(l3 + IP6_HOPLIMIT).ok()?,
         flowinfo,
     };
@@ -226,7 +228,7 @@ fn forward6(ctx: &TcContext, r: &Route6, iif: u32, pod_ifindex: u32) -> i32 {
             0,
         )
     };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
+    if rc != FIB_SUCCESS && rc != FIB_NO_NEIGH {
         return NEXT;
     }
     let out = p.ifindex;

@@ -23,7 +23,7 @@
 //! fragment of a datagram gets its first fragment's translation (`frag`).
 //! IPv6 has programs of its own (`hostport6`), sharing these maps.
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{BPF_NOEXIST, TC_ACT_REDIRECT, TC_ACT_SHOT},
     helpers::{bpf_get_prandom_u32, bpf_redirect_neigh},
     macros::{classifier, map},
     maps::{HashMap, LruHashMap},
@@ -43,11 +43,9 @@ use crate::{
     },
     rewrite::{fix_l4_csum, rewrite, rewrite_icmp_error, Quoted},
     stats::bump,
+    NEXT,
 };
 
-pub(crate) const NEXT: i32 = TC_ACT_UNSPEC;
-const TC_ACT_REDIRECT: i32 = 7;
-pub(crate) const BPF_NOEXIST: u64 = 1;
 /// Source ports tried for a hairpin binding before giving up.
 pub(crate) const PORT_TRIES: u32 = 16;
 const CT_ENTRIES: u32 = 65536;
@@ -387,7 +385,10 @@ fn hairpin_bind(
             ((1024 + (rnd.wrapping_add(i) % 64512)) as u16).to_be()
         };
         let rkey = v4_key(t.addr[0], src, t.port, port, pkt.proto);
-        if HP_REPLY.insert(&rkey, &reply, BPF_NOEXIST).is_err() {
+        if HP_REPLY
+            .insert(&rkey, &reply, u64::from(BPF_NOEXIST))
+            .is_err()
+        {
             // Without snat only the pod's own port will do.
             snat_addr?;
             continue;

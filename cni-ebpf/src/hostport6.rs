@@ -30,7 +30,7 @@
 //! every program that translates a first fragment remembers it, and the
 //! fragments after it get the same address translation.
 use aya_ebpf::{
-    bindings::TC_ACT_SHOT,
+    bindings::{BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, BPF_NOEXIST, TC_ACT_SHOT},
     helpers::bpf_get_prandom_u32,
     macros::{classifier, map},
     maps::HashMap,
@@ -44,13 +44,14 @@ use cni_ebpf_common::{
 use crate::{
     conntrack::{flag_bits, now, v6_key},
     frag::{self, Frag},
-    hostport::{redirect, BPF_NOEXIST, HOSTPORTS, HP_ORIG, HP_REPLY, NEXT, NODE_ADDRS, PORT_TRIES},
+    hostport::{redirect, HOSTPORTS, HP_ORIG, HP_REPLY, NODE_ADDRS, PORT_TRIES},
     parsing::{
         is_icmp6_error, parse_icmp6_error, parse_ipv6, Ipv6Packet, ETH_HLEN, IP6_DADDR, IP6_SADDR,
         IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
     },
-    rewrite::{csum_replace_128, fix_l4_csum6, rewrite6, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
+    rewrite::{csum_replace_128, fix_l4_csum6, rewrite6},
     stats::bump,
+    NEXT,
 };
 
 /// Bridge ifindex -> the bridge's IPv6 address (network order words).
@@ -392,7 +393,10 @@ fn hairpin_bind6(
             ((1024 + (rnd.wrapping_add(i) % 64512)) as u16).to_be()
         };
         let rkey = v6_key(t.addr, src, t.port, port, pkt.proto);
-        if HP_REPLY.insert(&rkey, &reply, BPF_NOEXIST).is_err() {
+        if HP_REPLY
+            .insert(&rkey, &reply, u64::from(BPF_NOEXIST))
+            .is_err()
+        {
             // Without snat only the pod's own port will do.
             if !snat {
                 return None;
@@ -448,9 +452,13 @@ fn icmp6_error_to_pod(ctx: &TcContext, pkt: &Ipv6Packet) -> Result<i32, ()> {
     ctx.store(inner.l3 + IP6_SADDR, &t.addr, 0)
         .map_err(|_| ())?;
     ctx.store(inner.sport_off(), &t.port, 0).map_err(|_| ())?;
-    csum_replace_128(ctx, csum, &pkt.daddr, &t.addr, BPF_F_PSEUDO_HDR)?;
-    ctx.store(ETH_HLEN + IP6_DADDR, &t.addr, BPF_F_RECOMPUTE_CSUM)
-        .map_err(|_| ())?;
+    csum_replace_128(ctx, csum, &pkt.daddr, &t.addr, u64::from(BPF_F_PSEUDO_HDR))?;
+    ctx.store(
+        ETH_HLEN + IP6_DADDR,
+        &t.addr,
+        u64::from(BPF_F_RECOMPUTE_CSUM),
+    )
+    .map_err(|_| ())?;
     bump(stat::HOSTPORT_ICMP_ERROR_XLATE);
     Ok(NEXT)
 }
@@ -487,8 +495,8 @@ fn icmp6_error_from_pod(ctx: &TcContext, pkt: &Ipv6Packet) -> Result<i32, ()> {
         .map_err(|_| ())?;
     ctx.store(inner.l3 + IP6_DADDR, &node, 0).map_err(|_| ())?;
     ctx.store(inner.l4 + 2, &hport, 0).map_err(|_| ())?;
-    csum_replace_128(ctx, csum, &pkt.saddr, &node, BPF_F_PSEUDO_HDR)?;
-    ctx.store(ETH_HLEN + IP6_SADDR, &node, BPF_F_RECOMPUTE_CSUM)
+    csum_replace_128(ctx, csum, &pkt.saddr, &node, u64::from(BPF_F_PSEUDO_HDR))?;
+    ctx.store(ETH_HLEN + IP6_SADDR, &node, u64::from(BPF_F_RECOMPUTE_CSUM))
         .map_err(|_| ())?;
     bump(stat::HOSTPORT_ICMP_ERROR_XLATE);
     Ok(NEXT)

@@ -33,15 +33,13 @@ use crate::{
     hostport::{lookup, note_reply},
     hostport6::{lookup6, note_reply6},
     parsing::{
-        Ipv4Packet, Ipv6Packet, ETH_HLEN, IP6_DADDR, IP6_HLEN, IP6_SADDR, IPPROTO_TCP, IPPROTO_UDP,
-        IP_DADDR, IP_FRAG_OFF, IP_ID,
+        Ipv4Packet, Ipv6Packet, ETH_HLEN, ETH_PROTO, ETH_P_IP, ETH_P_IPV6, IP6_DADDR, IP6_HLEN,
+        IP6_NEXTHDR, IP6_SADDR, IPPROTO_TCP, IPPROTO_UDP, IP_CSUM, IP_DADDR, IP_FRAG_OFF, IP_ID,
+        IP_PROTO, IP_SADDR,
     },
     rewrite::{csum_update, halves},
     stats::bump,
 };
-
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
 
 #[xdp]
 pub fn hostport_xdp(ctx: XdpContext) -> u32 {
@@ -60,7 +58,7 @@ fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
 }
 
 fn try_hostport_xdp(ctx: &XdpContext) -> Option<u32> {
-    let ethertype: *mut u16 = ptr_at(ctx, 12)?;
+    let ethertype: *mut u16 = ptr_at(ctx, ETH_PROTO)?;
     // SAFETY: bounds checked by ptr_at.
     match u16::from_be(unsafe { *ethertype }) {
         ETH_P_IP => {}
@@ -81,12 +79,12 @@ fn try_hostport_xdp(ctx: &XdpContext) -> Option<u32> {
     // SAFETY: bounds checked by ptr_at.
     let id: u16 = unsafe { *ptr_at::<u16>(ctx, l3 + IP_ID)? };
     // SAFETY: bounds checked by ptr_at.
-    let proto: u8 = unsafe { *ptr_at::<u8>(ctx, l3 + 9)? };
+    let proto: u8 = unsafe { *ptr_at::<u8>(ctx, l3 + IP_PROTO)? };
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return None;
     }
-    let saddr_p: *mut u32 = ptr_at(ctx, l3 + 12)?;
-    let daddr_p: *mut u32 = ptr_at(ctx, l3 + 16)?;
+    let saddr_p: *mut u32 = ptr_at(ctx, l3 + IP_SADDR)?;
+    let daddr_p: *mut u32 = ptr_at(ctx, l3 + IP_DADDR)?;
     if frag == Frag::Later {
         // SAFETY: bounds checked by ptr_at.
         let (saddr, daddr) = unsafe { (*saddr_p, *daddr_p) };
@@ -134,8 +132,8 @@ fn try_hostport_xdp(ctx: &XdpContext) -> Option<u32> {
     if meta + core::mem::size_of::<XdpDnatMeta>() > ctx.data() {
         return None;
     }
-    let ip_csum: *mut u16 = ptr_at(ctx, l3 + 10)?;
-    let daddr_p: *mut u32 = ptr_at(ctx, l3 + 16)?;
+    let ip_csum: *mut u16 = ptr_at(ctx, l3 + IP_CSUM)?;
+    let daddr_p: *mut u32 = ptr_at(ctx, l3 + IP_DADDR)?;
     let dport_p: *mut u16 = ptr_at(ctx, l4 + 2)?;
     // SAFETY: bounds checked above.
     unsafe {
@@ -169,7 +167,7 @@ fn later_fragment(
 ) -> Option<u32> {
     let first = frag::recall(saddr, daddr, id, proto)?;
     let t = lookup(daddr, first.dport, proto, false)?;
-    let ip_csum: *mut u16 = ptr_at(ctx, l3 + 10)?;
+    let ip_csum: *mut u16 = ptr_at(ctx, l3 + IP_CSUM)?;
     let daddr_p: *mut u32 = ptr_at(ctx, l3 + IP_DADDR)?;
     // SAFETY: bounds checked by ptr_at.
     unsafe {
@@ -205,7 +203,7 @@ fn try_hostport_xdp6(ctx: &XdpContext) -> Option<u32> {
         return None;
     }
     // SAFETY: bounds checked by ptr_at.
-    let proto: u8 = unsafe { *ptr_at::<u8>(ctx, l3 + 6)? };
+    let proto: u8 = unsafe { *ptr_at::<u8>(ctx, l3 + IP6_NEXTHDR)? };
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return None;
     }

@@ -17,6 +17,11 @@
 // BPF stack at each call (the IPv6 programs then exceed it).
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+use aya_ebpf::bindings::TC_ACT_UNSPEC;
+
+/// tcx: let the next program (or the stack) decide.
+pub(crate) const NEXT: i32 = TC_ACT_UNSPEC;
+
 mod conntrack;
 mod counters;
 mod forward;

@@ -3,7 +3,7 @@
 //! are translated back before the host routes them to the pod. Every
 //! fragment of a datagram gets its first fragment's translation (`frag`).
 use aya_ebpf::{
-    bindings::{bpf_sock_tuple, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{bpf_sock_tuple, BPF_F_CURRENT_NETNS, BPF_NOEXIST, TC_ACT_SHOT},
     helpers::{bpf_get_prandom_u32, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::{classifier, map},
     maps::HashMap,
@@ -24,6 +24,7 @@ use crate::{
     },
     rewrite::{rewrite, rewrite_icmp_error, Quoted},
     stats::bump,
+    NEXT,
 };
 
 /// Uplink ifindex -> its address and port range. Written by the agent.
@@ -36,11 +37,6 @@ pub(crate) static MASQ_SOURCES: HashMap<IpKey, MasqPolicy> = HashMap::pinned(655
 
 /// How many ports are tried before giving up on a new binding.
 pub(crate) const PORT_TRIES: u32 = 32;
-
-pub(crate) const BPF_NOEXIST: u64 = 1;
-
-/// tcx: let the next program (or the stack) decide.
-pub(crate) const NEXT: i32 = TC_ACT_UNSPEC;
 
 #[classifier]
 pub fn snat_egress(ctx: TcContext) -> i32 {
@@ -280,7 +276,7 @@ fn bind(
         if port_in_use(ctx, pkt, uplink.addr_v4, kept) {
             bump(stat::SNAT_PORT_IN_USE);
         } else if SNAT_REPLY
-            .insert(&rkey(kept), &reply_val, BPF_NOEXIST)
+            .insert(&rkey(kept), &reply_val, u64::from(BPF_NOEXIST))
             .is_ok()
         {
             return finish(key, &rkey(kept), &orig_val(kept), stat::SNAT_PORT_KEPT);
@@ -300,7 +296,9 @@ fn bind(
         let claimed = if take_over {
             take_over_closed(&rk, &reply_val, pkt.proto)
         } else {
-            SNAT_REPLY.insert(&rk, &reply_val, BPF_NOEXIST).is_ok()
+            SNAT_REPLY
+                .insert(&rk, &reply_val, u64::from(BPF_NOEXIST))
+                .is_ok()
         };
         if claimed {
             return finish(key, &rk, &orig_val(port), stat::SNAT_NEW);
@@ -314,7 +312,7 @@ fn bind(
 /// the claim is given back and the winner's port used.
 #[inline(always)]
 pub(crate) fn finish(key: &CtKey, rkey: &CtKey, orig: &NatEntry, counter: u32) -> Option<u16> {
-    if SNAT_ORIG.insert(key, orig, BPF_NOEXIST).is_err() {
+    if SNAT_ORIG.insert(key, orig, u64::from(BPF_NOEXIST)).is_err() {
         let _ = SNAT_REPLY.remove(rkey);
         // SAFETY: read-only use of a map value during this run.
         return unsafe { SNAT_ORIG.get(key) }.map(|o| o.port);
@@ -332,8 +330,9 @@ struct SockTupleV4 {
     dport: u16,
 }
 
-/// `BPF_F_CURRENT_NETNS`: look sockets up in the packet's namespace.
-pub(crate) const CURRENT_NETNS: u64 = u64::MAX;
+/// `BPF_F_CURRENT_NETNS` (-1) as the helpers' u64 netns argument: look
+/// sockets up in the packet's namespace.
+pub(crate) const CURRENT_NETNS: u64 = BPF_F_CURRENT_NETNS as u64;
 
 /// Whether `addr:port` (network byte order) is used for `pkt`'s remote by
 /// the node itself: a hostPort, or a socket of the node's namespace that a
@@ -523,7 +522,7 @@ fn note_inbound(pkt: &Ipv4Packet) {
         _pad2: 0,
         last_seen_ns: now(),
     };
-    let _ = SNAT_ORIG.insert(&key, &entry, BPF_NOEXIST);
+    let _ = SNAT_ORIG.insert(&key, &entry, u64::from(BPF_NOEXIST));
 }
 
 /// An ICMP error about a masqueraded packet (e.g. "fragmentation needed"

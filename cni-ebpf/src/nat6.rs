@@ -21,7 +21,7 @@
 //!   fragment is remembered by (source, destination, 32-bit fragment id,
 //!   protocol), and the fragments after it get the same address.
 use aya_ebpf::{
-    bindings::{bpf_sock_tuple, TC_ACT_SHOT},
+    bindings::{bpf_sock_tuple, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, BPF_NOEXIST, TC_ACT_SHOT},
     helpers::{bpf_get_prandom_u32, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::classifier,
     programs::TcContext,
@@ -34,17 +34,15 @@ use crate::{
     conntrack::{flag_bits, now, touch, v6_key, SNAT_ORIG, SNAT_REPLY},
     frag::{self, Frag},
     hostport::HOSTPORTS,
-    nat::{
-        finish, restart, take_over_closed, BPF_NOEXIST, CURRENT_NETNS, MASQ_SOURCES, NEXT,
-        PORT_TRIES, UPLINKS,
-    },
+    nat::{finish, restart, take_over_closed, CURRENT_NETNS, MASQ_SOURCES, PORT_TRIES, UPLINKS},
     parsing::{
         is_icmp6_error, parse_icmp6_error, parse_ipv6, Ipv6Packet, ETH_HLEN, ICMP6_ECHO_REPLY,
         ICMP6_ECHO_REQUEST, IP6_DADDR, IP6_SADDR, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
         TCP_FLAG_ACK, TCP_FLAG_SYN,
     },
-    rewrite::{csum_replace_128, rewrite6, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
+    rewrite::{csum_replace_128, rewrite6},
     stats::bump,
+    NEXT,
 };
 
 #[classifier]
@@ -288,7 +286,7 @@ fn bind6(
         if port_in_use6(ctx, pkt, &uplink.addr_v6, kept) {
             bump(stat::SNAT_PORT_IN_USE);
         } else if SNAT_REPLY
-            .insert(&rkey(kept), &reply_val, BPF_NOEXIST)
+            .insert(&rkey(kept), &reply_val, u64::from(BPF_NOEXIST))
             .is_ok()
         {
             return finish(key, &rkey(kept), &orig_val(kept), stat::SNAT_PORT_KEPT);
@@ -303,7 +301,9 @@ fn bind6(
         let claimed = if take_over {
             take_over_closed(&rk, &reply_val, pkt.proto)
         } else {
-            SNAT_REPLY.insert(&rk, &reply_val, BPF_NOEXIST).is_ok()
+            SNAT_REPLY
+                .insert(&rk, &reply_val, u64::from(BPF_NOEXIST))
+                .is_ok()
         };
         if claimed {
             return finish(key, &rk, &orig_val(port), stat::SNAT_NEW);
@@ -451,7 +451,7 @@ fn note_inbound6(pkt: &Ipv6Packet) {
         _pad2: 0,
         last_seen_ns: now(),
     };
-    let _ = SNAT_ORIG.insert(&key, &entry, BPF_NOEXIST);
+    let _ = SNAT_ORIG.insert(&key, &entry, u64::from(BPF_NOEXIST));
 }
 
 /// An ICMPv6 error (Packet Too Big, Destination Unreachable, Time
@@ -492,9 +492,19 @@ fn icmp6_error_ingress(ctx: &TcContext, pkt: &Ipv6Packet) -> Result<i32, ()> {
         .map_err(|_| ())?;
     ctx.store(inner.sport_off(), &pod_port, 0).map_err(|_| ())?;
 
-    csum_replace_128(ctx, csum, &pkt.daddr, &pod_addr, BPF_F_PSEUDO_HDR)?;
-    ctx.store(ETH_HLEN + IP6_DADDR, &pod_addr, BPF_F_RECOMPUTE_CSUM)
-        .map_err(|_| ())?;
+    csum_replace_128(
+        ctx,
+        csum,
+        &pkt.daddr,
+        &pod_addr,
+        u64::from(BPF_F_PSEUDO_HDR),
+    )?;
+    ctx.store(
+        ETH_HLEN + IP6_DADDR,
+        &pod_addr,
+        u64::from(BPF_F_RECOMPUTE_CSUM),
+    )
+    .map_err(|_| ())?;
     bump(stat::SNAT_ICMP_ERROR_XLATE);
     Ok(NEXT)
 }

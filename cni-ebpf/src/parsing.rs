@@ -9,23 +9,62 @@ use aya_ebpf::programs::TcContext;
 
 use crate::frag::{self, Frag};
 
+// Packet-format and socket-API values the kernel defines outside the BPF
+// UAPI, so `aya_ebpf::bindings` does not have them; every program takes
+// them from here. (TC_ACT_*, BPF_* flags and BPF_FIB_LKUP_RET_* come from
+// `aya_ebpf::bindings`.)
+
 pub const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+/// Offset of the EtherType in the Ethernet header.
+pub const ETH_PROTO: usize = 12;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+
+/// Address families (bpf_fib_lookup, bpf_redirect_neigh).
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
+/// Socket types (bpf_sock_addr.type).
+pub const SOCK_STREAM: u32 = 1;
+pub const SOCK_DGRAM: u32 = 2;
+
+pub const IPPROTO_HOPOPTS: u8 = 0;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
 pub const ICMP_ECHO_REPLY: u8 = 0;
-pub const ICMP_ECHO_REQUEST: u8 = 8;
 pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAMETER_PROB: u8 = 12;
+
+pub const ICMP6_DEST_UNREACH: u8 = 1;
+pub const ICMP6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMP6_TIME_EXCEEDED: u8 = 3;
+pub const ICMP6_PARAM_PROBLEM: u8 = 4;
+pub const ICMP6_ECHO_REQUEST: u8 = 128;
+pub const ICMP6_ECHO_REPLY: u8 = 129;
 
 /// Offsets of IPv4 header fields, relative to the start of the IP header.
+pub const IP_TOS: usize = 1;
 pub const IP_ID: usize = 4;
 pub const IP_FRAG_OFF: usize = 6;
+pub const IP_TTL: usize = 8;
+pub const IP_PROTO: usize = 9;
 pub const IP_CSUM: usize = 10;
 pub const IP_SADDR: usize = 12;
 pub const IP_DADDR: usize = 16;
+
+/// Length of the fixed IPv6 header, and offsets of its fields relative to
+/// its start.
+pub const IP6_HLEN: usize = 40;
+pub const IP6_NEXTHDR: usize = 6;
+pub const IP6_HOPLIMIT: usize = 7;
+pub const IP6_SADDR: usize = 8;
+pub const IP6_DADDR: usize = 24;
 
 pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_SYN: u8 = 0x02;
@@ -85,7 +124,7 @@ impl Ipv4Packet {
 /// overtook it): without its ports there is nothing to match it with.
 #[inline(always)]
 pub fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4Packet> {
-    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+    let ethertype = u16::from_be(ctx.load::<u16>(ETH_PROTO).ok()?);
     if ethertype != ETH_P_IP {
         return None;
     }
@@ -100,7 +139,7 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4Packet> {
     }
     let frag = frag::position(u16::from_be(ctx.load::<u16>(l3 + IP_FRAG_OFF).ok()?));
     let id: u16 = ctx.load(l3 + IP_ID).ok()?;
-    let proto: u8 = ctx.load(l3 + 9).ok()?;
+    let proto: u8 = ctx.load(l3 + IP_PROTO).ok()?;
     let saddr: u32 = ctx.load(l3 + IP_SADDR).ok()?;
     let daddr: u32 = ctx.load(l3 + IP_DADDR).ok()?;
     let l4 = l3 + ihl;
@@ -207,7 +246,7 @@ pub fn parse_icmp_error(ctx: &TcContext, outer: &Ipv4Packet) -> Option<IcmpError
     if frag == Frag::Later {
         return None;
     }
-    let proto: u8 = ctx.load(l3 + 9).ok()?;
+    let proto: u8 = ctx.load(l3 + IP_PROTO).ok()?;
     let saddr: u32 = ctx.load(l3 + IP_SADDR).ok()?;
     let daddr: u32 = ctx.load(l3 + IP_DADDR).ok()?;
     let l4 = l3 + ihl;
@@ -229,23 +268,6 @@ pub fn parse_icmp_error(ctx: &TcContext, outer: &Ipv4Packet) -> Option<IcmpError
         dport,
     })
 }
-
-pub const IPPROTO_ICMPV6: u8 = 58;
-pub const ICMP6_DEST_UNREACH: u8 = 1;
-pub const ICMP6_PACKET_TOO_BIG: u8 = 2;
-pub const ICMP6_TIME_EXCEEDED: u8 = 3;
-pub const ICMP6_PARAM_PROBLEM: u8 = 4;
-pub const ICMP6_ECHO_REQUEST: u8 = 128;
-pub const ICMP6_ECHO_REPLY: u8 = 129;
-
-/// Length of the fixed IPv6 header, and offsets of its fields relative to
-/// its start.
-pub const IP6_HLEN: usize = 40;
-const IP6_NEXTHDR: usize = 6;
-pub const IP6_SADDR: usize = 8;
-pub const IP6_DADDR: usize = 24;
-
-const IPPROTO_FRAGMENT: u8 = 44;
 
 /// An IPv6 packet with a transport header we can translate, right behind
 /// the fixed header or behind a Fragment header there. Its IPv6 header
@@ -349,7 +371,7 @@ pub fn ext_headers6(ctx: &TcContext) -> Option<Ext6> {
 /// whose first fragment was not translated here. Those pass untranslated.
 #[inline(always)]
 pub fn parse_ipv6(ctx: &TcContext) -> Option<Ipv6Packet> {
-    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+    let ethertype = u16::from_be(ctx.load::<u16>(ETH_PROTO).ok()?);
     if ethertype != ETH_P_IPV6 {
         return None;
     }

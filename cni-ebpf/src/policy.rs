@@ -42,7 +42,7 @@
 //! fragment holds for the rest); any other extension header makes the
 //! packet one of an "other" protocol.
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{BPF_F_NO_PREALLOC, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
@@ -53,33 +53,18 @@ use cni_ebpf_common::{
     FwRuleKey, FwStats, FwVerdict, IpKey, FAMILY_V4, FAMILY_V6,
 };
 
-use crate::{spoof, stats::bump};
-
-const NEXT: i32 = TC_ACT_UNSPEC;
-const BPF_F_NO_PREALLOC: u32 = 1;
-
-pub const ETH_P_IP: u16 = 0x0800;
-pub const ETH_P_ARP: u16 = 0x0806;
-pub const ETH_P_IPV6: u16 = 0x86dd;
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_ICMPV6: u8 = 58;
-const ICMP_ECHO_REPLY: u8 = 0;
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_ECHO_REQUEST: u8 = 8;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-const ICMP_PARAMETER_PROB: u8 = 12;
-const IPPROTO_HOPOPTS: u8 = 0;
-const IPPROTO_FRAGMENT: u8 = 44;
-const ICMP6_PARAM_PROBLEM: u8 = 4;
-const ICMP6_ECHO_REQUEST: u8 = 128;
-const ICMP6_ECHO_REPLY: u8 = 129;
-const IP6_HLEN: usize = 40;
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
+use crate::{
+    parsing::{
+        ETH_HLEN, ETH_PROTO, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ICMP6_ECHO_REPLY, ICMP6_ECHO_REQUEST,
+        ICMP6_PARAM_PROBLEM, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
+        ICMP_PARAMETER_PROB, ICMP_TIME_EXCEEDED, IP6_HLEN, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS,
+        IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IP_DADDR, IP_PROTO, IP_SADDR,
+        TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
+    },
+    spoof,
+    stats::bump,
+    NEXT,
+};
 
 /// Prefix bits of the always-matched part of the trie keys (ifindex, dir,
 /// family/proto, region).
@@ -239,7 +224,7 @@ struct Flow {
 
 #[inline(always)]
 fn parse_flow(ctx: &TcContext) -> Option<Flow> {
-    let l3 = spoof::ETH_HLEN;
+    let l3 = ETH_HLEN;
     let vihl: u8 = ctx.load(l3).ok()?;
     if vihl >> 4 != 4 {
         return None;
@@ -259,9 +244,9 @@ fn parse_flow(ctx: &TcContext) -> Option<Flow> {
     let mut f = Flow {
         l4: l3 + ihl,
         family: FAMILY_V4,
-        proto: ctx.load(l3 + 9).ok()?,
-        saddr: [ctx.load(l3 + 12).ok()?, 0, 0, 0],
-        daddr: [ctx.load(l3 + 16).ok()?, 0, 0, 0],
+        proto: ctx.load(l3 + IP_PROTO).ok()?,
+        saddr: [ctx.load(l3 + IP_SADDR).ok()?, 0, 0, 0],
+        daddr: [ctx.load(l3 + IP_DADDR).ok()?, 0, 0, 0],
         sport: 0,
         dport: 0,
         tcp_flags: 0,
@@ -282,7 +267,7 @@ fn parse_flow(ctx: &TcContext) -> Option<Flow> {
 /// transport header.
 #[inline(always)]
 fn parse_flow6(ctx: &TcContext) -> Option<Flow> {
-    let l3 = spoof::ETH_HLEN;
+    let l3 = ETH_HLEN;
     let vtc: u8 = ctx.load(l3).ok()?;
     if vtc >> 4 != 6 {
         return None;
@@ -428,14 +413,14 @@ fn state_bits(f: &Flow, dir: u8, origin: u8) -> u8 {
         s |= fw::CT_REPLIED;
     }
     if f.proto == IPPROTO_TCP {
-        if f.tcp_flags & TCP_FIN != 0 {
+        if f.tcp_flags & TCP_FLAG_FIN != 0 {
             s |= if dir == fw::DIR_EGRESS {
                 fw::CT_FIN_EGRESS
             } else {
                 fw::CT_FIN_INGRESS
             };
         }
-        if f.tcp_flags & TCP_RST != 0 {
+        if f.tcp_flags & TCP_FLAG_RST != 0 {
             s |= fw::CT_RST;
         }
     }
@@ -456,7 +441,7 @@ fn tracked(key: &FwCtKey, f: &Flow, dir: u8, ts: u64) -> bool {
         if ts.saturating_sub((*e).last_seen_ns) > timeout(f.proto, state) {
             return false;
         }
-        let syn_only = f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let syn_only = f.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
         if syn_only && state & (fw::CT_RST | fw::CT_FIN_EGRESS | fw::CT_FIN_INGRESS) != 0 {
             return false;
         }
@@ -795,7 +780,7 @@ pub fn fw_to_pod(ctx: TcContext) -> i32 {
         bump(stat::FW_DROPPED);
         return TC_ACT_SHOT;
     };
-    let Ok(ethertype) = ctx.load::<u16>(12).map(u16::from_be) else {
+    let Ok(ethertype) = ctx.load::<u16>(ETH_PROTO).map(u16::from_be) else {
         return TC_ACT_SHOT;
     };
     judge(&ctx, ifindex, &cfg, fw::DIR_INGRESS, ethertype)

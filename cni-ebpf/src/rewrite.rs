@@ -8,7 +8,10 @@
 //! The transport checksum, in the first fragment, covers the whole datagram
 //! and is updated there (pseudo-header included). IPv6 likewise, with no
 //! header checksum: a later fragment only gets its new address.
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_ENFORCE, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
+    programs::TcContext,
+};
 
 use crate::{
     frag::Frag,
@@ -18,13 +21,9 @@ use crate::{
     },
 };
 
-pub const BPF_F_PSEUDO_HDR: u64 = 0x10;
-const BPF_F_MARK_MANGLED_0: u64 = 0x20;
-/// Update a zero checksum too (IPv6 UDP: zero is never "no checksum").
-const BPF_F_MARK_ENFORCE: u64 = 0x40;
-/// bpf_skb_store_bytes: keep skb->csum (CHECKSUM_COMPLETE) in step with
-/// the bytes written.
-pub const BPF_F_RECOMPUTE_CSUM: u64 = 0x01;
+// BPF_F_MARK_ENFORCE updates a zero checksum too (IPv6 UDP: zero is never
+// "no checksum"); BPF_F_RECOMPUTE_CSUM (bpf_skb_store_bytes) keeps
+// skb->csum (CHECKSUM_COMPLETE) in step with the bytes written.
 
 /// Rewrites one address and one port (ICMP: the echo id) with incremental
 /// checksum updates. The L4 helper with BPF_F_PSEUDO_HDR keeps the checksum
@@ -54,7 +53,7 @@ pub fn rewrite(
                 csum_off,
                 old_addr as u64,
                 new_addr as u64,
-                BPF_F_PSEUDO_HDR | 4,
+                u64::from(BPF_F_PSEUDO_HDR) | 4,
             )
             .map_err(|_| ())?;
             ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, 2)
@@ -62,12 +61,12 @@ pub fn rewrite(
         }
         IPPROTO_UDP => {
             if pkt.l4_csum != 0 {
-                let f = BPF_F_MARK_MANGLED_0;
+                let f = u64::from(BPF_F_MARK_MANGLED_0);
                 ctx.l4_csum_replace(
                     csum_off,
                     old_addr as u64,
                     new_addr as u64,
-                    f | BPF_F_PSEUDO_HDR | 4,
+                    f | u64::from(BPF_F_PSEUDO_HDR) | 4,
                 )
                 .map_err(|_| ())?;
                 ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, f | 2)
@@ -262,7 +261,7 @@ pub fn fix_l4_csum(
         if pkt.l4_csum == 0 {
             return Ok(());
         }
-        BPF_F_MARK_MANGLED_0
+        u64::from(BPF_F_MARK_MANGLED_0)
     } else {
         0
     };
@@ -270,7 +269,7 @@ pub fn fix_l4_csum(
         csum_off,
         old_addr as u64,
         new_addr as u64,
-        mangled | BPF_F_PSEUDO_HDR | 4,
+        mangled | u64::from(BPF_F_PSEUDO_HDR) | 4,
     )
     .map_err(|_| ())?;
     ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled | 2)
@@ -325,12 +324,12 @@ pub fn rewrite6(
     // address here (the first fragment's took the pseudo-header change).
     if pkt.frag == Frag::Later {
         return ctx
-            .store(addr_off, new_addr, BPF_F_RECOMPUTE_CSUM)
+            .store(addr_off, new_addr, u64::from(BPF_F_RECOMPUTE_CSUM))
             .map_err(|_| ());
     }
     let csum_off = pkt.l4_csum_off();
     let mangled = if pkt.proto == IPPROTO_UDP {
-        BPF_F_MARK_MANGLED_0 | BPF_F_MARK_ENFORCE
+        u64::from(BPF_F_MARK_MANGLED_0) | u64::from(BPF_F_MARK_ENFORCE)
     } else {
         0
     };
@@ -339,14 +338,14 @@ pub fn rewrite6(
         csum_off,
         old_addr,
         new_addr,
-        mangled | BPF_F_PSEUDO_HDR,
+        mangled | u64::from(BPF_F_PSEUDO_HDR),
     )?;
     if old_port != new_port {
         ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled | 2)
             .map_err(|_| ())?;
         ctx.store(port_off, &new_port, 0).map_err(|_| ())?;
     }
-    ctx.store(addr_off, new_addr, BPF_F_RECOMPUTE_CSUM)
+    ctx.store(addr_off, new_addr, u64::from(BPF_F_RECOMPUTE_CSUM))
         .map_err(|_| ())
 }
 
@@ -368,7 +367,7 @@ pub fn fix_l4_csum6(
     }
     let csum_off = pkt.l4_csum_off();
     let mangled = if pkt.proto == IPPROTO_UDP {
-        BPF_F_MARK_MANGLED_0 | BPF_F_MARK_ENFORCE
+        u64::from(BPF_F_MARK_MANGLED_0) | u64::from(BPF_F_MARK_ENFORCE)
     } else {
         0
     };
@@ -377,7 +376,7 @@ pub fn fix_l4_csum6(
         csum_off,
         old_addr,
         new_addr,
-        mangled | BPF_F_PSEUDO_HDR,
+        mangled | u64::from(BPF_F_PSEUDO_HDR),
     )?;
     ctx.l4_csum_replace(csum_off, old_port as u64, new_port as u64, mangled | 2)
         .map_err(|_| ())

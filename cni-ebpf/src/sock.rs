@@ -27,12 +27,9 @@ use cni_ebpf_common::{stat, SockRevKey, SockRevValue, FAMILY_V4, FAMILY_V6};
 use crate::{
     hostport::lookup,
     hostport6::lookup6,
-    parsing::{IPPROTO_TCP, IPPROTO_UDP},
+    parsing::{IPPROTO_TCP, IPPROTO_UDP, SOCK_DGRAM, SOCK_STREAM},
     stats::bump,
 };
-
-const SOCK_STREAM: u32 = 1;
-const SOCK_DGRAM: u32 = 2;
 
 #[map(name = "SOCK_REVERSE")]
 static SOCK_REVERSE: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::pinned(65536, 0);

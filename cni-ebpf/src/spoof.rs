@@ -16,11 +16,13 @@
 use aya_ebpf::programs::TcContext;
 use cni_ebpf_common::{fw, FwAttach};
 
-use crate::policy::{
-    endpoint, endpoint_of, is_link_local6, v6_ip, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6,
+use crate::{
+    parsing::{
+        ETH_HLEN, ETH_PROTO, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, IP6_HLEN, IP6_NEXTHDR, IP6_SADDR,
+        IPPROTO_HOPOPTS, IPPROTO_ICMPV6, IP_SADDR,
+    },
+    policy::{endpoint, endpoint_of, is_link_local6, v6_ip},
 };
-
-pub const ETH_HLEN: usize = 14;
 
 /// Offsets in an Ethernet/IPv4 ARP packet.
 const ARP_SHA: usize = ETH_HLEN + 8;
@@ -63,9 +65,6 @@ fn own_v6(addr: &[u32; 4], ifindex: u32, mac: &[u8; 6]) -> bool {
     endpoint_of(&v6_ip(*addr)).is_some_and(|ep| ep.ifindex == ifindex)
 }
 
-const IPPROTO_HOPOPTS: u8 = 0;
-const IPPROTO_ICMPV6: u8 = 58;
-const IP6_HLEN: usize = 40;
 const ND_ROUTER_ADVERT: u8 = 134;
 const ND_NEIGHBOR_SOLICIT: u8 = 135;
 const ND_NEIGHBOR_ADVERT: u8 = 136;
@@ -87,7 +86,9 @@ const ND_MAX_OPTS: usize = 4;
 #[inline(always)]
 fn check_nd(ctx: &TcContext, ifindex: u32, cfg: &FwAttach) -> Result<(), usize> {
     let l3 = ETH_HLEN;
-    let mut next: u8 = ctx.load(l3 + 6).map_err(|_| fw::STAT_SPOOFED_ND)?;
+    let mut next: u8 = ctx
+        .load(l3 + IP6_NEXTHDR)
+        .map_err(|_| fw::STAT_SPOOFED_ND)?;
     let mut l4 = l3 + IP6_HLEN;
     if next == IPPROTO_HOPOPTS {
         // As policy.rs follows it: ND behind it must not skip the checks.
@@ -139,10 +140,15 @@ pub fn check_from_pod(ctx: &TcContext, ifindex: u32, cfg: &FwAttach) -> Result<u
     if !mac_is(ctx, 6, &cfg.mac) {
         return Err(fw::STAT_SPOOFED_MAC);
     }
-    let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| fw::STAT_OTHER_DROPPED)?);
+    let ethertype = u16::from_be(
+        ctx.load::<u16>(ETH_PROTO)
+            .map_err(|_| fw::STAT_OTHER_DROPPED)?,
+    );
     match ethertype {
         ETH_P_IP => {
-            let saddr: u32 = ctx.load(ETH_HLEN + 12).map_err(|_| fw::STAT_SPOOFED_IP)?;
+            let saddr: u32 = ctx
+                .load(ETH_HLEN + IP_SADDR)
+                .map_err(|_| fw::STAT_SPOOFED_IP)?;
             if own_v4(saddr, ifindex) {
                 Ok(ethertype)
             } else {
@@ -164,7 +170,9 @@ pub fn check_from_pod(ctx: &TcContext, ifindex: u32, cfg: &FwAttach) -> Result<u
             }
         }
         ETH_P_IPV6 => {
-            let src: [u32; 4] = ctx.load(ETH_HLEN + 8).map_err(|_| fw::STAT_SPOOFED_IP)?;
+            let src: [u32; 4] = ctx
+                .load(ETH_HLEN + IP6_SADDR)
+                .map_err(|_| fw::STAT_SPOOFED_IP)?;
             // Link-local (fe80::/10) and unspecified (DAD) sources belong to
             // the link; any other must be one of the pod's.
             let link_local = is_link_local6(&src);
