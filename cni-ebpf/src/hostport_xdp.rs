@@ -33,9 +33,8 @@ use crate::{
     hostport::{lookup, note_reply},
     hostport6::{lookup6, note_reply6},
     parsing::{
-        Ipv4Packet, Ipv6Packet, ETH_HLEN, ETH_PROTO, ETH_P_IP, ETH_P_IPV6, IP6_DADDR, IP6_HLEN,
-        IP6_NEXTHDR, IP6_SADDR, IPPROTO_TCP, IPPROTO_UDP, IP_CSUM, IP_DADDR, IP_FRAG_OFF, IP_ID,
-        IP_PROTO, IP_SADDR,
+        parse_ipv4, parse_ipv6, ptr_at, Ipv4Packet, Packet, ETH_HLEN, ETH_PROTO, ETH_P_IP,
+        ETH_P_IPV6, IP6_DADDR, IP6_NEXTHDR, IPPROTO_TCP, IPPROTO_UDP, IP_CSUM, IP_DADDR,
     },
     rewrite::{csum_update, halves},
     stats::bump,
@@ -46,79 +45,30 @@ pub fn hostport_xdp(ctx: XdpContext) -> u32 {
     try_hostport_xdp(&ctx).unwrap_or(xdp_action::XDP_PASS)
 }
 
-/// A bounds-checked pointer into the packet.
-#[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + off + core::mem::size_of::<T>() > end {
-        return None;
-    }
-    Some((start + off) as *mut T)
-}
-
 fn try_hostport_xdp(ctx: &XdpContext) -> Option<u32> {
-    let ethertype: *mut u16 = ptr_at(ctx, ETH_PROTO)?;
-    // SAFETY: bounds checked by ptr_at.
-    match u16::from_be(unsafe { *ethertype }) {
+    match u16::from_be(ctx.read::<u16>(ETH_PROTO)?) {
         ETH_P_IP => {}
         ETH_P_IPV6 => return try_hostport_xdp6(ctx),
         _ => return None,
     }
     let l3 = ETH_HLEN;
-    let vihl: *mut u8 = ptr_at(ctx, l3)?;
     // Only option-less headers here (fixed offsets keep the verifier
     // simple); others reach the TC program.
-    // SAFETY: `vihl` is bounds checked by ptr_at.
-    if unsafe { *vihl } != 0x45 {
+    if ctx.read::<u8>(l3)? != 0x45 {
         return None;
     }
-    let frag_off: *mut u16 = ptr_at(ctx, l3 + IP_FRAG_OFF)?;
-    // SAFETY: bounds checked by ptr_at.
-    let frag = frag::position(u16::from_be(unsafe { *frag_off }));
-    // SAFETY: bounds checked by ptr_at.
-    let id: u16 = unsafe { *ptr_at::<u16>(ctx, l3 + IP_ID)? };
-    // SAFETY: bounds checked by ptr_at.
-    let proto: u8 = unsafe { *ptr_at::<u8>(ctx, l3 + IP_PROTO)? };
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+    let mut pkt = parse_ipv4(ctx)?;
+    if pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP {
         return None;
     }
-    let saddr_p: *mut u32 = ptr_at(ctx, l3 + IP_SADDR)?;
-    let daddr_p: *mut u32 = ptr_at(ctx, l3 + IP_DADDR)?;
-    if frag == Frag::Later {
-        // SAFETY: bounds checked by ptr_at.
-        let (saddr, daddr) = unsafe { (*saddr_p, *daddr_p) };
-        return later_fragment(ctx, l3, proto, saddr, daddr, id);
+    if pkt.frag == Frag::Later {
+        return later_fragment(ctx, &pkt);
     }
-    let l4 = l3 + 20;
-    let sport_p: *mut u16 = ptr_at(ctx, l4)?;
-    let dport_p: *mut u16 = ptr_at(ctx, l4 + 2)?;
-    let l4_csum_p: *mut u16 = ptr_at(ctx, l4 + if proto == IPPROTO_TCP { 16 } else { 6 })?;
-    let tcp_flags = if proto == IPPROTO_TCP {
-        // SAFETY: bounds checked by ptr_at.
-        unsafe { *ptr_at::<u8>(ctx, l4 + 13)? }
-    } else {
-        0
-    };
-    // SAFETY: all pointers bounds checked above.
-    let (saddr, daddr, sport, dport, l4_csum) =
-        unsafe { (*saddr_p, *daddr_p, *sport_p, *dport_p, *l4_csum_p) };
+    // The transport checksum must be there for TC to update it.
+    pkt.l4_csum = ctx.read(pkt.l4_csum_off())?;
+    let (l4, saddr, daddr, sport, dport) = (pkt.l4, pkt.saddr, pkt.daddr, pkt.sport, pkt.dport);
 
-    let t = lookup(daddr, dport, proto, false)?;
-    let pkt = Ipv4Packet {
-        l3,
-        l4,
-        proto,
-        saddr,
-        daddr,
-        sport,
-        dport,
-        tcp_flags,
-        icmp_type: 0,
-        l4_csum,
-        frag,
-        id,
-    };
+    let t = lookup(daddr, dport, pkt.proto, false)?;
     note_reply(&pkt, &t, (saddr, sport), 0);
 
     // Room for the metadata first: the helper may move the packet, so
@@ -154,24 +104,16 @@ fn try_hostport_xdp(ctx: &XdpContext) -> Option<u32> {
 }
 
 /// A fragment after the first: the destination of its first fragment's
-/// mapping, if that one was translated here. No transport header, so no
-/// metadata for TC.
+/// mapping (`parse_ipv4` recalled its ports), if that one was translated
+/// here. No transport header, so no metadata for TC.
 #[inline(always)]
-fn later_fragment(
-    ctx: &XdpContext,
-    l3: usize,
-    proto: u8,
-    saddr: u32,
-    daddr: u32,
-    id: u16,
-) -> Option<u32> {
-    let first = frag::recall(saddr, daddr, id, proto)?;
-    let t = lookup(daddr, first.dport, proto, false)?;
-    let ip_csum: *mut u16 = ptr_at(ctx, l3 + IP_CSUM)?;
-    let daddr_p: *mut u32 = ptr_at(ctx, l3 + IP_DADDR)?;
+fn later_fragment(ctx: &XdpContext, pkt: &Ipv4Packet) -> Option<u32> {
+    let t = lookup(pkt.daddr, pkt.dport, pkt.proto, false)?;
+    let ip_csum: *mut u16 = ptr_at(ctx, pkt.l3 + IP_CSUM)?;
+    let daddr_p: *mut u32 = ptr_at(ctx, pkt.l3 + IP_DADDR)?;
     // SAFETY: bounds checked by ptr_at.
     unsafe {
-        *ip_csum = csum_update(*ip_csum, &halves(daddr), &halves(t.addr[0]));
+        *ip_csum = csum_update(*ip_csum, &halves(pkt.daddr), &halves(t.addr[0]));
         *daddr_p = t.addr[0];
     }
     bump(stat::FRAG_TRANSLATED);
@@ -180,58 +122,17 @@ fn later_fragment(
     Some(xdp_action::XDP_PASS)
 }
 
-/// Reads the IPv6 address at `off` as four network-order words.
-#[inline(always)]
-fn addr6_at(ctx: &XdpContext, off: usize) -> Option<[u32; 4]> {
-    let p: *mut [u32; 4] = ptr_at(ctx, off)?;
-    // SAFETY: bounds checked by ptr_at; read as four 32-bit words.
-    Some(unsafe {
-        [
-            core::ptr::read_unaligned((p as *const u32).add(0)),
-            core::ptr::read_unaligned((p as *const u32).add(1)),
-            core::ptr::read_unaligned((p as *const u32).add(2)),
-            core::ptr::read_unaligned((p as *const u32).add(3)),
-        ]
-    })
-}
-
 /// IPv6: TCP or UDP right after the fixed header, to [node]:hostPort.
 fn try_hostport_xdp6(ctx: &XdpContext) -> Option<u32> {
-    let l3 = ETH_HLEN;
-    // SAFETY: bounds checked by ptr_at.
-    if unsafe { *ptr_at::<u8>(ctx, l3)? } >> 4 != 6 {
-        return None;
-    }
-    // SAFETY: bounds checked by ptr_at.
-    let proto: u8 = unsafe { *ptr_at::<u8>(ctx, l3 + IP6_NEXTHDR)? };
+    // Extension headers (a fragment above all) are left to TC.
+    let proto: u8 = ctx.read(ETH_HLEN + IP6_NEXTHDR)?;
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return None;
     }
-    let saddr = addr6_at(ctx, l3 + IP6_SADDR)?;
-    let daddr = addr6_at(ctx, l3 + IP6_DADDR)?;
-    let l4 = l3 + IP6_HLEN;
-    let sport_p: *mut u16 = ptr_at(ctx, l4)?;
-    let dport_p: *mut u16 = ptr_at(ctx, l4 + 2)?;
-    let tcp_flags = if proto == IPPROTO_TCP {
-        // SAFETY: bounds checked by ptr_at.
-        unsafe { *ptr_at::<u8>(ctx, l4 + 13)? }
-    } else {
-        0
-    };
-    // SAFETY: bounds checked by ptr_at.
-    let (sport, dport) = unsafe { (*sport_p, *dport_p) };
+    let pkt = parse_ipv6(ctx)?;
+    let (l4, saddr, daddr, sport, dport) = (pkt.l4, pkt.saddr, pkt.daddr, pkt.sport, pkt.dport);
+    let l3 = ETH_HLEN;
     let t = lookup6(&daddr, dport, proto, false)?;
-    let pkt = Ipv6Packet {
-        l4,
-        proto,
-        saddr,
-        daddr,
-        sport,
-        dport,
-        tcp_flags,
-        icmp_type: 0,
-        frag: Frag::None,
-    };
     note_reply6(&pkt, &t, (&saddr, sport), 0);
 
     // Room for the metadata first: the helper may move the packet, so

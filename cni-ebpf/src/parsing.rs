@@ -3,9 +3,11 @@
 //! fragment after the first (IPv4, and IPv6 behind its Fragment header)
 //! gets the ports of its first fragment from `frag`.
 //!
-//! Reads go through bpf_skb_load_bytes (`TcContext::load`), which checks
-//! bounds itself, so variable offsets (IPv4 options) stay verifier-friendly.
-use aya_ebpf::programs::TcContext;
+//! The one parser of every program, TC and XDP alike: it reads through
+//! [`Packet`], which TC implements with bpf_skb_load_bytes (bounds checked
+//! by the helper, so variable offsets such as IPv4 options stay
+//! verifier-friendly) and XDP with a bounds-checked direct read.
+use aya_ebpf::programs::{TcContext, XdpContext};
 
 use crate::frag::{self, Frag};
 
@@ -71,6 +73,87 @@ pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const TCP_FLAG_RST: u8 = 0x04;
 pub const TCP_FLAG_ACK: u8 = 0x10;
 
+/// Bounds-checked reads from the frame a program runs on.
+pub trait Packet {
+    /// The `T` at byte `off` of the frame, or `None` past its end.
+    fn read<T>(&self, off: usize) -> Option<T>;
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn read<T>(&self, off: usize) -> Option<T> {
+        self.load(off).ok()
+    }
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn read<T>(&self, off: usize) -> Option<T> {
+        ptr_at::<T>(self, off).map(|p| {
+            // SAFETY: `ptr_at` checked that the whole `T` lies inside the
+            // packet; packet data has no alignment guarantee.
+            unsafe { core::ptr::read_unaligned(p) }
+        })
+    }
+}
+
+/// A pointer to the `T` at byte `off` of an XDP frame, checked against
+/// its end (for reads, and for writes after a helper moved the data).
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+/// The EtherType of the frame (host order).
+#[inline(always)]
+pub fn ethertype<C: Packet>(ctx: &C) -> Option<u16> {
+    Some(u16::from_be(ctx.read::<u16>(ETH_PROTO)?))
+}
+
+/// The fields of an IPv4 header (at least 20 bytes) every parser reads.
+pub struct Ipv4Header {
+    /// Offset of what follows the header (options included).
+    pub l4: usize,
+    pub proto: u8,
+    /// Addresses in network byte order.
+    pub saddr: u32,
+    pub daddr: u32,
+    /// IP identification (network order).
+    pub id: u16,
+    pub frag: Frag,
+}
+
+/// Reads the IPv4 header at `l3`; `None` if it is not one (version, IHL).
+#[inline(always)]
+pub fn ipv4_header<C: Packet>(ctx: &C, l3: usize) -> Option<Ipv4Header> {
+    let vihl: u8 = ctx.read(l3)?;
+    if vihl >> 4 != 4 {
+        return None;
+    }
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if ihl < 20 {
+        return None;
+    }
+    let frag = frag::position(u16::from_be(ctx.read::<u16>(l3 + IP_FRAG_OFF)?));
+    let id: u16 = ctx.read(l3 + IP_ID)?;
+    let proto: u8 = ctx.read(l3 + IP_PROTO)?;
+    let saddr: u32 = ctx.read(l3 + IP_SADDR)?;
+    let daddr: u32 = ctx.read(l3 + IP_DADDR)?;
+    Some(Ipv4Header {
+        l4: l3 + ihl,
+        proto,
+        saddr,
+        daddr,
+        id,
+        frag,
+    })
+}
+
 /// An IPv4 packet with a transport header we can translate.
 pub struct Ipv4Packet {
     /// Offset of the IPv4 header in the skb.
@@ -123,26 +206,19 @@ impl Ipv4Packet {
 /// first fragment no NAT program translated with these addresses (or that
 /// overtook it): without its ports there is nothing to match it with.
 #[inline(always)]
-pub fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4Packet> {
-    let ethertype = u16::from_be(ctx.load::<u16>(ETH_PROTO).ok()?);
-    if ethertype != ETH_P_IP {
+pub fn parse_ipv4<C: Packet>(ctx: &C) -> Option<Ipv4Packet> {
+    if ethertype(ctx)? != ETH_P_IP {
         return None;
     }
     let l3 = ETH_HLEN;
-    let vihl: u8 = ctx.load(l3).ok()?;
-    if vihl >> 4 != 4 {
-        return None;
-    }
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    if ihl < 20 {
-        return None;
-    }
-    let frag = frag::position(u16::from_be(ctx.load::<u16>(l3 + IP_FRAG_OFF).ok()?));
-    let id: u16 = ctx.load(l3 + IP_ID).ok()?;
-    let proto: u8 = ctx.load(l3 + IP_PROTO).ok()?;
-    let saddr: u32 = ctx.load(l3 + IP_SADDR).ok()?;
-    let daddr: u32 = ctx.load(l3 + IP_DADDR).ok()?;
-    let l4 = l3 + ihl;
+    let Ipv4Header {
+        l4,
+        proto,
+        saddr,
+        daddr,
+        id,
+        frag,
+    } = ipv4_header(ctx, l3)?;
     let mut pkt = Ipv4Packet {
         l3,
         l4,
@@ -166,21 +242,21 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Ipv4Packet> {
     }
     match proto {
         IPPROTO_TCP => {
-            pkt.sport = ctx.load(l4).ok()?;
-            pkt.dport = ctx.load(l4 + 2).ok()?;
-            pkt.tcp_flags = ctx.load(l4 + 13).ok()?;
+            pkt.sport = ctx.read(l4)?;
+            pkt.dport = ctx.read(l4 + 2)?;
+            pkt.tcp_flags = ctx.read(l4 + 13)?;
         }
         IPPROTO_UDP => {
-            pkt.sport = ctx.load(l4).ok()?;
-            pkt.dport = ctx.load(l4 + 2).ok()?;
-            pkt.l4_csum = ctx.load(l4 + 6).ok()?;
+            pkt.sport = ctx.read(l4)?;
+            pkt.dport = ctx.read(l4 + 2)?;
+            pkt.l4_csum = ctx.read(l4 + 6)?;
         }
         IPPROTO_ICMP => {
-            pkt.icmp_type = ctx.load(l4).ok()?;
+            pkt.icmp_type = ctx.read(l4)?;
             // Echo carries the identifier that stands in for a port; errors
             // carry the offending packet's header (see `IcmpError`).
             if pkt.icmp_type == ICMP_ECHO_REQUEST || pkt.icmp_type == ICMP_ECHO_REPLY {
-                let id: u16 = ctx.load(l4 + 4).ok()?;
+                let id: u16 = ctx.read(l4 + 4)?;
                 pkt.sport = id;
                 pkt.dport = id;
             } else if pkt.icmp_type != ICMP_DEST_UNREACH && pkt.icmp_type != ICMP_TIME_EXCEEDED {
@@ -231,33 +307,15 @@ pub fn is_icmp_error(pkt: &Ipv4Packet) -> bool {
 
 /// Parses the packet quoted by the ICMP error `outer`.
 #[inline(always)]
-pub fn parse_icmp_error(ctx: &TcContext, outer: &Ipv4Packet) -> Option<IcmpError> {
+pub fn parse_icmp_error<C: Packet>(ctx: &C, outer: &Ipv4Packet) -> Option<IcmpError> {
     let l3 = outer.l4 + 8;
-    let vihl: u8 = ctx.load(l3).ok()?;
-    if vihl >> 4 != 4 {
-        return None;
-    }
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    if ihl < 20 {
-        return None;
-    }
+    let h = ipv4_header(ctx, l3)?;
     // A quoted fragment after the first has payload where ports would be.
-    let frag = frag::position(u16::from_be(ctx.load::<u16>(l3 + IP_FRAG_OFF).ok()?));
-    if frag == Frag::Later {
+    if h.frag == Frag::Later {
         return None;
     }
-    let proto: u8 = ctx.load(l3 + IP_PROTO).ok()?;
-    let saddr: u32 = ctx.load(l3 + IP_SADDR).ok()?;
-    let daddr: u32 = ctx.load(l3 + IP_DADDR).ok()?;
-    let l4 = l3 + ihl;
-    let (sport, dport) = match proto {
-        IPPROTO_TCP | IPPROTO_UDP => (ctx.load(l4).ok()?, ctx.load(l4 + 2).ok()?),
-        IPPROTO_ICMP => {
-            let id: u16 = ctx.load(l4 + 4).ok()?;
-            (id, id)
-        }
-        _ => return None,
-    };
+    let (proto, saddr, daddr, l4) = (h.proto, h.saddr, h.daddr, h.l4);
+    let (sport, dport) = quoted_ports(ctx, proto, l4, IPPROTO_ICMP)??;
     Some(IcmpError {
         l3,
         l4,
@@ -344,8 +402,8 @@ pub struct Ext6 {
 /// has no headers there, and every fragment of a datagram must name the
 /// same protocol for `frag`'s key.
 #[inline(always)]
-pub fn ext_headers6(ctx: &TcContext) -> Option<Ext6> {
-    let proto: u8 = ctx.load(ETH_HLEN + IP6_NEXTHDR).ok()?;
+pub fn ext_headers6<C: Packet>(ctx: &C) -> Option<Ext6> {
+    let proto: u8 = ctx.read(ETH_HLEN + IP6_NEXTHDR)?;
     let l4 = ETH_HLEN + IP6_HLEN;
     if proto != IPPROTO_FRAGMENT {
         return Some(Ext6 {
@@ -356,7 +414,7 @@ pub fn ext_headers6(ctx: &TcContext) -> Option<Ext6> {
     }
     // Next header, reserved, offset/flags, identification.
     Some(Ext6 {
-        proto: ctx.load(l4).ok()?,
+        proto: ctx.read(l4)?,
         l4: l4 + 8,
         frag_hdr: l4,
     })
@@ -370,13 +428,12 @@ pub fn ext_headers6(ctx: &TcContext) -> Option<Ext6> {
 /// (neighbour discovery, MLD, ...), other extension headers, a fragment
 /// whose first fragment was not translated here. Those pass untranslated.
 #[inline(always)]
-pub fn parse_ipv6(ctx: &TcContext) -> Option<Ipv6Packet> {
-    let ethertype = u16::from_be(ctx.load::<u16>(ETH_PROTO).ok()?);
-    if ethertype != ETH_P_IPV6 {
+pub fn parse_ipv6<C: Packet>(ctx: &C) -> Option<Ipv6Packet> {
+    if ethertype(ctx)? != ETH_P_IPV6 {
         return None;
     }
     let l3 = ETH_HLEN;
-    let v: u8 = ctx.load(l3).ok()?;
+    let v: u8 = ctx.read(l3)?;
     if v >> 4 != 6 {
         return None;
     }
@@ -388,17 +445,17 @@ pub fn parse_ipv6(ctx: &TcContext) -> Option<Ipv6Packet> {
     let mut frag = Frag::None;
     let mut id = 0u32;
     if w.frag_hdr != 0 {
-        let off_m = u16::from_be(ctx.load::<u16>(w.frag_hdr + 2).ok()?);
+        let off_m = u16::from_be(ctx.read::<u16>(w.frag_hdr + 2)?);
         if frag::position6(off_m) == Frag::Later {
             frag = Frag::Later;
-            id = ctx.load(w.frag_hdr + 4).ok()?;
+            id = ctx.read(w.frag_hdr + 4)?;
         }
     }
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_ICMPV6 {
         return None;
     }
-    let saddr: [u32; 4] = ctx.load(l3 + IP6_SADDR).ok()?;
-    let daddr: [u32; 4] = ctx.load(l3 + IP6_DADDR).ok()?;
+    let saddr: [u32; 4] = ctx.read(l3 + IP6_SADDR)?;
+    let daddr: [u32; 4] = ctx.read(l3 + IP6_DADDR)?;
     let mut pkt = Ipv6Packet {
         l4,
         proto,
@@ -419,18 +476,18 @@ pub fn parse_ipv6(ctx: &TcContext) -> Option<Ipv6Packet> {
     }
     match proto {
         IPPROTO_TCP => {
-            pkt.sport = ctx.load(l4).ok()?;
-            pkt.dport = ctx.load(l4 + 2).ok()?;
-            pkt.tcp_flags = ctx.load(l4 + 13).ok()?;
+            pkt.sport = ctx.read(l4)?;
+            pkt.dport = ctx.read(l4 + 2)?;
+            pkt.tcp_flags = ctx.read(l4 + 13)?;
         }
         IPPROTO_UDP => {
-            pkt.sport = ctx.load(l4).ok()?;
-            pkt.dport = ctx.load(l4 + 2).ok()?;
+            pkt.sport = ctx.read(l4)?;
+            pkt.dport = ctx.read(l4 + 2)?;
         }
         _ => {
-            pkt.icmp_type = ctx.load(l4).ok()?;
+            pkt.icmp_type = ctx.read(l4)?;
             if pkt.icmp_type == ICMP6_ECHO_REQUEST || pkt.icmp_type == ICMP6_ECHO_REPLY {
-                let id: u16 = ctx.load(l4 + 4).ok()?;
+                let id: u16 = ctx.read(l4 + 4)?;
                 pkt.sport = id;
                 pkt.dport = id;
             } else if !is_icmp6_error(pkt.icmp_type) {
@@ -467,24 +524,17 @@ impl Icmp6Error {
 /// Parses the packet quoted by the ICMPv6 error `outer`. A quoted packet
 /// with an extension header (a fragment, above all) is not parsed.
 #[inline(always)]
-pub fn parse_icmp6_error(ctx: &TcContext, outer: &Ipv6Packet) -> Option<Icmp6Error> {
+pub fn parse_icmp6_error<C: Packet>(ctx: &C, outer: &Ipv6Packet) -> Option<Icmp6Error> {
     let l3 = outer.l4 + 8;
-    let v: u8 = ctx.load(l3).ok()?;
+    let v: u8 = ctx.read(l3)?;
     if v >> 4 != 6 {
         return None;
     }
-    let proto: u8 = ctx.load(l3 + IP6_NEXTHDR).ok()?;
-    let saddr: [u32; 4] = ctx.load(l3 + IP6_SADDR).ok()?;
-    let daddr: [u32; 4] = ctx.load(l3 + IP6_DADDR).ok()?;
+    let proto: u8 = ctx.read(l3 + IP6_NEXTHDR)?;
+    let saddr: [u32; 4] = ctx.read(l3 + IP6_SADDR)?;
+    let daddr: [u32; 4] = ctx.read(l3 + IP6_DADDR)?;
     let l4 = l3 + IP6_HLEN;
-    let (sport, dport) = match proto {
-        IPPROTO_TCP | IPPROTO_UDP => (ctx.load(l4).ok()?, ctx.load(l4 + 2).ok()?),
-        IPPROTO_ICMPV6 => {
-            let id: u16 = ctx.load(l4 + 4).ok()?;
-            (id, id)
-        }
-        _ => return None,
-    };
+    let (sport, dport) = quoted_ports(ctx, proto, l4, IPPROTO_ICMPV6)??;
     Some(Icmp6Error {
         l3,
         l4,
@@ -494,4 +544,19 @@ pub fn parse_icmp6_error(ctx: &TcContext, outer: &Ipv6Packet) -> Option<Icmp6Err
         sport,
         dport,
     })
+}
+
+/// The ports of a quoted transport header at `l4`: TCP or UDP ports, the
+/// identifier of an echo of protocol `echo` (ICMP or ICMPv6) for both;
+/// `Some(None)` for other protocols, `None` if the quote is cut short.
+#[inline(always)]
+fn quoted_ports<C: Packet>(ctx: &C, proto: u8, l4: usize, echo: u8) -> Option<Option<(u16, u16)>> {
+    if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
+        return Some(Some((ctx.read(l4)?, ctx.read(l4 + 2)?)));
+    }
+    if proto == echo {
+        let id: u16 = ctx.read(l4 + 4)?;
+        return Some(Some((id, id)));
+    }
+    Some(None)
 }
