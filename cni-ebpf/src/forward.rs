@@ -44,10 +44,10 @@ use cni_ebpf_common::{fw, stat, FwEndpoint};
 
 use crate::{
     parsing::{
-        AF_INET, AF_INET6, ETH_HLEN, ETH_PROTO, ETH_P_IP, ETH_P_IPV6, IP6_DADDR, IP6_HOPLIMIT,
-        IP6_NEXTHDR, IP6_SADDR, IP_CSUM, IP_DADDR, IP_SADDR, IP_TOS, IP_TTL,
+        parse_route, parse_route6, Route, Route6, AF_INET, AF_INET6, ETH_HLEN, IP6_HOPLIMIT,
+        IP_CSUM, IP_TTL,
     },
-    policy::{count, endpoint, endpoint_of, is_link_local6, v6_ip},
+    policy::{count, endpoint, endpoint_of, v6_ip},
     stats::bump,
     NEXT,
 };
@@ -56,39 +56,6 @@ use crate::{
 /// entry, bpf_redirect_neigh resolves it).
 const FIB_SUCCESS: i64 = BPF_FIB_LKUP_RET_SUCCESS as i64;
 const FIB_NO_NEIGH: i64 = BPF_FIB_LKUP_RET_NO_NEIGH as i64;
-
-/// The IPv4 header fields routing needs.
-struct Route {
-    saddr: u32,
-    daddr: u32,
-    proto: u8,
-    tos: u8,
-    /// TTL and protocol as the 16-bit word the checksum covers.
-    ttl_proto: u16,
-    ttl: u8,
-}
-
-#[inline(always)]
-fn parse(ctx: &TcContext) -> Option<Route> {
-    if u16::from_be(ctx.load::<u16>(ETH_PROTO).ok()?) != ETH_P_IP {
-        return None;
-    }
-    let l3 = ETH_HLEN;
-    let vihl: u8 = ctx.load(l3).ok()?;
-    if vihl >> 4 != 4 {
-        return None;
-    }
-    let ttl_proto: u16 = ctx.load(l3 + IP_TTL).ok()?;
-    let [ttl, proto] = ttl_proto.to_ne_bytes();
-    Some(Route {
-        saddr: ctx.load(l3 + IP_SADDR).ok()?,
-        daddr: ctx.load(l3 + IP_DADDR).ok()?,
-        proto,
-        tos: ctx.load(l3 + IP_TOS).ok()?,
-        ttl_proto,
-        ttl,
-    })
-}
 
 #[inline(always)]
 fn bypasses(ep: &FwEndpoint) -> bool {
@@ -170,40 +137,6 @@ fn redirect(out: u32, nh: &mut bpf_redir_neigh, pod_ifindex: u32) -> i32 {
     }
 }
 
-/// The IPv6 header fields routing needs (addresses in network order).
-struct Route6 {
-    saddr: [u32; 4],
-    daddr: [u32; 4],
-    proto: u8,
-    hop_limit: u8,
-    /// Version, traffic class and flow label, network order.
-    flowinfo: u32,
-}
-
-#[inline(always)]
-fn parse6(ctx: &TcContext) -> Option<Route6> {
-    if u16::from_be(ctx.load::<u16>(ETH_PROTO).ok()?) != ETH_P_IPV6 {
-        return None;
-    }
-    let l3 = ETH_HLEN;
-    let flowinfo: u32 = ctx.load(l3).ok()?;
-    if u32::from_be(flowinfo) >> 28 != 6 {
-        return None;
-    }
-    let r = Route6 {
-        saddr: ctx.load(l3 + IP6_SADDR).ok()?,
-        daddr: ctx.load(l3 + IP6_DADDR).ok()?,
-        proto: ctx.load(l3 + IP6_NEXTHDR).ok()?,
-        hop_limit: ctx.load(l3 + IP6_HOPLIMIT).ok()?,
-        flowinfo,
-    };
-    // Link-local and multicast destinations are not routed.
-    if is_link_local6(&r.daddr) || u32::from_be(r.daddr[0]) >> 24 == 0xff {
-        return None;
-    }
-    Some(r)
-}
-
 /// [`forward`] for IPv6.
 #[inline(always)]
 fn forward6(ctx: &TcContext, r: &Route6, iif: u32, pod_ifindex: u32) -> i32 {
@@ -259,7 +192,7 @@ fn endpoint6(addr: &[u32; 4]) -> Option<FwEndpoint> {
 /// uplink's traffic).
 #[classifier]
 pub fn fw_bridge_forward(ctx: TcContext) -> i32 {
-    let Some(r) = parse(&ctx) else {
+    let Some(r) = parse_route(&ctx) else {
         return bridge_forward6(&ctx);
     };
     let Some(ep) = endpoint(r.saddr).or_else(|| endpoint(r.daddr)) else {
@@ -275,7 +208,7 @@ pub fn fw_bridge_forward(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn bridge_forward6(ctx: &TcContext) -> i32 {
-    let Some(r) = parse6(ctx) else {
+    let Some(r) = parse_route6(ctx) else {
         return NEXT;
     };
     let Some(ep) = endpoint6(&r.saddr).or_else(|| endpoint6(&r.daddr)) else {
@@ -291,7 +224,7 @@ fn bridge_forward6(ctx: &TcContext) -> i32 {
 
 #[inline(always)]
 fn uplink_ingress6(ctx: &TcContext) -> i32 {
-    let Some(r) = parse6(ctx) else {
+    let Some(r) = parse_route6(ctx) else {
         return NEXT;
     };
     let Some(ep) = endpoint6(&r.daddr) else {
@@ -308,7 +241,7 @@ fn uplink_ingress6(ctx: &TcContext) -> i32 {
 /// Uplink TC ingress: traffic for a firewalled pod.
 #[classifier]
 pub fn fw_uplink_ingress(ctx: TcContext) -> i32 {
-    let Some(r) = parse(&ctx) else {
+    let Some(r) = parse_route(&ctx) else {
         return uplink_ingress6(&ctx);
     };
     let Some(ep) = endpoint(r.daddr) else {

@@ -1,5 +1,6 @@
 //! Kernel-side programs of the CNI datapath, one module per concern:
-//! `parsing` (headers), `rewrite` (checksummed rewrites), `conntrack` (NAT
+//! `parsing` (the one L3/L4 parser of every program, TC and XDP, and the
+//! packet-format constants `aya_ebpf::bindings` lacks), `rewrite` (checksummed rewrites), `conntrack` (NAT
 //! bindings), `frag` (fragments after the first get their first fragment's
 //! translation), `nat` (masquerade), `nat6` (IPv6 masquerade, programs of
 //! its own), `hostport` (hostPort DNAT and hairpin), `hostport6` (the same for

@@ -9,6 +9,8 @@
 //! verifier-friendly) and XDP with a bounds-checked direct read.
 use aya_ebpf::programs::{TcContext, XdpContext};
 
+use cni_ebpf_common::{FAMILY_V4, FAMILY_V6};
+
 use crate::frag::{self, Frag};
 
 // Packet-format and socket-API values the kernel defines outside the BPF
@@ -113,6 +115,12 @@ pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
 #[inline(always)]
 pub fn ethertype<C: Packet>(ctx: &C) -> Option<u16> {
     Some(u16::from_be(ctx.read::<u16>(ETH_PROTO)?))
+}
+
+/// fe80::/10, network order.
+#[inline(always)]
+pub fn is_link_local6(addr: &[u32; 4]) -> bool {
+    u32::from_be(addr[0]) >> 22 == 0x3fa
 }
 
 /// The fields of an IPv4 header (at least 20 bytes) every parser reads.
@@ -559,4 +567,250 @@ fn quoted_ports<C: Packet>(ctx: &C, proto: u8, l4: usize, echo: u8) -> Option<Op
         return Some(Some((id, id)));
     }
     Some(None)
+}
+
+/// An IP packet as the firewall sees it: any protocol; ports for TCP
+/// and UDP, the identifier for ICMP(v6) echo, nothing for the rest.
+/// Addresses in network order, an IPv4 address in the first word.
+pub struct Flow {
+    pub l4: usize,
+    pub family: u8,
+    pub proto: u8,
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    /// Network order.
+    pub sport: u16,
+    pub dport: u16,
+    pub tcp_flags: u8,
+    pub icmp_error: bool,
+    pub frag: Frag,
+    /// IP identification (network order; IPv6: its low 16 bits), for
+    /// fragments.
+    pub id: u16,
+    /// ICMPv6 neighbour, router or multicast listener discovery.
+    pub ndp: bool,
+}
+
+#[inline(always)]
+pub fn parse_flow<C: Packet>(ctx: &C) -> Option<Flow> {
+    let h = ipv4_header(ctx, ETH_HLEN)?;
+    let mut f = Flow {
+        l4: h.l4,
+        family: FAMILY_V4,
+        proto: h.proto,
+        saddr: [h.saddr, 0, 0, 0],
+        daddr: [h.daddr, 0, 0, 0],
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+        icmp_error: false,
+        frag: h.frag,
+        id: h.id,
+        ndp: false,
+    };
+    if h.frag == Frag::Later {
+        return Some(f);
+    }
+    flow_ports(ctx, &mut f)?;
+    Some(f)
+}
+
+/// The IPv6 counterpart of [`parse_flow`]: the fixed header, at most a
+/// hop-by-hop options header and then at most a fragment header before the
+/// transport header.
+#[inline(always)]
+pub fn parse_flow6<C: Packet>(ctx: &C) -> Option<Flow> {
+    let l3 = ETH_HLEN;
+    let vtc: u8 = ctx.read(l3)?;
+    if vtc >> 4 != 6 {
+        return None;
+    }
+    let mut f = Flow {
+        l4: l3 + IP6_HLEN,
+        family: FAMILY_V6,
+        proto: ctx.read(l3 + IP6_NEXTHDR)?,
+        saddr: ctx.read(l3 + IP6_SADDR)?,
+        daddr: ctx.read(l3 + IP6_DADDR)?,
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+        icmp_error: false,
+        frag: Frag::None,
+        id: 0,
+        ndp: false,
+    };
+    if f.proto == IPPROTO_HOPOPTS {
+        // Every MLD message carries one (a router alert).
+        let h: [u8; 2] = ctx.read(f.l4)?;
+        f.proto = h[0];
+        f.l4 += (usize::from(h[1]) + 1) * 8;
+    }
+    if f.proto == IPPROTO_FRAGMENT {
+        let off_m = u16::from_be(ctx.read::<u16>(f.l4 + 2)?);
+        f.proto = ctx.read(f.l4)?;
+        // The low half of the 32-bit identification, network order.
+        f.id = ctx.read(f.l4 + 6)?;
+        f.l4 += 8;
+        f.frag = frag::position6(off_m);
+        if f.frag == Frag::Later {
+            return Some(f);
+        }
+    }
+    flow_ports(ctx, &mut f)?;
+    Some(f)
+}
+
+/// Ports (or echo identifier) and flags of a first fragment or whole
+/// packet.
+#[inline(always)]
+fn flow_ports<C: Packet>(ctx: &C, f: &mut Flow) -> Option<()> {
+    match f.proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            f.sport = ctx.read(f.l4)?;
+            f.dport = ctx.read(f.l4 + 2)?;
+            if f.proto == IPPROTO_TCP {
+                f.tcp_flags = ctx.read(f.l4 + 13)?;
+            }
+        }
+        IPPROTO_ICMP => {
+            let t: u8 = ctx.read(f.l4)?;
+            if t == ICMP_ECHO_REQUEST || t == ICMP_ECHO_REPLY {
+                let id: u16 = ctx.read(f.l4 + 4)?;
+                f.sport = id;
+                f.dport = id;
+            } else {
+                f.icmp_error =
+                    t == ICMP_DEST_UNREACH || t == ICMP_TIME_EXCEEDED || t == ICMP_PARAMETER_PROB;
+            }
+        }
+        IPPROTO_ICMPV6 => {
+            let t: u8 = ctx.read(f.l4)?;
+            if t == ICMP6_ECHO_REQUEST || t == ICMP6_ECHO_REPLY {
+                let id: u16 = ctx.read(f.l4 + 4)?;
+                f.sport = id;
+                f.dport = id;
+            } else {
+                // Destination unreachable, packet too big, time
+                // exceeded, parameter problem.
+                f.icmp_error = (1..=ICMP6_PARAM_PROBLEM).contains(&t);
+                // Neighbour and router discovery, and multicast listener
+                // discovery (queries, reports, done, v2 reports), which
+                // a snooping bridge needs to deliver solicited-node
+                // multicast: link-scoped control the link needs.
+                f.ndp = (130..=137).contains(&t) || t == 143;
+            }
+        }
+        _ => {}
+    }
+    Some(())
+}
+
+/// The connection an ICMP(v6) error (`f`) quotes, as the firewall keys it.
+pub struct QuotedFlow {
+    pub proto: u8,
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Reads the packet quoted by the ICMP(v6) error `f`: 8 bytes into the
+/// message, no IPv6 extension headers followed in it; ports for TCP and
+/// UDP, the identifier for echo, none (0) for other protocols.
+#[inline(always)]
+pub fn quoted_flow<C: Packet>(ctx: &C, f: &Flow) -> Option<QuotedFlow> {
+    let l3 = f.l4 + 8;
+    let (proto, saddr, daddr, l4, echo) = if f.family == FAMILY_V6 {
+        let proto: u8 = ctx.read(l3 + IP6_NEXTHDR)?;
+        let saddr: [u32; 4] = ctx.read(l3 + IP6_SADDR)?;
+        let daddr: [u32; 4] = ctx.read(l3 + IP6_DADDR)?;
+        (proto, saddr, daddr, l3 + IP6_HLEN, IPPROTO_ICMPV6)
+    } else {
+        let vihl: u8 = ctx.read(l3)?;
+        if vihl >> 4 != 4 {
+            return None;
+        }
+        let proto: u8 = ctx.read(l3 + IP_PROTO)?;
+        let saddr: u32 = ctx.read(l3 + IP_SADDR)?;
+        let daddr: u32 = ctx.read(l3 + IP_DADDR)?;
+        let l4 = l3 + usize::from(vihl & 0x0f) * 4;
+        (proto, [saddr, 0, 0, 0], [daddr, 0, 0, 0], l4, IPPROTO_ICMP)
+    };
+    let (sport, dport) = quoted_ports(ctx, proto, l4, echo)?.unwrap_or((0, 0));
+    Some(QuotedFlow {
+        proto,
+        saddr,
+        daddr,
+        sport,
+        dport,
+    })
+}
+
+/// The IPv4 header fields routing needs (`forward`).
+pub struct Route {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub proto: u8,
+    pub tos: u8,
+    /// TTL and protocol as the 16-bit word the checksum covers.
+    pub ttl_proto: u16,
+    pub ttl: u8,
+}
+
+/// Reads what routing an IPv4 frame needs; any protocol, options or not.
+#[inline(always)]
+pub fn parse_route<C: Packet>(ctx: &C) -> Option<Route> {
+    if ethertype(ctx)? != ETH_P_IP {
+        return None;
+    }
+    let l3 = ETH_HLEN;
+    let vihl: u8 = ctx.read(l3)?;
+    if vihl >> 4 != 4 {
+        return None;
+    }
+    let ttl_proto: u16 = ctx.read(l3 + IP_TTL)?;
+    let [ttl, proto] = ttl_proto.to_ne_bytes();
+    Some(Route {
+        saddr: ctx.read(l3 + IP_SADDR)?,
+        daddr: ctx.read(l3 + IP_DADDR)?,
+        proto,
+        tos: ctx.read(l3 + IP_TOS)?,
+        ttl_proto,
+        ttl,
+    })
+}
+
+/// The IPv6 header fields routing needs (addresses in network order).
+pub struct Route6 {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub proto: u8,
+    pub hop_limit: u8,
+    /// Version, traffic class and flow label, network order.
+    pub flowinfo: u32,
+}
+
+/// [`parse_route`] for IPv6. Link-local and multicast destinations, which
+/// are not routed, are `None`.
+#[inline(always)]
+pub fn parse_route6<C: Packet>(ctx: &C) -> Option<Route6> {
+    if ethertype(ctx)? != ETH_P_IPV6 {
+        return None;
+    }
+    let l3 = ETH_HLEN;
+    let flowinfo: u32 = ctx.read(l3)?;
+    if u32::from_be(flowinfo) >> 28 != 6 {
+        return None;
+    }
+    let r = Route6 {
+        saddr: ctx.read(l3 + IP6_SADDR)?,
+        daddr: ctx.read(l3 + IP6_DADDR)?,
+        proto: ctx.read(l3 + IP6_NEXTHDR)?,
+        hop_limit: ctx.read(l3 + IP6_HOPLIMIT)?,
+        flowinfo,
+    };
+    if is_link_local6(&r.daddr) || u32::from_be(r.daddr[0]) >> 24 == 0xff {
+        return None;
+    }
+    Some(r)
 }

@@ -54,12 +54,11 @@ use cni_ebpf_common::{
 };
 
 use crate::{
+    frag::Frag,
     parsing::{
-        ETH_HLEN, ETH_PROTO, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, ICMP6_ECHO_REPLY, ICMP6_ECHO_REQUEST,
-        ICMP6_PARAM_PROBLEM, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
-        ICMP_PARAMETER_PROB, ICMP_TIME_EXCEEDED, IP6_HLEN, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS,
-        IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IP_DADDR, IP_PROTO, IP_SADDR,
-        TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
+        ethertype, is_link_local6, parse_flow, parse_flow6, quoted_flow, Flow, ETH_P_ARP, ETH_P_IP,
+        ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_FLAG_ACK,
+        TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
     },
     spoof,
     stats::bump,
@@ -178,181 +177,10 @@ pub fn v6_ip(addr: [u32; 4]) -> IpKey {
     }
 }
 
-/// fe80::/10, network order.
-#[inline(always)]
-pub fn is_link_local6(addr: &[u32; 4]) -> bool {
-    u32::from_be(addr[0]) >> 22 == 0x3fa
-}
-
 #[inline(always)]
 fn now() -> u64 {
     // SAFETY: helper without side effects.
     unsafe { bpf_ktime_get_ns() }
-}
-
-/// Fragment position of a packet.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Frag {
-    None,
-    /// Offset 0 with more fragments: carries the transport header.
-    First,
-    /// Offset > 0: no transport header.
-    Later,
-}
-
-/// An IP packet as the firewall sees it: any protocol; ports for TCP
-/// and UDP, the identifier for ICMP(v6) echo, nothing for the rest.
-/// Addresses in network order, an IPv4 address in the first word.
-struct Flow {
-    l4: usize,
-    family: u8,
-    proto: u8,
-    saddr: [u32; 4],
-    daddr: [u32; 4],
-    /// Network order.
-    sport: u16,
-    dport: u16,
-    tcp_flags: u8,
-    icmp_error: bool,
-    frag: Frag,
-    /// IP identification (network order; IPv6: its low 16 bits), for
-    /// fragments.
-    id: u16,
-    /// ICMPv6 neighbour, router or multicast listener discovery.
-    ndp: bool,
-}
-
-#[inline(always)]
-fn parse_flow(ctx: &TcContext) -> Option<Flow> {
-    let l3 = ETH_HLEN;
-    let vihl: u8 = ctx.load(l3).ok()?;
-    if vihl >> 4 != 4 {
-        return None;
-    }
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    if ihl < 20 {
-        return None;
-    }
-    let frag_field = u16::from_be(ctx.load::<u16>(l3 + 6).ok()?);
-    let frag = if frag_field & 0x1fff != 0 {
-        Frag::Later
-    } else if frag_field & 0x2000 != 0 {
-        Frag::First
-    } else {
-        Frag::None
-    };
-    let mut f = Flow {
-        l4: l3 + ihl,
-        family: FAMILY_V4,
-        proto: ctx.load(l3 + IP_PROTO).ok()?,
-        saddr: [ctx.load(l3 + IP_SADDR).ok()?, 0, 0, 0],
-        daddr: [ctx.load(l3 + IP_DADDR).ok()?, 0, 0, 0],
-        sport: 0,
-        dport: 0,
-        tcp_flags: 0,
-        icmp_error: false,
-        frag,
-        id: ctx.load(l3 + 4).ok()?,
-        ndp: false,
-    };
-    if frag == Frag::Later {
-        return Some(f);
-    }
-    ports(ctx, &mut f)?;
-    Some(f)
-}
-
-/// The IPv6 counterpart of [`parse_flow`]: the fixed header, at most a
-/// hop-by-hop options header and then at most a fragment header before the
-/// transport header.
-#[inline(always)]
-fn parse_flow6(ctx: &TcContext) -> Option<Flow> {
-    let l3 = ETH_HLEN;
-    let vtc: u8 = ctx.load(l3).ok()?;
-    if vtc >> 4 != 6 {
-        return None;
-    }
-    let mut f = Flow {
-        l4: l3 + IP6_HLEN,
-        family: FAMILY_V6,
-        proto: ctx.load(l3 + 6).ok()?,
-        saddr: ctx.load(l3 + 8).ok()?,
-        daddr: ctx.load(l3 + 24).ok()?,
-        sport: 0,
-        dport: 0,
-        tcp_flags: 0,
-        icmp_error: false,
-        frag: Frag::None,
-        id: 0,
-        ndp: false,
-    };
-    if f.proto == IPPROTO_HOPOPTS {
-        // Every MLD message carries one (a router alert).
-        let h: [u8; 2] = ctx.load(f.l4).ok()?;
-        f.proto = h[0];
-        f.l4 += (usize::from(h[1]) + 1) * 8;
-    }
-    if f.proto == IPPROTO_FRAGMENT {
-        let off_m = u16::from_be(ctx.load::<u16>(f.l4 + 2).ok()?);
-        f.proto = ctx.load(f.l4).ok()?;
-        // The low half of the 32-bit identification, network order.
-        f.id = ctx.load(f.l4 + 6).ok()?;
-        f.l4 += 8;
-        if off_m & 0xfff8 != 0 {
-            f.frag = Frag::Later;
-            return Some(f);
-        }
-        if off_m & 1 != 0 {
-            f.frag = Frag::First;
-        }
-    }
-    ports(ctx, &mut f)?;
-    Some(f)
-}
-
-/// Ports (or echo identifier) and flags of a first fragment or whole
-/// packet.
-#[inline(always)]
-fn ports(ctx: &TcContext, f: &mut Flow) -> Option<()> {
-    match f.proto {
-        IPPROTO_TCP | IPPROTO_UDP => {
-            f.sport = ctx.load(f.l4).ok()?;
-            f.dport = ctx.load(f.l4 + 2).ok()?;
-            if f.proto == IPPROTO_TCP {
-                f.tcp_flags = ctx.load(f.l4 + 13).ok()?;
-            }
-        }
-        IPPROTO_ICMP => {
-            let t: u8 = ctx.load(f.l4).ok()?;
-            if t == ICMP_ECHO_REQUEST || t == ICMP_ECHO_REPLY {
-                let id: u16 = ctx.load(f.l4 + 4).ok()?;
-                f.sport = id;
-                f.dport = id;
-            } else {
-                f.icmp_error =
-                    t == ICMP_DEST_UNREACH || t == ICMP_TIME_EXCEEDED || t == ICMP_PARAMETER_PROB;
-            }
-        }
-        IPPROTO_ICMPV6 => {
-            let t: u8 = ctx.load(f.l4).ok()?;
-            if t == ICMP6_ECHO_REQUEST || t == ICMP6_ECHO_REPLY {
-                let id: u16 = ctx.load(f.l4 + 4).ok()?;
-                f.sport = id;
-                f.dport = id;
-            } else {
-                // Destination unreachable, packet too big, time
-                // exceeded, parameter problem.
-                f.icmp_error = (1..=ICMP6_PARAM_PROBLEM).contains(&t);
-                // Neighbour and router discovery, and multicast listener
-                // discovery (queries, reports, done, v2 reports), which
-                // a snooping bridge needs to deliver solicited-node
-                // multicast: link-scoped control the link needs.
-                f.ndp = (130..=137).contains(&t) || t == 143;
-            }
-        }
-        _ => {}
-    }
-    Some(())
 }
 
 #[inline(always)]
@@ -459,73 +287,17 @@ fn tracked(key: &FwCtKey, f: &Flow, dir: u8, ts: u64) -> bool {
 /// went the other way: towards the remote for an error the pod receives.
 #[inline(always)]
 fn related(ctx: &TcContext, ifindex: u32, f: &Flow, dir: u8) -> bool {
-    if f.family == FAMILY_V6 {
-        return related6(ctx, ifindex, f, dir);
-    }
-    let l3 = f.l4 + 8;
-    let Ok(vihl) = ctx.load::<u8>(l3) else {
+    let Some(q) = quoted_flow(ctx, f) else {
         return false;
-    };
-    if vihl >> 4 != 4 {
-        return false;
-    }
-    let l4 = l3 + usize::from(vihl & 0x0f) * 4;
-    let (Ok(proto), Ok(saddr), Ok(daddr)) = (
-        ctx.load::<u8>(l3 + 9),
-        ctx.load::<u32>(l3 + 12),
-        ctx.load::<u32>(l3 + 16),
-    ) else {
-        return false;
-    };
-    let (sport, dport) = match proto {
-        IPPROTO_TCP | IPPROTO_UDP => match (ctx.load::<u16>(l4), ctx.load::<u16>(l4 + 2)) {
-            (Ok(s), Ok(d)) => (s, d),
-            _ => return false,
-        },
-        IPPROTO_ICMP => match ctx.load::<u16>(l4 + 4) {
-            Ok(id) => (id, id),
-            Err(_) => return false,
-        },
-        _ => (0, 0),
-    };
-    let (saddr, daddr) = ([saddr, 0, 0, 0], [daddr, 0, 0, 0]);
-    let key = if dir == fw::DIR_INGRESS {
-        ct_key(ifindex, FAMILY_V4, proto, &saddr, &daddr, sport, dport)
-    } else {
-        ct_key(ifindex, FAMILY_V4, proto, &daddr, &saddr, dport, sport)
-    };
-    // SAFETY: read-only use of a map value during this run.
-    unsafe { FW_CT.get(&key) }.is_some()
-}
-
-/// [`related`] for an ICMPv6 error: the quoted packet starts 8 bytes into
-/// the message (no extension headers followed in it).
-#[inline(always)]
-fn related6(ctx: &TcContext, ifindex: u32, f: &Flow, dir: u8) -> bool {
-    let l3 = f.l4 + 8;
-    let l4 = l3 + IP6_HLEN;
-    let (Ok(proto), Ok(saddr), Ok(daddr)) = (
-        ctx.load::<u8>(l3 + 6),
-        ctx.load::<[u32; 4]>(l3 + 8),
-        ctx.load::<[u32; 4]>(l3 + 24),
-    ) else {
-        return false;
-    };
-    let (sport, dport) = match proto {
-        IPPROTO_TCP | IPPROTO_UDP => match (ctx.load::<u16>(l4), ctx.load::<u16>(l4 + 2)) {
-            (Ok(s), Ok(d)) => (s, d),
-            _ => return false,
-        },
-        IPPROTO_ICMPV6 => match ctx.load::<u16>(l4 + 4) {
-            Ok(id) => (id, id),
-            Err(_) => return false,
-        },
-        _ => (0, 0),
     };
     let key = if dir == fw::DIR_INGRESS {
-        ct_key(ifindex, FAMILY_V6, proto, &saddr, &daddr, sport, dport)
+        ct_key(
+            ifindex, f.family, q.proto, &q.saddr, &q.daddr, q.sport, q.dport,
+        )
     } else {
-        ct_key(ifindex, FAMILY_V6, proto, &daddr, &saddr, dport, sport)
+        ct_key(
+            ifindex, f.family, q.proto, &q.daddr, &q.saddr, q.dport, q.sport,
+        )
     };
     // SAFETY: read-only use of a map value during this run.
     unsafe { FW_CT.get(&key) }.is_some()
@@ -780,7 +552,7 @@ pub fn fw_to_pod(ctx: TcContext) -> i32 {
         bump(stat::FW_DROPPED);
         return TC_ACT_SHOT;
     };
-    let Ok(ethertype) = ctx.load::<u16>(ETH_PROTO).map(u16::from_be) else {
+    let Some(ethertype) = ethertype(&ctx) else {
         return TC_ACT_SHOT;
     };
     judge(&ctx, ifindex, &cfg, fw::DIR_INGRESS, ethertype)

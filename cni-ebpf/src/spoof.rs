@@ -18,10 +18,10 @@ use cni_ebpf_common::{fw, FwAttach};
 
 use crate::{
     parsing::{
-        ETH_HLEN, ETH_PROTO, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, IP6_HLEN, IP6_NEXTHDR, IP6_SADDR,
-        IPPROTO_HOPOPTS, IPPROTO_ICMPV6, IP_SADDR,
+        ethertype, is_link_local6, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, IP6_HLEN,
+        IP6_NEXTHDR, IP6_SADDR, IPPROTO_HOPOPTS, IPPROTO_ICMPV6, IP_SADDR,
     },
-    policy::{endpoint, endpoint_of, is_link_local6, v6_ip},
+    policy::{endpoint, endpoint_of, v6_ip},
 };
 
 /// Offsets in an Ethernet/IPv4 ARP packet.
@@ -140,10 +140,7 @@ pub fn check_from_pod(ctx: &TcContext, ifindex: u32, cfg: &FwAttach) -> Result<u
     if !mac_is(ctx, 6, &cfg.mac) {
         return Err(fw::STAT_SPOOFED_MAC);
     }
-    let ethertype = u16::from_be(
-        ctx.load::<u16>(ETH_PROTO)
-            .map_err(|_| fw::STAT_OTHER_DROPPED)?,
-    );
+    let ethertype = ethertype(ctx).ok_or(fw::STAT_OTHER_DROPPED)?;
     match ethertype {
         ETH_P_IP => {
             let saddr: u32 = ctx
