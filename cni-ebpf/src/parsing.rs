@@ -554,6 +554,18 @@ pub fn parse_icmp6_error<C: Packet>(ctx: &C, outer: &Ipv6Packet) -> Option<Icmp6
     })
 }
 
+/// The header after an IPv6 hop-by-hop options header at `l4` (its
+/// protocol and offset), or `proto` and `l4` themselves if `proto` is not
+/// one: the firewall and anti-spoofing follow this one extension header.
+#[inline(always)]
+pub fn skip_hop_by_hop<C: Packet>(ctx: &C, proto: u8, l4: usize) -> Option<(u8, usize)> {
+    if proto != IPPROTO_HOPOPTS {
+        return Some((proto, l4));
+    }
+    let h: [u8; 2] = ctx.read(l4)?;
+    Some((h[0], l4 + (usize::from(h[1]) + 1) * 8))
+}
+
 /// The ports of a quoted transport header at `l4`: TCP or UDP ports, the
 /// identifier of an echo of protocol `echo` (ICMP or ICMPv6) for both;
 /// `Some(None)` for other protocols, `None` if the quote is cut short.
@@ -639,12 +651,8 @@ pub fn parse_flow6<C: Packet>(ctx: &C) -> Option<Flow> {
         id: 0,
         ndp: false,
     };
-    if f.proto == IPPROTO_HOPOPTS {
-        // Every MLD message carries one (a router alert).
-        let h: [u8; 2] = ctx.read(f.l4)?;
-        f.proto = h[0];
-        f.l4 += (usize::from(h[1]) + 1) * 8;
-    }
+    // Every MLD message carries one (a router alert).
+    (f.proto, f.l4) = skip_hop_by_hop(ctx, f.proto, f.l4)?;
     if f.proto == IPPROTO_FRAGMENT {
         let off_m = u16::from_be(ctx.read::<u16>(f.l4 + 2)?);
         f.proto = ctx.read(f.l4)?;

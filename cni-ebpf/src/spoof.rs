@@ -18,8 +18,8 @@ use cni_ebpf_common::{fw, FwAttach};
 
 use crate::{
     parsing::{
-        ethertype, is_link_local6, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, IP6_HLEN,
-        IP6_NEXTHDR, IP6_SADDR, IPPROTO_HOPOPTS, IPPROTO_ICMPV6, IP_SADDR,
+        ethertype, is_link_local6, skip_hop_by_hop, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6,
+        IP6_HLEN, IP6_NEXTHDR, IP6_SADDR, IPPROTO_ICMPV6, IP_SADDR,
     },
     policy::{endpoint, endpoint_of, v6_ip},
 };
@@ -86,16 +86,11 @@ const ND_MAX_OPTS: usize = 4;
 #[inline(always)]
 fn check_nd(ctx: &TcContext, ifindex: u32, cfg: &FwAttach) -> Result<(), usize> {
     let l3 = ETH_HLEN;
-    let mut next: u8 = ctx
+    let next: u8 = ctx
         .load(l3 + IP6_NEXTHDR)
         .map_err(|_| fw::STAT_SPOOFED_ND)?;
-    let mut l4 = l3 + IP6_HLEN;
-    if next == IPPROTO_HOPOPTS {
-        // As policy.rs follows it: ND behind it must not skip the checks.
-        let h: [u8; 2] = ctx.load(l4).map_err(|_| fw::STAT_SPOOFED_ND)?;
-        next = h[0];
-        l4 += (usize::from(h[1]) + 1) * 8;
-    }
+    // As the firewall follows it: ND behind it must not skip the checks.
+    let (next, l4) = skip_hop_by_hop(ctx, next, l3 + IP6_HLEN).ok_or(fw::STAT_SPOOFED_ND)?;
     if next != IPPROTO_ICMPV6 {
         return Ok(());
     }
