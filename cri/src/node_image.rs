@@ -22,6 +22,12 @@ pub const BINARIES: [&str; 7] = [
     "loopback",
 ];
 
+/// The CNI plugins among [`BINARIES`] (all but the agent): what a runtime
+/// needs in its bin dir to run our conflists (containerd also runs
+/// `loopback` for every sandbox). One list, for the tests' and the xtask's
+/// containerd bin dirs as for the image.
+pub const PLUGINS: &[&str] = BINARIES.split_at(1).1;
+
 /// Where the binaries go in the image (on the image's PATH).
 pub const BIN_DIR: &str = "/usr/local/bin";
 

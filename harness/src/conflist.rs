@@ -3,8 +3,7 @@
 //! config with the list's name and cniVersion, `prevResult`, and the
 //! `runtimeConfig` of the capabilities it declares). Written against the
 //! spec independently of the product's spec layer, so it can serve as a
-//! witness; how the plugin process is then run (and how its failure is
-//! reported) is the caller's: the tests' `Runtime`, the xtask's timed one.
+//! witness; the plugin process is then run by [`crate::runtime`].
 use std::path::Path;
 
 use serde_json::{json, Map, Value};

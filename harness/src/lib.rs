@@ -1,16 +1,20 @@
 //! What the end-to-end tests (`cni-tests`) and the xtask's demo and
 //! benchmark both need to stand up a node: network namespaces that remove
 //! themselves and ways into them ([`netns`]), scratch directories
-//! ([`tempdir`]), a GET of a pod's web page ([`http`]), and the part of a
-//! CNI runtime that turns a conflist into each plugin's stdin
-//! ([`conflist`]). One copy, so a fix to how a namespace is made or a
-//! plugin is fed reaches both.
+//! ([`tempdir`]), a GET of a pod's web page ([`http`]), and a CNI runtime:
+//! what it hands each plugin of a conflist ([`conflist`]), how it runs one
+//! plugin ([`invoke`]) and how it runs a conflist ([`runtime`]). One copy,
+//! so a fix to how a namespace is made or a plugin is fed reaches both.
 //!
 //! Every constructor has a fallible form (`create`, for the xtask, which
 //! reports errors) and, where the tests want one, a panicking form (`new`).
+//! Running plugins only has the fallible form; the tests panic at their
+//! call sites.
 pub mod conflist;
 pub mod http;
+pub mod invoke;
 pub mod netns;
+pub mod runtime;
 pub mod tempdir;
 
 use std::path::{Path, PathBuf};

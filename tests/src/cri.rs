@@ -34,14 +34,7 @@ pub const WORKLOAD_PORT: u16 = 8080;
 pub const WORKLOAD_PAYLOAD: &str = "served by the CRI workload container\n";
 /// The plugins containerd needs from the bin dir, ours and the reference's
 /// names side by side (containerd runs `loopback` for every sandbox).
-pub const OUR_PLUGINS: &[&str] = &[
-    "ebpf-bridge",
-    "ebpf-host-local",
-    "ebpf-portmap",
-    "ebpf-firewall",
-    "ebpf-bandwidth",
-    "loopback",
-];
+pub const OUR_PLUGINS: &[&str] = cni_cri::node_image::PLUGINS;
 
 /// The reference plugins the conflist (and containerd's loopback) needs.
 pub const REFERENCE_PLUGINS: &[&str] = &[

@@ -19,7 +19,7 @@
 //! ```
 //! Every namespace and directory is a guard removed on drop, so a failing
 //! test leaves nothing behind; nothing here touches the root namespace
-//! (plugins run under `nsenter --net=<node netns>`).
+//! (plugins run in the node namespace, entered by the child before exec).
 pub mod agent;
 pub mod agentctl;
 pub mod bpffs;
@@ -46,13 +46,17 @@ pub use cni_harness::{netns, tempdir};
 pub mod prelude {
     pub use crate::diff::assert_json_eq;
     pub use crate::netns::NetNs;
-    pub use crate::plugin::{ours_binary, CniErrorOut, Impl, Invocation, Outcome, REFERENCE_DIR};
+    pub use crate::plugin::{
+        ours_binary, CniErrorOut, Expect, Impl, Invocation, Outcome, Ran, REFERENCE_DIR,
+    };
     pub use crate::poll::{eventually, wait_until, SETTLE};
     pub use crate::require_e2e;
     pub use crate::result::{
         assert_result_matches_kernel, normalize_result, result_addresses, ResultNorm,
     };
-    pub use crate::runtime::{conflist_of, with_prev_result, Attachment, GcKey, Runtime};
+    pub use crate::runtime::{
+        conflist_of, with_prev_result, Attachment, GcKey, Runtime, RuntimeExt,
+    };
     pub use crate::snapshot::{kernel_state, NodeSnapshot, Normalize};
     pub use crate::tempdir::TempDir;
     pub use crate::topology::{

@@ -1,17 +1,21 @@
 //! Finding and running CNI plugin binaries: ours (built by cargo) and the
 //! reference ones (Debian containernetworking-plugins in /usr/lib/cni).
 //!
-//! A plugin always runs inside a "node" namespace (`nsenter --net=...`) so
-//! that whatever it does to "the host" happens there, never in the root
-//! namespace. Each run has a deadline: a hung plugin fails the test instead of
-//! hanging the suite.
-use std::fmt;
-use std::io::{Read, Write};
+//! A plugin always runs inside a "node" namespace (the child `setns`es into
+//! it before exec) so that whatever it does to "the host" happens there,
+//! never in the root namespace. Each run has a deadline: a hung plugin fails
+//! the test instead of hanging the suite.
+//!
+//! How a plugin is run is `cni_harness::invoke`, shared with the xtask; what
+//! is here is the tests' side: which binaries, and assertions that panic
+//! with the run's description ([`Expect`], [`Ran`]).
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use anyhow::Result;
 use serde_json::Value;
+
+pub use cni_harness::invoke::{CniError as CniErrorOut, Invocation, NodeNs, Outcome};
 
 use crate::netns::NetNs;
 
@@ -89,247 +93,89 @@ impl Impl {
     }
 }
 
-/// One plugin execution's environment and stdin. `None` leaves the variable
-/// unset, which the bad-input tests need.
-#[derive(Debug, Clone, Default)]
-pub struct Invocation {
-    pub command: Option<String>,
-    pub container_id: Option<String>,
-    pub netns: Option<String>,
-    pub ifname: Option<String>,
-    pub args: Option<String>,
-    pub path: Option<String>,
-    pub stdin: Vec<u8>,
-    /// Additional environment (e.g. RUST_LOG).
-    pub extra_env: Vec<(String, String)>,
+/// Runs `inv` on `binary` inside `node` (or in the caller's namespace if
+/// `None`, only for verbs that touch no network state, like VERSION), with
+/// the tests' deadline; panics if the plugin could not be run at all.
+#[track_caller]
+pub fn run(inv: &Invocation, node: Option<&NetNs>, binary: &Path) -> Outcome {
+    let ns = node.map(|n| NodeNs::open(n.path()).unwrap_or_else(|e| panic!("{e:#}")));
+    inv.run(binary, ns.as_ref(), Some(plugin_timeout()))
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-impl Invocation {
-    pub fn new(command: &str) -> Invocation {
-        Invocation {
-            command: Some(command.to_string()),
-            ..Default::default()
-        }
-    }
-    pub fn container(mut self, id: &str) -> Self {
-        self.container_id = Some(id.to_string());
-        self
-    }
-    pub fn netns(mut self, path: &str) -> Self {
-        self.netns = Some(path.to_string());
-        self
-    }
-    pub fn ifname(mut self, name: &str) -> Self {
-        self.ifname = Some(name.to_string());
-        self
-    }
-    pub fn args(mut self, args: &str) -> Self {
-        self.args = Some(args.to_string());
-        self
-    }
-    pub fn path(mut self, path: &str) -> Self {
-        self.path = Some(path.to_string());
-        self
-    }
-    pub fn stdin(mut self, bytes: impl Into<Vec<u8>>) -> Self {
-        self.stdin = bytes.into();
-        self
-    }
-    pub fn stdin_json(self, conf: &Value) -> Self {
-        self.stdin(serde_json::to_vec(conf).expect("serialise config"))
-    }
-    pub fn env(mut self, k: &str, v: &str) -> Self {
-        self.extra_env.push((k.to_string(), v.to_string()));
-        self
-    }
+/// The outcome of a run that had to happen: panics (with why) when the
+/// plugin could not be run, or, for an operation's error, when no plugin
+/// failed (the runtime itself did).
+pub trait Ran {
+    fn ran(self) -> Outcome;
+}
 
-    /// Runs `binary` inside `node` (or in the caller's namespace if `None`,
-    /// only for verbs that touch no network state, like VERSION).
-    pub fn run(&self, node: Option<&NetNs>, binary: &Path) -> Outcome {
-        let mut cmd = match node {
-            Some(ns) => ns.command(binary),
-            None => Command::new(binary),
-        };
-        cmd.env_clear();
-        cmd.env(
-            "PATH",
-            std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into()),
-        );
-        for k in ["RUST_LOG", "RUST_BACKTRACE"] {
-            if let Ok(v) = std::env::var(k) {
-                cmd.env(k, v);
-            }
-        }
-        let vars = [
-            ("CNI_COMMAND", &self.command),
-            ("CNI_CONTAINERID", &self.container_id),
-            ("CNI_NETNS", &self.netns),
-            ("CNI_IFNAME", &self.ifname),
-            ("CNI_ARGS", &self.args),
-            ("CNI_PATH", &self.path),
-        ];
-        for (k, v) in vars {
-            if let Some(v) = v {
-                cmd.env(k, v);
-            }
-        }
-        for (k, v) in &self.extra_env {
-            cmd.env(k, v);
-        }
-        let what = format!(
-            "{} {} [{}] in {}",
-            self.command.as_deref().unwrap_or("<no CNI_COMMAND>"),
-            binary.display(),
-            vars.iter()
-                .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}")))
-                .collect::<Vec<_>>()
-                .join(" "),
-            node.map(|n| n.name()).unwrap_or("the caller's netns"),
-        );
-        run_with_deadline(cmd, &self.stdin, plugin_timeout(), what)
+impl Ran for Result<Outcome> {
+    #[track_caller]
+    fn ran(self) -> Outcome {
+        self.unwrap_or_else(|e| panic!("plugin not run: {e:#}"))
     }
 }
 
-/// Runs `cmd` feeding `stdin`, killing it after `timeout`.
-fn run_with_deadline(mut cmd: Command, stdin: &[u8], timeout: Duration, what: String) -> Outcome {
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-    let mut child_stdin = child.stdin.take().expect("stdin piped");
-    let input = stdin.to_vec();
-    // A plugin may exit without reading stdin (EPIPE is fine).
-    let writer = std::thread::spawn(move || {
-        let _ = child_stdin.write_all(&input);
-    });
-    let mut out = child.stdout.take().expect("stdout piped");
-    let mut err = child.stderr.take().expect("stderr piped");
-    let out_reader = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        let _ = out.read_to_end(&mut b);
-        b
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        let _ = err.read_to_end(&mut b);
-        b
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break s,
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{what}: still running after {timeout:?}, killed");
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => panic!("{what}: wait failed: {e}"),
+impl Ran for anyhow::Error {
+    #[track_caller]
+    fn ran(self) -> Outcome {
+        match self.downcast::<Outcome>() {
+            Ok(out) => out,
+            Err(e) => panic!("no plugin failed, the runtime did: {e:#}"),
         }
-    };
-    let _ = writer.join();
-    let stdout = String::from_utf8_lossy(&out_reader.join().unwrap_or_default()).into_owned();
-    let stderr = String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).into_owned();
-    Outcome {
-        what,
-        exit_code: status.code(),
-        stdout,
-        stderr,
     }
 }
 
-/// What a plugin run produced.
-#[derive(Debug, Clone)]
-pub struct Outcome {
-    /// Human description of the run, for failure messages.
-    pub what: String,
-    /// `None` when killed by a signal.
-    pub exit_code: Option<i32>,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-/// The spec's error object, as printed on stdout by a failing plugin.
-#[derive(Debug, Clone)]
-pub struct CniErrorOut {
-    pub code: u64,
-    pub msg: String,
-    pub details: String,
-    pub cni_version: Option<String>,
-    pub raw: Value,
-}
-
-impl Outcome {
-    pub fn success(&self) -> bool {
-        self.exit_code == Some(0)
-    }
-
-    /// stdout parsed as JSON (None if empty or not JSON).
-    pub fn json(&self) -> Option<Value> {
-        serde_json::from_str(&self.stdout).ok()
-    }
-
+/// Assertions on a plugin run.
+pub trait Expect {
     /// Panics unless the plugin exited 0; returns its stdout JSON (Null if
     /// stdout was empty, as for DEL).
-    #[track_caller]
-    pub fn expect_success(&self) -> Value {
-        assert!(self.success(), "plugin failed: {self}");
-        if self.stdout.trim().is_empty() {
-            return Value::Null;
-        }
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self}"))
-    }
-
+    fn expect_success(&self) -> Value;
     /// Panics unless the plugin failed the spec's way (non-zero exit, error
     /// JSON with `code` and `msg` on stdout); returns the error.
+    fn expect_error(&self) -> CniErrorOut;
+}
+
+impl Expect for Outcome {
     #[track_caller]
-    pub fn expect_error(&self) -> CniErrorOut {
-        assert!(
-            self.exit_code.is_some() && !self.success(),
-            "expected a CNI error, got: {self}"
-        );
-        let v = self
-            .json()
-            .unwrap_or_else(|| panic!("a failing plugin must print error JSON on stdout: {self}"));
-        let code = v
-            .get("code")
-            .and_then(Value::as_u64)
-            .unwrap_or_else(|| panic!("error JSON without numeric `code`: {self}"));
-        let msg = v
-            .get("msg")
-            .and_then(Value::as_str)
-            .unwrap_or_else(|| panic!("error JSON without `msg`: {self}"))
-            .to_string();
-        assert!(!msg.trim().is_empty(), "empty error msg: {self}");
-        CniErrorOut {
-            code,
-            msg,
-            details: v
-                .get("details")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
-            cni_version: v
-                .get("cniVersion")
-                .and_then(Value::as_str)
-                .map(str::to_string),
-            raw: v,
+    fn expect_success(&self) -> Value {
+        self.result()
+            .unwrap_or_else(|e| panic!("plugin failed: {e:#}"))
+    }
+    #[track_caller]
+    fn expect_error(&self) -> CniErrorOut {
+        self.error().unwrap_or_else(|e| panic!("{e:#}"))
+    }
+}
+
+impl Expect for Result<Outcome> {
+    #[track_caller]
+    fn expect_success(&self) -> Value {
+        match self {
+            Ok(out) => out.expect_success(),
+            Err(e) => panic!("plugin not run: {e:#}"),
+        }
+    }
+    #[track_caller]
+    fn expect_error(&self) -> CniErrorOut {
+        match self {
+            Ok(out) => out.expect_error(),
+            Err(e) => panic!("plugin not run: {e:#}"),
         }
     }
 }
 
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}\n  exit: {:?}\n  stdout: {}\n  stderr: {}",
-            self.what,
-            self.exit_code,
-            self.stdout.trim(),
-            self.stderr.trim()
-        )
+impl Expect for anyhow::Error {
+    #[track_caller]
+    fn expect_success(&self) -> Value {
+        panic!("plugin failed: {self:#}")
+    }
+    #[track_caller]
+    fn expect_error(&self) -> CniErrorOut {
+        match self.downcast_ref::<Outcome>() {
+            Some(out) => out.expect_error(),
+            None => panic!("expected a plugin's CNI error, the runtime failed: {self:#}"),
+        }
     }
 }

@@ -52,8 +52,8 @@ impl Node {
     }
 
     /// A runtime running `imp`'s plugins inside this node.
-    pub fn runtime(&self, imp: Impl) -> Runtime<'_> {
-        Runtime::new(&self.ns, imp)
+    pub fn runtime(&self, imp: Impl) -> Runtime {
+        crate::runtime::runtime(&self.ns, imp)
     }
 
     /// A new pod namespace (the caller owns it; drop deletes it).

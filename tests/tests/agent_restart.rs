@@ -467,7 +467,7 @@ fn add_while_agent_down_fails_cleanly() {
             .node
             .snapshot(&[&warm, &pod])
             .without_files(&["last_reserved_ip."]);
-        let out = rt.exec("ADD", &att, &conf);
+        let out = rt.exec("ADD", &att, &conf).ran();
         let err = out.expect_error();
         assert_eq!(err.code, 11, "ADD with the agent down ({signal}): {out}");
         fx.node

@@ -52,7 +52,7 @@ fn run_case(name: &str, case: Case, imp: Impl) {
     if inv.stdin.is_empty() {
         inv = inv.stdin_json(&conf);
     }
-    let out = rt.invoke(imp.bridge_type(), inv);
+    let out = rt.invoke(imp.bridge_type(), inv).ran();
     let err = out.expect_error();
     assert!(
         case.codes.contains(&err.code),

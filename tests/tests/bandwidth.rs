@@ -108,7 +108,7 @@ impl Fixture {
         Attachment::new(id, &self.pod, "eth0")
     }
 
-    fn rt(&self) -> Runtime<'_> {
+    fn rt(&self) -> Runtime {
         self.node.runtime(Impl::Ours)
     }
 
@@ -137,7 +137,9 @@ impl Fixture {
         att: &Attachment,
         prev: Option<&Value>,
     ) -> Outcome {
-        self.rt().exec(verb, att, &plugin_conf(list, 1, prev, att))
+        self.rt()
+            .exec(verb, att, &plugin_conf(list, 1, prev, att))
+            .ran()
     }
 
     fn rate_limits(&self) -> Vec<Value> {

@@ -62,7 +62,7 @@ fn crash_then_clean(tag: &str, point: Point) {
             .stdin_json(&conf);
         match point {
             Point::Plugin(p) => {
-                let out = rt.invoke("ebpf-bridge", inv.env(CRASH_ENV, p));
+                let out = rt.invoke("ebpf-bridge", inv.env(CRASH_ENV, p)).ran();
                 assert_eq!(
                     out.exit_code, None,
                     "{ctx}: the plugin must die at the crash point: {out}"
@@ -71,7 +71,7 @@ fn crash_then_clean(tag: &str, point: Point) {
             Point::Agent(p) => {
                 agent.terminate();
                 agent = AgentProc::start_with_env(&node, &[], &[(CRASH_ENV, p)]);
-                let out = rt.invoke("ebpf-bridge", inv);
+                let out = rt.invoke("ebpf-bridge", inv).ran();
                 let status = agent.wait_exit(Duration::from_secs(10));
                 assert_eq!(
                     std::os::unix::process::ExitStatusExt::signal(&status),

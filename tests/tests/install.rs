@@ -251,10 +251,7 @@ fn installed_conflist_serves_a_pod_rerun_is_a_noop_uninstall_restores() {
 
     // A pod through the installed conflist, plugins found only in the
     // installed bin dir.
-    let rt = Runtime {
-        node: &node.ns,
-        cni_path: vec![bin.clone()],
-    };
+    let rt = cni_tests::runtime::runtime_with_path(&node.ns, vec![bin.clone()]);
     let pod = node.pod("instpod");
     let mut att = Attachment::new("inst-ctr", &pod, "eth0");
     att.capability_args.insert(

@@ -28,7 +28,7 @@ fn call(imp: Impl, verb: &str, version: &str, node: &NetNs, pod: Option<&NetNs>)
     if let Some(pod) = pod {
         inv = inv.netns(pod.path_str());
     }
-    inv.run(Some(node), &binary(imp))
+    cni_tests::plugin::run(&inv, Some(node), &binary(imp))
 }
 
 fn lo_is_up(pod: &NetNs) -> bool {
@@ -110,12 +110,12 @@ fn loopback_del_after_the_netns_is_gone() {
     call(Impl::Ours, "ADD", "1.0.0", &node, Some(&pod)).expect_success();
     let path = pod.path_str().to_string();
     pod.delete();
-    let out = Invocation::new("DEL")
+    let inv = Invocation::new("DEL")
         .container("loopback-ctr")
         .ifname("lo")
         .netns(&path)
         .path(REFERENCE_DIR)
-        .stdin_json(&conf("1.0.0"))
-        .run(Some(&node), &binary(Impl::Ours));
+        .stdin_json(&conf("1.0.0"));
+    let out = cni_tests::plugin::run(&inv, Some(&node), &binary(Impl::Ours));
     out.expect_success();
 }

@@ -64,7 +64,7 @@ fn conflicts_and_bad_input_change_nothing() {
         att.capability_args.insert("portMappings".into(), mappings);
         let mut conf = plugin_conf(&list, 1, Some(&bridge_result), &att);
         merge(&mut conf, &extra);
-        rt.exec("ADD", &att, &conf)
+        rt.exec("ADD", &att, &conf).ran()
     };
     let (snap, agent_view) = observable(&fx, &[&pod1.ns, &ns2]);
     assert_eq!(agent_view["hostPorts"], 3);
@@ -372,11 +372,13 @@ fn check_detects_a_missing_map_entry() {
     other
         .capability_args
         .insert("portMappings".into(), json!([mapping(30159, 80, "tcp")]));
-    let out = rt.exec(
-        "CHECK",
-        &other,
-        &plugin_conf(&list, 1, Some(&pod.result), &other),
-    );
+    let out = rt
+        .exec(
+            "CHECK",
+            &other,
+            &plugin_conf(&list, 1, Some(&pod.result), &other),
+        )
+        .ran();
     assert!(
         !out.success(),
         "CHECK of a mapping never added passed: {out}"
@@ -402,11 +404,13 @@ fn check_detects_a_missing_map_entry() {
     map.remove(&key).expect("remove the entry");
     assert_eq!(fx.status()["hostPorts"], 1);
 
-    let out = rt.exec(
-        "CHECK",
-        &pod.att,
-        &plugin_conf(&list, 1, Some(&pod.result), &pod.att),
-    );
+    let out = rt
+        .exec(
+            "CHECK",
+            &pod.att,
+            &plugin_conf(&list, 1, Some(&pod.result), &pod.att),
+        )
+        .ran();
     let err = out.expect_error();
     assert!(
         err.msg.contains("missing") || err.msg.contains(&HP.to_string()),

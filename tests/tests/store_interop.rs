@@ -24,7 +24,7 @@ fn ipam(
     } else {
         with_prev_result(&conf, None)
     };
-    rt.exec_plugin(ipam_type, verb, att, &conf)
+    rt.exec_plugin(ipam_type, verb, att, &conf).ran()
 }
 
 fn single_address(result: &Value) -> String {

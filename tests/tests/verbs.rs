@@ -323,9 +323,8 @@ fn version_output() {
             &br#"{"cniVersion":"0.3.1"}"#[..],
             b"",
         ] {
-            let out = Invocation::new("VERSION")
-                .stdin(stdin.to_vec())
-                .run(Some(&node.ns), &path);
+            let inv = Invocation::new("VERSION").stdin(stdin.to_vec());
+            let out = cni_tests::plugin::run(&inv, Some(&node.ns), &path);
             let v = out.expect_success();
             assert!(
                 v["cniVersion"].is_string(),
@@ -359,10 +358,12 @@ fn status_host_local_ok() {
     require_e2e!();
     let node = Node::new("sthl");
     let rt = node.runtime(Impl::Ours);
-    let out = rt.invoke(
-        "ebpf-host-local",
-        Invocation::new("STATUS").stdin_json(&ipam_status_conf(&node, "1.1.0")),
-    );
+    let out = rt
+        .invoke(
+            "ebpf-host-local",
+            Invocation::new("STATUS").stdin_json(&ipam_status_conf(&node, "1.1.0")),
+        )
+        .ran();
     assert!(
         out.success(),
         "host-local STATUS with a usable dataDir: {out}"
@@ -380,10 +381,12 @@ fn status_needs_1_1_0() {
     require_e2e!();
     let node = Node::new("stver");
     let rt = node.runtime(Impl::Ours);
-    let out = rt.invoke(
-        "ebpf-host-local",
-        Invocation::new("STATUS").stdin_json(&ipam_status_conf(&node, "1.0.0")),
-    );
+    let out = rt
+        .invoke(
+            "ebpf-host-local",
+            Invocation::new("STATUS").stdin_json(&ipam_status_conf(&node, "1.0.0")),
+        )
+        .ran();
     assert_eq!(
         out.expect_error().code,
         1,

@@ -33,14 +33,7 @@ pub const PAYLOAD: &str = "hello from a pod that containerd started\n";
 
 /// Our plugins containerd needs in its one bin dir (it runs `loopback`
 /// for every sandbox).
-pub const OUR_PLUGINS: [&str; 6] = [
-    "ebpf-bridge",
-    "ebpf-host-local",
-    "ebpf-portmap",
-    "ebpf-firewall",
-    "ebpf-bandwidth",
-    "loopback",
-];
+pub const OUR_PLUGINS: &[&str] = cni_cri::node_image::PLUGINS;
 /// The reference plugins' directory (it has `loopback` too).
 pub const REFERENCE_DIR: &str = "/usr/lib/cni";
 
@@ -111,7 +104,7 @@ impl Cri {
                 std::fs::create_dir_all(&d)?;
                 // Every plugin of ours that is built; containerd cannot run
                 // a sandbox without `loopback`.
-                for p in OUR_PLUGINS {
+                for &p in OUR_PLUGINS {
                     let target = build.join(p);
                     if !target.is_file() {
                         if p == "loopback" {

@@ -284,7 +284,7 @@ impl Demo {
     fn namespaces(&mut self) -> Result<()> {
         let node = NetNs::create("cnidemo-node")?.lo_up()?;
         println!("    node: {}", node.name());
-        self.runtime = Some(Runtime::new(
+        self.runtime = Some(cni::runtime(
             node.path(),
             vec![self.bin_dir.clone(), PathBuf::from(REFERENCE_DIR)],
         )?);
@@ -436,7 +436,7 @@ impl Demo {
                 "    ADD {} (CNI_CONTAINERID={} CNI_NETNS={} CNI_IFNAME={})",
                 pod.label, pod.att.container_id, pod.att.netns, pod.att.ifname
             );
-            let res = rt.add(list, &pod.att)?;
+            let res = rt.add_list(&list.raw, &pod.att)?;
             for line in serde_json::to_string_pretty(&res)?.lines() {
                 println!("      {line}");
             }
@@ -502,7 +502,7 @@ impl Demo {
         let (rt, list) = self.rt()?;
         for pod in &self.pods {
             let cached = pod.result.as_ref().context("no cached result")?;
-            match rt.check(list, &pod.att, cached) {
+            match rt.check_list(&list.raw, &pod.att, cached) {
                 Ok(()) => println!("    CHECK {}: ok", pod.label),
                 // The reference portmap (v1.1.1) fails its own CHECK on a
                 // node without IPv6 chains: shown, not fatal, for it.
@@ -726,11 +726,11 @@ impl Demo {
         }
         let (rt, list) = self.rt()?;
         for pod in &self.pods {
-            rt.del(list, &pod.att, pod.result.as_ref())?;
+            rt.del_list(&list.raw, &pod.att, pod.result.as_ref())?;
             println!("    DEL {}: ok", pod.label);
         }
         for pod in &self.pods {
-            rt.del(list, &pod.att, pod.result.as_ref())?;
+            rt.del_list(&list.raw, &pod.att, pod.result.as_ref())?;
             println!("    DEL {} again: ok", pod.label);
         }
         Ok(())

@@ -252,7 +252,7 @@ impl Session {
             Impl::Ours => vec![env.bin_dir.clone(), PathBuf::from(REFERENCE_DIR)],
             _ => vec![PathBuf::from(REFERENCE_DIR)],
         };
-        let rt = Runtime::new(node.path(), cni_path)?;
+        let rt = cni::runtime(node.path(), cni_path)?;
         Ok(Session {
             imp,
             pods: Vec::new(),
@@ -311,7 +311,7 @@ impl Session {
         let t = Instant::now();
         let (res, plugin_ms) = self
             .rt
-            .add_timed(&self.list, &att)
+            .add_list_timed(&self.list.raw, &att)
             .with_context(|| format!("{} ADD of {}", self.imp.key(), spec.name))?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let cpu_ms = cost::children_cpu_ms() - cpu0;
@@ -340,7 +340,7 @@ impl Session {
         let t = Instant::now();
         let plugin_ms = self
             .rt
-            .del_timed(&self.list, &pod.att, pod.result.as_ref())
+            .del_list_timed(&self.list.raw, &pod.att, pod.result.as_ref())
             .with_context(|| format!("{} DEL of {}", self.imp.key(), pod.name))?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let cpu_ms = cost::children_cpu_ms() - cpu0;
