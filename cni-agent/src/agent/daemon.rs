@@ -9,7 +9,7 @@ use std::{
         Arc,
     },
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use aya::{programs::cgroup_sock_addr::CgroupSockAddr, Ebpf};
@@ -268,6 +268,45 @@ fn attach_cgroup(
     Ok(())
 }
 
+/// Paces the NAT sweeper. The agent reads the tables with one syscall per
+/// key and one per value (aya has no batch reads), so a sweep of a node
+/// that opens thousands of connections a second walks tens of thousands of
+/// bindings: swept every scan interval, that was a fifth of a CPU taken
+/// from the pods. The next sweep waits until the last one is at most
+/// `1 / SWEEP_DUTY` of the time since, never longer than `SWEEP_MAX_GAP`.
+/// A small table sweeps in microseconds and keeps the scan interval; the
+/// datapath takes over closed bindings' ports itself, so a later sweep
+/// costs memory, never a connection.
+#[derive(Default)]
+struct Sweep {
+    next: Option<Instant>,
+}
+
+/// The sweeper's share of one CPU is at most 1 / SWEEP_DUTY.
+const SWEEP_DUTY: u32 = 20;
+/// A binding outlives its timeout by at most this much (plus one sweep).
+const SWEEP_MAX_GAP: Duration = Duration::from_secs(30);
+
+impl Sweep {
+    fn run(&mut self, interval: Duration, sweep: impl FnOnce()) {
+        let start = Instant::now();
+        if self.next.is_some_and(|next| start < next) {
+            return;
+        }
+        sweep();
+        let took = start.elapsed();
+        let gap = (took * SWEEP_DUTY).clamp(interval, SWEEP_MAX_GAP.max(interval));
+        if gap > interval {
+            log::debug!(
+                "NAT sweep took {} ms; next in {} s",
+                took.as_millis(),
+                gap.as_secs()
+            );
+        }
+        self.next = Some(start + gap);
+    }
+}
+
 /// Logs masquerade packets dropped for want of a free source port: the
 /// datapath only counts them (`cni-agent status` shows the counter), the
 /// agent says so once per scan interval when the count grew.
@@ -377,6 +416,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                 };
                 let mut nat = NatTable::open(&layout).ok();
                 let mut no_port = PortExhaustion::default();
+                let mut sweep = Sweep::default();
                 while !stop.load(Ordering::Relaxed) {
                     // Woken early by `unpark` when the agent stops.
                     thread::park_timeout(interval);
@@ -391,11 +431,11 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                     }
                     no_port.report(&layout);
                     if let Some(nat) = nat.as_mut() {
-                        match nat.expire(&timeouts) {
+                        sweep.run(interval, || match nat.expire(&timeouts) {
                             Ok(0) => {}
                             Ok(n) => log::debug!("expired {n} NAT bindings"),
                             Err(e) => log::warn!("NAT expiry: {e}"),
-                        }
+                        });
                     }
                     crate::crash::panic_point("datapath-worker");
                     health.beat();
