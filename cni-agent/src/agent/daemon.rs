@@ -271,8 +271,8 @@ fn attach_cgroup(
 /// Paces the NAT sweeper. The agent reads the tables with one syscall per
 /// key and one per value (aya has no batch reads), so a sweep of a node
 /// that opens thousands of connections a second walks tens of thousands of
-/// bindings: swept every scan interval, that was a fifth of a CPU taken
-/// from the pods. The next sweep waits until the last one is at most
+/// bindings, and its CPU grows with the table, taken from the pods if it
+/// ran every scan interval. The next sweep waits until the last one is at most
 /// `1 / SWEEP_DUTY` of the time since, never longer than `SWEEP_MAX_GAP`.
 /// A small table sweeps in microseconds and keeps the scan interval; the
 /// datapath takes over closed bindings' ports itself, so a later sweep
