@@ -117,16 +117,12 @@ pub mod prog_names {
     pub const HOSTPORT_RECVMSG6: &str = "hostport_recvmsg6";
     /// cgroup getpeername6: a redirected socket's peer is [node]:hostPort.
     pub const HOSTPORT_GETPEERNAME6: &str = "hostport_getpeername6";
-    /// Host veth TC egress (what the pod receives): ingress rate limit.
-    pub const RATE_TO_POD: &str = "rate_to_pod";
-    /// Host veth TC ingress (what the pod sends): egress rate limit.
-    pub const RATE_FROM_POD: &str = "rate_from_pod";
-    /// Host veth TC ingress (what the pod sends): anti-spoofing and
-    /// ebpf-firewall egress rules.
-    pub const FW_FROM_POD: &str = "fw_from_pod";
-    /// Host veth TC egress (what the pod receives): ebpf-firewall ingress
-    /// rules and ingressPolicy.
-    pub const FW_TO_POD: &str = "fw_to_pod";
+    /// Host veth TC ingress (what the pod sends): ebpf-firewall's
+    /// anti-spoofing and egress rules, then ebpf-bandwidth's egress rate.
+    pub const VETH_FROM_POD: &str = "veth_from_pod";
+    /// Host veth TC egress (what the pod receives): ebpf-firewall's
+    /// ingress rules and ingressPolicy, then ebpf-bandwidth's ingress rate.
+    pub const VETH_TO_POD: &str = "veth_to_pod";
     /// Bridge TC ingress: forwards firewalled pods' traffic past the host
     /// stack (and its FORWARD chain).
     pub const FW_BRIDGE_FORWARD: &str = "fw_bridge_forward";

@@ -8,7 +8,8 @@
 //! hostPort clients), `counters` (per-interface counters), `stats`
 //! (datapath counters); ebpf-firewall: `policy` (rules, ingressPolicy,
 //! connection tracking), `spoof` (anti-spoofing), `forward` (forwarding
-//! past the host stack).
+//! past the host stack); ebpf-bandwidth: `rate` (token buckets); `veth`
+//! (the host veth's programs, which run the policy and the rate limit).
 #![no_std]
 #![no_main]
 // BPF_ATOMIC read-modify-write (rate.rs) is only reachable through asm!.
@@ -39,6 +40,7 @@ mod rewrite;
 mod sock;
 mod spoof;
 mod stats;
+mod veth;
 
 #[cfg(not(test))]
 #[panic_handler]

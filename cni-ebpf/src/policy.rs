@@ -2,13 +2,14 @@
 //! attachment and direction, and `ingressPolicy` (open / same-bridge /
 //! isolated).
 //!
-//! - `fw_from_pod`, host veth TC ingress (what the pod sends): anti-spoofing
+//! - [`from_pod`], host veth TC ingress (what the pod sends): anti-spoofing
 //!   (`spoof.rs`), then the egress rules.
-//! - `fw_to_pod`, host veth TC egress (what the pod receives): the ingress
+//! - [`to_pod`], host veth TC egress (what the pod receives): the ingress
 //!   rules and `ingressPolicy`.
 //!
-//! Both programs only ever pass (TC_ACT_UNSPEC: the next program, e.g. a
-//! rate limit, still runs) or drop. Forwarding past the host stack is done
+//! Both run inside the veth programs (`veth.rs`) and only ever pass
+//! (TC_ACT_UNSPEC: the rate limit, then the next program, still runs) or
+//! drop. Forwarding past the host stack is done
 //! elsewhere (`forward.rs`), after every veth program has had its say.
 //!
 //! Rule evaluation does not depend on the number of rules. Userspace
@@ -44,7 +45,7 @@
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
-    macros::{classifier, map},
+    macros::map,
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
     programs::TcContext,
 };
@@ -488,8 +489,10 @@ fn to_group(f: &Flow) -> bool {
     }
 }
 
-/// The configuration of the attachment whose veth runs the program; none
-/// means the attachment is being set up or torn down: drop (fail closed).
+/// The configuration of the firewall attachment on the veth that runs the
+/// program; none means the pod has no firewall (the veth programs also
+/// serve ebpf-bandwidth). ebpf-firewall writes it before its ADD attaches
+/// the programs and removes it before its DEL detaches them.
 #[inline(always)]
 fn attachment(ctx: &TcContext) -> Option<(u32, FwAttach)> {
     // SAFETY: __sk_buff is valid for the program's run.
@@ -529,15 +532,16 @@ fn judge(ctx: &TcContext, ifindex: u32, cfg: &FwAttach, dir: u8, ethertype: u16)
     }
 }
 
-#[classifier]
-pub fn fw_from_pod(ctx: TcContext) -> i32 {
-    let Some((ifindex, cfg)) = attachment(&ctx) else {
-        bump(stat::FW_DROPPED);
-        return TC_ACT_SHOT;
+/// What the pod sends (host veth TC ingress): anti-spoofing, then the
+/// egress rules.
+#[inline(always)]
+pub fn from_pod(ctx: &TcContext) -> i32 {
+    let Some((ifindex, cfg)) = attachment(ctx) else {
+        return NEXT;
     };
-    match spoof::check_from_pod(&ctx, ifindex, &cfg) {
+    match spoof::check_from_pod(ctx, ifindex, &cfg) {
         Ok(ETH_P_ARP) => NEXT,
-        Ok(ethertype) => judge(&ctx, ifindex, &cfg, fw::DIR_EGRESS, ethertype),
+        Ok(ethertype) => judge(ctx, ifindex, &cfg, fw::DIR_EGRESS, ethertype),
         Err(slot) => {
             count(ifindex, slot);
             bump(stat::FW_SPOOFED);
@@ -546,14 +550,15 @@ pub fn fw_from_pod(ctx: TcContext) -> i32 {
     }
 }
 
-#[classifier]
-pub fn fw_to_pod(ctx: TcContext) -> i32 {
-    let Some((ifindex, cfg)) = attachment(&ctx) else {
-        bump(stat::FW_DROPPED);
+/// What the pod receives (host veth TC egress): the ingress rules and
+/// `ingressPolicy`.
+#[inline(always)]
+pub fn to_pod(ctx: &TcContext) -> i32 {
+    let Some((ifindex, cfg)) = attachment(ctx) else {
+        return NEXT;
+    };
+    let Some(ethertype) = ethertype(ctx) else {
         return TC_ACT_SHOT;
     };
-    let Some(ethertype) = ethertype(&ctx) else {
-        return TC_ACT_SHOT;
-    };
-    judge(&ctx, ifindex, &cfg, fw::DIR_INGRESS, ethertype)
+    judge(ctx, ifindex, &cfg, fw::DIR_INGRESS, ethertype)
 }

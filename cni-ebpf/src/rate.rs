@@ -2,8 +2,9 @@
 //! enforced by policing (drop when the bucket is empty). This kernel has no
 //! sch_fq, so there is nothing to pace into; no qdisc, no ifb.
 //!
-//! - `rate_to_pod`, host veth TC egress: what the pod receives (`ingressRate`).
-//! - `rate_from_pod`, host veth TC ingress: what the pod sends (`egressRate`).
+//! Run by the veth programs (`veth.rs`): on the host veth's TC egress for
+//! what the pod receives (`ingressRate`), on its TC ingress for what the
+//! pod sends (`egressRate`).
 //!
 //! The bucket is a GCRA: its only state is `tat_ns`, the time at which it is
 //! full again. A packet passes while the debt `tat_ns - now` is below the
@@ -23,7 +24,7 @@ use core::arch::asm;
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
-    macros::{classifier, map},
+    macros::map,
     maps::HashMap,
     programs::TcContext,
 };
@@ -41,20 +42,10 @@ const BIT_NS_PER_BYTE_SEC: u64 = 8 * 1_000_000_000;
 #[map(name = "RATE_BUCKETS")]
 static RATE_BUCKETS: HashMap<RateKey, RateBucket> = HashMap::pinned(RATE_ENTRIES, 0);
 
-/// Ingress limit: packets the host veth transmits towards the pod.
-#[classifier]
-pub fn rate_to_pod(ctx: TcContext) -> i32 {
-    police(&ctx, rate_dir::TO_POD)
-}
-
-/// Egress limit: packets the pod sends, as the host veth receives them.
-#[classifier]
-pub fn rate_from_pod(ctx: TcContext) -> i32 {
-    police(&ctx, rate_dir::FROM_POD)
-}
-
+/// Polices one packet of `direction` (`rate_dir`) on the veth that runs
+/// the program; a veth without a bucket for it passes.
 #[inline(always)]
-fn police(ctx: &TcContext, direction: u8) -> i32 {
+pub fn police(ctx: &TcContext, direction: u8) -> i32 {
     // SAFETY: __sk_buff is valid for the duration of the program.
     let (ifindex, len) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).len) };
     let key = RateKey {

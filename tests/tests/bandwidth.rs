@@ -149,7 +149,7 @@ impl Fixture {
             .unwrap_or_default()
     }
 
-    /// Pinned links of the rate programs (the tcx attachments).
+    /// Pinned links of the host veth programs (the tcx attachments).
     fn rate_link_pins(&self) -> Vec<String> {
         let dir = self.node.bpffs.path().join("v1/links");
         let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -157,7 +157,7 @@ impl Fixture {
             .flatten()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.contains("rate_"))
+            .filter(|n| n.contains("veth_"))
             .collect();
         v.sort();
         v
@@ -480,7 +480,7 @@ fn unlimited_direction_stays_at_line_rate() {
     assert_eq!(buckets[0]["ifname"], veth.as_str());
     let pins = fx.rate_link_pins();
     assert!(
-        pins.len() == 1 && pins[0].ends_with("-egress-rate_to_pod"),
+        pins.len() == 1 && pins[0].ends_with("-egress-veth_to_pod"),
         "only the to-pod program is attached: {pins:?}"
     );
 
@@ -672,7 +672,7 @@ fn coexists_with_foreign_tc_programs() {
     // get the packet past the limit.
     assert_eq!(
         names,
-        ["rate_to_pod", "tc_count"],
+        ["veth_to_pod", "tc_count"],
         "tcx programs on the veth's egress"
     );
 

@@ -713,7 +713,7 @@ fn all_zero(e: &Value) -> bool {
     e.as_object().is_some_and(|m| m.values().all(|v| v == 0))
 }
 
-/// The firewall's pinned tcx links (bpffs `links/`).
+/// The pinned tcx links of the host veth programs (bpffs `links/`).
 fn fw_links(fx: &Fixture) -> Vec<String> {
     let dir = fx.node.bpffs.path().join("v1/links");
     let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -721,7 +721,7 @@ fn fw_links(fx: &Fixture) -> Vec<String> {
         .flatten()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with("-fw_from_pod") || n.ends_with("-fw_to_pod"))
+        .filter(|n| n.ends_with("-veth_from_pod") || n.ends_with("-veth_to_pod"))
         .collect();
     v.sort();
     v
@@ -761,7 +761,7 @@ fn del_and_gc_remove_every_entry() {
         "one region per distinct CIDR and 0/0: {e:#}"
     );
     assert!(e["ports"].as_u64().unwrap() >= 200, "{e:#}");
-    assert_eq!(fw_links(&fx).len(), 2, "fw_from_pod and fw_to_pod links");
+    assert_eq!(fw_links(&fx).len(), 2, "veth_from_pod and veth_to_pod links");
     rt.check_list(&list, &p.att, &p.result)
         .unwrap_or_else(|o| panic!("CHECK: {o}"));
     let records = admin(&fx.node, "records");
@@ -811,6 +811,75 @@ fn del_and_gc_remove_every_entry() {
     eventually("the dead veth's link pins are dropped", SETTLE, || {
         fw_links(&fx).is_empty()
     });
+    fx.del(&list, &p);
+}
+
+/// ebpf-firewall and ebpf-bandwidth on one pod share the host veth's two
+/// programs: one tcx link per direction, attached by whichever ADDs first
+/// (each attach waits out an RCU grace period, so four were most of an
+/// ADD). Each plugin's DEL removes its own entries, and the links stay
+/// while the other plugin needs them: after ebpf-bandwidth's DEL the
+/// firewall still refuses what its rules deny; after ebpf-firewall's the
+/// links are gone and nothing is refused.
+#[test]
+fn shares_the_veth_programs_with_bandwidth() {
+    require_e2e!();
+    let fx = fixture("fwshare");
+    let mut list = fx.list(
+        "sharenet",
+        "cnishare0",
+        &fx.ext.pod_subnet(),
+        true,
+        Some(json!({})),
+    );
+    let mut bw = json!({"type": "ebpf-bandwidth", "capabilities": {"bandwidth": true}});
+    merge(&mut bw, &fx.node.path_keys());
+    let plugins = list["plugins"].as_array_mut().expect("plugins");
+    plugins.push(bw);
+    let (fw_index, bw_index) = (plugins.len() - 2, plugins.len() - 1);
+    const DENIED: u16 = 7450;
+    let caps = json!({
+        "firewallRules": {"egress": {"rules": [{"action": "deny", "protocol": "tcp", "ports": DENIED}]}},
+        "bandwidth": {"ingressRate": 100_000_000, "ingressBurst": 1_000_000, "egressRate": 100_000_000, "egressBurst": 1_000_000},
+    });
+    let rate_limits = || {
+        fx.status()["rateLimits"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    let p = fx.add(&list, "share-ctr", caps);
+    let links = fw_links(&fx);
+    assert_eq!(links.len(), 2, "one link per direction: {links:?}");
+    assert_eq!(rate_limits(), 2, "a bucket per direction");
+    assert_eq!(entries(&fx)["attachments"], 1);
+    let _servers: Vec<TcpEchoServer> = [ECHO_PORT, DENIED]
+        .into_iter()
+        .map(|port| TcpEchoServer::start(&fx.ext.ns, port))
+        .collect();
+    tcp_echo(&p.ns, fx.ext_addr(ECHO_PORT), "x").expect("allowed by the rules");
+    assert!(!connects(&p.ns, fx.ext_addr(DENIED)), "denied by the rules");
+
+    let rt = fx.node.runtime(Impl::Ours);
+    let del = |index: usize| {
+        rt.exec("DEL", &p.att, &plugin_conf(&list, index, Some(&p.result), &p.att))
+            .expect_success();
+    };
+    del(bw_index);
+    assert_eq!(rate_limits(), 0, "ebpf-bandwidth's DEL removes its buckets");
+    assert_eq!(fw_links(&fx), links, "the firewall still holds the links");
+    assert!(
+        !connects(&p.ns, fx.ext_addr(DENIED)),
+        "the firewall still refuses after ebpf-bandwidth's DEL"
+    );
+    tcp_echo(&p.ns, fx.ext_addr(ECHO_PORT), "x").expect("allowed after ebpf-bandwidth's DEL");
+
+    del(fw_index);
+    assert!(fw_links(&fx).is_empty(), "{:?}", fw_links(&fx));
+    assert!(all_zero(&entries(&fx)), "{:#}", entries(&fx));
+    assert!(
+        connects(&p.ns, fx.ext_addr(DENIED)),
+        "nothing refuses once the firewall is gone"
+    );
     fx.del(&list, &p);
 }
 

@@ -1,5 +1,5 @@
-//! ebpf-firewall's programs on a pod's host veth (`fw_from_pod`,
-//! `fw_to_pod`; cni-ebpf/src/policy.rs and spoof.rs) on crafted IPv4 and
+//! ebpf-firewall's policy in the programs on a pod's host veth
+//! (`veth_from_pod`, `veth_to_pod`; cni-ebpf/src/policy.rs and spoof.rs) on crafted IPv4 and
 //! IPv6 frames, through BPF_PROG_TEST_RUN, with every map entry written by
 //! the agent's own code (`Entry::Firewall` through `EntryMaps`, i.e. the
 //! rule compiler and `PolicyMaps::apply`). The namespace tests (firewall.rs,
@@ -57,7 +57,7 @@ use cni_agent::{
 };
 use cni_ebpf_common::{
     fw,
-    prog_names::{FW_FROM_POD, FW_TO_POD},
+    prog_names::{VETH_FROM_POD, VETH_TO_POD},
 };
 use cni_tests::{
     bpffs::BpfFs,
@@ -411,12 +411,12 @@ impl Datapath {
 
     /// A frame pod A sends.
     fn sent(&mut self, frame: &[u8], want: u32, slots: &[usize], what: &str) {
-        self.check(FW_FROM_POD, 0, frame, want, slots, what);
+        self.check(VETH_FROM_POD, 0, frame, want, slots, what);
     }
 
     /// A frame to pod A, routed in from `iif`.
     fn received_via(&mut self, iif: u32, frame: &[u8], want: u32, slots: &[usize], what: &str) {
-        self.check(FW_TO_POD, iif, frame, want, slots, what);
+        self.check(VETH_TO_POD, iif, frame, want, slots, what);
     }
 
     /// A frame to pod A from the uplink.
@@ -501,7 +501,7 @@ fn with_datapath(
         let index = |n: &str| nix::net::if_::if_nametoindex(n).expect("ifindex");
         let layout = PinLayout::new(root);
         let mut ebpf = load_pinned(&layout, MapSizes::default()).expect("load the object");
-        for name in [FW_FROM_POD, FW_TO_POD] {
+        for name in [VETH_FROM_POD, VETH_TO_POD] {
             let p: &mut SchedClassifier = program(&mut ebpf, name).expect("program");
             p.load()
                 .unwrap_or_else(|e| panic!("verifier rejects {name}: {e}"));

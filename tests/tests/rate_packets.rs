@@ -1,4 +1,4 @@
-//! ebpf-bandwidth's token buckets (`rate_to_pod`, `rate_from_pod`,
+//! ebpf-bandwidth's token buckets (in `veth_to_pod`, `veth_from_pod`;
 //! cni-ebpf/src/rate.rs) on crafted packets, through BPF_PROG_TEST_RUN,
 //! with buckets written by the agent's own entry code (so the depth is the
 //! one README documents: max(burst, 400 ms at the rate, 128 KiB)). Pinned:
@@ -30,7 +30,7 @@ use cni_agent::{
     },
     state::record::{Entry, VethHook},
 };
-use cni_ebpf_common::prog_names::{RATE_FROM_POD, RATE_TO_POD};
+use cni_ebpf_common::prog_names::{VETH_FROM_POD, VETH_TO_POD};
 use cni_tests::{
     bpffs::BpfFs,
     packet::{frame, udp, UDP},
@@ -147,7 +147,7 @@ fn with_datapath(tag: &str, f: impl FnOnce(&mut Datapath) + Send + 'static) {
         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
         let layout = PinLayout::new(root);
         let mut ebpf = load_pinned(&layout, MapSizes::default()).expect("load the object");
-        for name in [RATE_TO_POD, RATE_FROM_POD] {
+        for name in [VETH_TO_POD, VETH_FROM_POD] {
             let p: &mut SchedClassifier = program(&mut ebpf, name).expect("program");
             p.load()
                 .unwrap_or_else(|e| panic!("verifier rejects {name}: {e}"));
@@ -178,7 +178,7 @@ fn a_full_bucket_passes_its_depth_then_drops() {
         let (to_depth, from_depth) = (depth_bytes(rate, 0), depth_bytes(rate, 300_000 * 8));
         assert_eq!((to_depth, from_depth), (128 * 1024, 300_000));
 
-        let passed = dp.drain(RATE_TO_POD, "vh0", 10_000);
+        let passed = dp.drain(VETH_TO_POD, "vh0", 10_000);
         assert_eq!(
             passed,
             burst_packets(to_depth),
@@ -186,13 +186,13 @@ fn a_full_bucket_passes_its_depth_then_drops() {
         );
         for i in 0..9 {
             assert_eq!(
-                dp.run(RATE_TO_POD, "vh0", LEN),
+                dp.run(VETH_TO_POD, "vh0", LEN),
                 SHOT,
                 "to-pod: packet {i} after the burst"
             );
         }
         assert_eq!(
-            dp.run(RATE_TO_POD, "vh0", 64),
+            dp.run(VETH_TO_POD, "vh0", 64),
             SHOT,
             "a small packet is dropped too"
         );
@@ -211,7 +211,7 @@ fn a_full_bucket_passes_its_depth_then_drops() {
         assert_eq!(dp.rate_dropped(), 11, "rateLimitDropped");
 
         // The other direction has its own bucket, untouched so far.
-        let passed = dp.drain(RATE_FROM_POD, "vh0", 10_000);
+        let passed = dp.drain(VETH_FROM_POD, "vh0", 10_000);
         assert_eq!(
             passed,
             burst_packets(from_depth),
@@ -226,7 +226,7 @@ fn a_full_bucket_passes_its_depth_then_drops() {
         assert_eq!(dp.rate_dropped(), 12);
 
         // A veth without a limit is not limited, in either direction.
-        for name in [RATE_TO_POD, RATE_FROM_POD] {
+        for name in [VETH_TO_POD, VETH_FROM_POD] {
             for _ in 0..200 {
                 assert_eq!(
                     dp.run(name, "vh1", LEN),
@@ -251,7 +251,7 @@ fn an_empty_bucket_refills_at_the_rate() {
         let most = |t: Duration| burst_packets(depth) + t.as_millis() as u64 / 100 + 1;
 
         let start = Instant::now();
-        let burst = dp.drain(RATE_FROM_POD, "vh0", 10_000);
+        let burst = dp.drain(VETH_FROM_POD, "vh0", 10_000);
         assert!(
             (burst_packets(depth)..=most(start.elapsed())).contains(&burst),
             "burst of {burst} packets"
@@ -263,7 +263,7 @@ fn an_empty_bucket_refills_at_the_rate() {
         wait_until(
             "the bucket to refill",
             Duration::from_secs(10),
-            || match dp.run(RATE_FROM_POD, "vh0", LEN) {
+            || match dp.run(VETH_FROM_POD, "vh0", LEN) {
                 PASS => Some(()),
                 _ => {
                     dropped += 1;

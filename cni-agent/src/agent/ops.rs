@@ -261,6 +261,9 @@ fn del_locked(paths: &Paths, key: &AttachmentKey, owner: Option<Owner>) -> Resul
             delete_link(name)?;
             continue;
         }
+        if kept.iter().any(|k| k.shares_program_with(e)) {
+            continue;
+        }
         if let Some(maps) = maps.as_mut() {
             maps.revoke(e)?;
         }

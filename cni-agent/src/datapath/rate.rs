@@ -1,5 +1,5 @@
 //! ebpf-bandwidth's token buckets: one RATE_BUCKETS entry per pod veth and
-//! direction, which the `rate_to_pod` / `rate_from_pod` programs police
+//! direction, which the host veth programs police
 //! (see cni-ebpf/src/rate.rs for the algorithm).
 //!
 //! # Bucket depth

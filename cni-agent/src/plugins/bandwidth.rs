@@ -17,7 +17,6 @@ use crate::{
     spec::{CmdArgs, CniError, CniResult, NetConf},
     state::record::{Entry, Owner, VethHook},
 };
-use cni_ebpf_common::prog_names;
 
 /// ebpf-bandwidth, the binary's plugin.
 pub type BandwidthPlugin = ChainedPlugin<Bandwidth>;
@@ -234,9 +233,9 @@ impl BandwidthConfig {
     /// the program.
     pub fn entries(&self, host: &str) -> Vec<Entry> {
         let mut out = Vec::new();
-        for (limit, hook, program) in [
-            (self.ingress, VethHook::ToPod, prog_names::RATE_TO_POD),
-            (self.egress, VethHook::FromPod, prog_names::RATE_FROM_POD),
+        for (limit, hook) in [
+            (self.ingress, VethHook::ToPod),
+            (self.egress, VethHook::FromPod),
         ] {
             let Some(l) = limit else { continue };
             out.push(Entry::RateLimit {
@@ -247,7 +246,7 @@ impl BandwidthConfig {
             });
             out.push(Entry::VethProgram {
                 ifname: host.to_string(),
-                program: program.to_string(),
+                program: hook.program().to_string(),
                 hook,
                 owner: Owner::Bandwidth,
             });
@@ -482,10 +481,10 @@ mod tests {
             }
         );
         assert!(
-            matches!(&e[1], Entry::VethProgram { program, hook: VethHook::ToPod, owner: Owner::Bandwidth, .. } if program == "rate_to_pod")
+            matches!(&e[1], Entry::VethProgram { program, hook: VethHook::ToPod, owner: Owner::Bandwidth, .. } if program == "veth_to_pod")
         );
         assert!(
-            matches!(&e[3], Entry::VethProgram { program, hook: VethHook::FromPod, .. } if program == "rate_from_pod")
+            matches!(&e[3], Entry::VethProgram { program, hook: VethHook::FromPod, .. } if program == "veth_from_pod")
         );
         assert!(e.iter().all(|e| e.owner() == Owner::Bandwidth));
     }

@@ -86,7 +86,7 @@ use crate::{
     },
     state::record::{Entry, Owner, VethHook},
 };
-use cni_ebpf_common::{fw, prog_names};
+use cni_ebpf_common::fw;
 
 /// ebpf-firewall, the binary's plugin.
 pub type FirewallPlugin = ChainedPlugin<Firewall>;
@@ -367,13 +367,13 @@ impl FirewallConfig {
             Entry::Firewall(Box::new(spec)),
             Entry::VethProgram {
                 ifname: pod.veth.clone(),
-                program: prog_names::FW_FROM_POD.to_string(),
+                program: VethHook::FromPod.program().to_string(),
                 hook: VethHook::FromPod,
                 owner: Owner::Firewall,
             },
             Entry::VethProgram {
                 ifname: pod.veth,
-                program: prog_names::FW_TO_POD.to_string(),
+                program: VethHook::ToPod.program().to_string(),
                 hook: VethHook::ToPod,
                 owner: Owner::Firewall,
             },

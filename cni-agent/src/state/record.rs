@@ -69,8 +69,11 @@ pub enum Entry {
     },
     /// A datapath program on the host end of the pod's veth: `from-pod`
     /// (TC ingress of the host end: what the pod sends) or `to-pod` (TC
-    /// egress: what the pod receives). Its link is pinned; removing the
-    /// entry detaches it.
+    /// egress: what the pod receives). Its link is pinned. ebpf-firewall
+    /// and ebpf-bandwidth share the program of a hook (see
+    /// [`VethHook::program`]): the first to ADD attaches it, and removing
+    /// the entry detaches it only once no other entry of the record holds
+    /// it. Records of older builds name one program per plugin.
     VethProgram {
         ifname: String,
         program: String,
@@ -108,6 +111,17 @@ pub enum VethHook {
     ToPod,
 }
 
+impl VethHook {
+    /// The program on this hook, which runs both the firewall and the
+    /// rate limit of the pod (each only where its entries exist).
+    pub fn program(self) -> &'static str {
+        match self {
+            VethHook::FromPod => cni_ebpf_common::prog_names::VETH_FROM_POD,
+            VethHook::ToPod => cni_ebpf_common::prog_names::VETH_TO_POD,
+        }
+    }
+}
+
 /// The plugin an entry belongs to: each plugin's DEL removes its own
 /// entries, and the record goes with the last one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +138,28 @@ impl Entry {
     /// kernel's link table, which the plugins manage themselves).
     pub fn is_map_entry(&self) -> bool {
         !matches!(self, Entry::Link { .. })
+    }
+
+    /// Whether both are the same veth program (another plugin's entry for
+    /// the program this one attached): a DEL leaves it attached.
+    pub fn shares_program_with(&self, other: &Entry) -> bool {
+        match (self, other) {
+            (
+                Entry::VethProgram {
+                    ifname,
+                    program,
+                    hook,
+                    ..
+                },
+                Entry::VethProgram {
+                    ifname: i,
+                    program: p,
+                    hook: h,
+                    ..
+                },
+            ) => ifname == i && program == p && hook == h,
+            _ => false,
+        }
     }
 
     pub fn owner(&self) -> Owner {
