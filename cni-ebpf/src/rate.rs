@@ -28,7 +28,7 @@ use aya_ebpf::{
     maps::HashMap,
     programs::TcContext,
 };
-use cni_ebpf_common::{rate_dir, stat, RateBucket, RateKey};
+use cni_ebpf_common::{stat, RateBucket, RateKey};
 
 use crate::stats::bump;
 

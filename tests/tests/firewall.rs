@@ -761,7 +761,11 @@ fn del_and_gc_remove_every_entry() {
         "one region per distinct CIDR and 0/0: {e:#}"
     );
     assert!(e["ports"].as_u64().unwrap() >= 200, "{e:#}");
-    assert_eq!(fw_links(&fx).len(), 2, "veth_from_pod and veth_to_pod links");
+    assert_eq!(
+        fw_links(&fx).len(),
+        2,
+        "veth_from_pod and veth_to_pod links"
+    );
     rt.check_list(&list, &p.att, &p.result)
         .unwrap_or_else(|o| panic!("CHECK: {o}"));
     let records = admin(&fx.node, "records");
@@ -842,11 +846,7 @@ fn shares_the_veth_programs_with_bandwidth() {
         "firewallRules": {"egress": {"rules": [{"action": "deny", "protocol": "tcp", "ports": DENIED}]}},
         "bandwidth": {"ingressRate": 100_000_000, "ingressBurst": 1_000_000, "egressRate": 100_000_000, "egressBurst": 1_000_000},
     });
-    let rate_limits = || {
-        fx.status()["rateLimits"]
-            .as_array()
-            .map_or(0, Vec::len)
-    };
+    let rate_limits = || fx.status()["rateLimits"].as_array().map_or(0, Vec::len);
     let p = fx.add(&list, "share-ctr", caps);
     let links = fw_links(&fx);
     assert_eq!(links.len(), 2, "one link per direction: {links:?}");
@@ -861,8 +861,12 @@ fn shares_the_veth_programs_with_bandwidth() {
 
     let rt = fx.node.runtime(Impl::Ours);
     let del = |index: usize| {
-        rt.exec("DEL", &p.att, &plugin_conf(&list, index, Some(&p.result), &p.att))
-            .expect_success();
+        rt.exec(
+            "DEL",
+            &p.att,
+            &plugin_conf(&list, index, Some(&p.result), &p.att),
+        )
+        .expect_success();
     };
     del(bw_index);
     assert_eq!(rate_limits(), 0, "ebpf-bandwidth's DEL removes its buckets");

@@ -10,6 +10,7 @@ use cni_ebpf_common::{ct_state, map_names, CtKey, HpReply, NatEntry};
 use serde::Serialize;
 
 use super::{
+    batch::hash_entries,
     entries::words_addr,
     loader::DatapathError,
     pins::{open_pinned, PinLayout},
@@ -159,11 +160,9 @@ impl NatTable {
     /// takes from the pods.
     fn pairs(&self) -> (Vec<Pair>, Vec<(CtKey, NatEntry)>) {
         let mut replies: std::collections::HashMap<CtKey, NatEntry> =
-            self.reply.iter().filter_map(Result::ok).collect();
-        let pairs = self
-            .orig
-            .iter()
-            .filter_map(Result::ok)
+            hash_entries(&self.reply).into_iter().collect();
+        let pairs = hash_entries(&self.orig)
+            .into_iter()
             .map(|(k, v)| {
                 let rk = reply_key(&k, &v);
                 let rv = replies.remove(&rk);
@@ -201,7 +200,7 @@ impl NatTable {
     pub fn ports_in_use(&self) -> Vec<PortUse> {
         use std::collections::{BTreeMap, BTreeSet};
         let mut by: BTreeMap<(IpAddr, &'static str), (BTreeSet<u16>, usize)> = BTreeMap::new();
-        for (k, v) in self.orig.iter().filter_map(Result::ok) {
+        for (k, v) in hash_entries(&self.orig) {
             if v.state & ct_state::INBOUND != 0 {
                 continue;
             }
@@ -224,8 +223,8 @@ impl NatTable {
     /// (original halves, reply halves) currently in the maps.
     pub fn occupancy(&self) -> (usize, usize) {
         (
-            self.orig.keys().filter(|k| k.is_ok()).count(),
-            self.reply.keys().filter(|k| k.is_ok()).count(),
+            hash_entries(&self.orig).len(),
+            hash_entries(&self.reply).len(),
         )
     }
 
@@ -278,10 +277,8 @@ impl NatTable {
     /// its flows must not keep ports or reach a reused IP).
     pub fn flush_source(&mut self, ip: IpAddr) -> Result<usize, DatapathError> {
         let (words, family) = super::entries::addr_words(ip);
-        let mine: Vec<(CtKey, NatEntry)> = self
-            .orig
-            .iter()
-            .filter_map(Result::ok)
+        let mine: Vec<(CtKey, NatEntry)> = hash_entries(&self.orig)
+            .into_iter()
             .filter(|(k, _)| k.src == words && k.family == family)
             .collect();
         for (k, v) in &mine {
@@ -297,9 +294,8 @@ fn remove_where<V: aya::Pod>(
     map: &mut HashMap<MapData, CtKey, V>,
     pred: impl Fn(&CtKey, &V) -> bool,
 ) -> Result<usize, DatapathError> {
-    let keys: Vec<CtKey> = map
-        .iter()
-        .filter_map(Result::ok)
+    let keys: Vec<CtKey> = hash_entries(map)
+        .into_iter()
         .filter(|(k, v)| pred(k, v))
         .map(|(k, _)| k)
         .collect();

@@ -1,5 +1,6 @@
 //! The eBPF datapath as userspace sees it: the embedded object, the bpffs
 //! layout, attaching programs, and the maps the agent and plugins write.
+pub mod batch;
 pub mod cgroup;
 pub mod conntrack;
 pub mod entries;

@@ -24,6 +24,7 @@ use crate::{
 };
 
 use super::{
+    batch::hash_entries,
     entries::{ip_key, link_index},
     links::{ensure_tc, ifindex_exists, link_pin, Placement},
     loader::{DatapathError, Hook},
@@ -246,19 +247,17 @@ impl PolicyMaps {
 
     /// Every tracked connection and fragment verdict of the attachment.
     fn flush_connections(&mut self, ifindex: u32) -> Result<(), DatapathError> {
-        let ct: Vec<FwCtKey> = self
-            .ct
-            .keys()
-            .filter_map(Result::ok)
+        let ct: Vec<FwCtKey> = hash_entries(&self.ct)
+            .into_iter()
+            .map(|(k, _)| k)
             .filter(|k| k.ifindex == ifindex)
             .collect();
         for k in ct {
             ignore_missing(map_names::FW_CT, self.ct.remove(&k))?;
         }
-        let frags: Vec<FwFragKey> = self
-            .frags
-            .keys()
-            .filter_map(Result::ok)
+        let frags: Vec<FwFragKey> = hash_entries(&self.frags)
+            .into_iter()
+            .map(|(k, _)| k)
             .filter(|k| k.ifindex == ifindex)
             .collect();
         for k in frags {
@@ -355,7 +354,7 @@ impl PolicyMaps {
     /// Number of tracked connections per attachment ifindex.
     fn connections(&self) -> BTreeMap<u32, u64> {
         let mut m = BTreeMap::new();
-        for k in self.ct.keys().filter_map(Result::ok) {
+        for (k, _) in hash_entries(&self.ct) {
             *m.entry(k.ifindex).or_insert(0) += 1;
         }
         m
@@ -429,8 +428,8 @@ impl PolicyMaps {
                 "bridges": n(self.bridges.keys()),
                 "cidrs": n(self.cidrs.keys()),
                 "ports": n(self.ports.keys()),
-                "connections": n(self.ct.keys()),
-                "fragments": n(self.frags.keys()),
+                "connections": conns.values().sum::<u64>(),
+                "fragments": hash_entries(&self.frags).len(),
                 "counters": n(self.stats.keys()),
                 "ruleHits": n(self.hits.keys()),
             },
