@@ -393,7 +393,11 @@ pub struct FwAttach {
     pub egress_default: u8,
     /// `fw::FLAG_*`.
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// Set afresh by each ADD of a firewall on the veth: a tracked
+    /// connection counts only under the cookie it was opened with, so the
+    /// ones a DEL left behind for the agent's sweeper never let anything
+    /// through on a later attachment of the same ifindex.
+    pub cookie: u16,
     /// The bridge the pod is on (for `ingressPolicy`).
     pub bridge_ifindex: u32,
     pub ingress_rules: u16,
@@ -490,7 +494,9 @@ pub struct FwCtEntry {
     pub origin: u8,
     /// `fw::CT_*` bits.
     pub state: u8,
-    pub _pad: [u8; 6],
+    /// The attachment's [`FwAttach::cookie`] when it was opened.
+    pub cookie: u16,
+    pub _pad: [u8; 4],
 }
 
 /// A fragmented datagram: non-first fragments carry no ports, so they

@@ -29,7 +29,9 @@
 //! without one is a new connection and meets the rules of its own
 //! direction, so unsolicited packets "the other way" are judged as such.
 //! Entries expire in the programs (idle timeouts per protocol and TCP
-//! state), so no agent has to sweep them.
+//! state). A DEL leaves its attachment's entries to the agent's sweeper
+//! (finding them is a walk of the whole table); each entry carries the
+//! cookie of the attachment that opened it, and counts only under it.
 //!
 //! IPv4 and IPv6 share all of it: keys carry the family and a 128-bit
 //! address (an IPv4 address in the first word), and a rule without a CIDR
@@ -107,6 +109,7 @@ static FW_PORTS: LpmTrie<FwPortKey, FwVerdict> = LpmTrie::pinned(262144, 0);
 #[map(name = "FW_CT")]
 static FW_CT: LruHashMap<FwCtKey, FwCtEntry> = LruHashMap::pinned(65536, 0);
 
+/// (ifindex, datagram) -> the first fragment's verdict (`frag_verdict`).
 #[map(name = "FW_FRAGS")]
 static FW_FRAGS: LruHashMap<FwFragKey, u32> = LruHashMap::pinned(16384, 0);
 
@@ -256,16 +259,27 @@ fn state_bits(f: &Flow, dir: u8, origin: u8) -> u8 {
     s
 }
 
-/// Looks the packet's connection up; refreshes and returns true if it is
-/// live. A TCP SYN on a connection that was closing starts a new one.
+/// A first fragment's verdict as FW_FRAGS holds it: the action, and the
+/// cookie of the attachment that judged it (see `FwAttach::cookie`).
 #[inline(always)]
-fn tracked(key: &FwCtKey, f: &Flow, dir: u8, ts: u64) -> bool {
+fn frag_verdict(action: u8, cookie: u16) -> u32 {
+    u32::from(action) | u32::from(cookie) << 16
+}
+
+/// Looks the packet's connection up; refreshes and returns true if it is
+/// live. A TCP SYN on a connection that was closing starts a new one, and
+/// an entry of an earlier attachment (another cookie) is no connection.
+#[inline(always)]
+fn tracked(key: &FwCtKey, f: &Flow, dir: u8, ts: u64, cookie: u16) -> bool {
     let Some(e) = FW_CT.get_ptr_mut(key) else {
         return false;
     };
     // SAFETY: `e` comes from a map lookup and stays valid for this run;
     // racing writers only add bits and move time forward.
     unsafe {
+        if (*e).cookie != cookie {
+            return false;
+        }
         let state = (*e).state;
         if ts.saturating_sub((*e).last_seen_ns) > timeout(f.proto, state) {
             return false;
@@ -287,7 +301,7 @@ fn tracked(key: &FwCtKey, f: &Flow, dir: u8, ts: u64) -> bool {
 /// unreachable", "fragmentation needed") is part of it. The quoted packet
 /// went the other way: towards the remote for an error the pod receives.
 #[inline(always)]
-fn related(ctx: &TcContext, ifindex: u32, f: &Flow, dir: u8) -> bool {
+fn related(ctx: &TcContext, ifindex: u32, cookie: u16, f: &Flow, dir: u8) -> bool {
     let Some(q) = quoted_flow(ctx, f) else {
         return false;
     };
@@ -301,7 +315,7 @@ fn related(ctx: &TcContext, ifindex: u32, f: &Flow, dir: u8) -> bool {
         )
     };
     // SAFETY: read-only use of a map value during this run.
-    unsafe { FW_CT.get(&key) }.is_some()
+    unsafe { FW_CT.get(&key) }.is_some_and(|e| e.cookie == cookie)
 }
 
 /// Whether a new connection to the pod comes from a pod that
@@ -395,7 +409,7 @@ fn decide(ctx: &TcContext, ifindex: u32, cfg: &FwAttach, dir: u8, f: &Flow) -> b
     if f.frag == Frag::Later {
         // SAFETY: read-only use of a map value during this run.
         return unsafe { FW_FRAGS.get(&frag_key) }
-            .is_some_and(|a| *a == u32::from(fw::ACTION_ALLOW));
+            .is_some_and(|a| *a == frag_verdict(fw::ACTION_ALLOW, cfg.cookie));
     }
     let allowed = decide_first(ctx, ifindex, cfg, dir, f);
     if f.frag == Frag::First {
@@ -404,7 +418,7 @@ fn decide(ctx: &TcContext, ifindex: u32, cfg: &FwAttach, dir: u8, f: &Flow) -> b
         } else {
             fw::ACTION_DENY
         };
-        let _ = FW_FRAGS.insert(&frag_key, &u32::from(action), 0);
+        let _ = FW_FRAGS.insert(&frag_key, &frag_verdict(action, cfg.cookie), 0);
     }
     allowed
 }
@@ -421,7 +435,7 @@ fn decide_first(ctx: &TcContext, ifindex: u32, cfg: &FwAttach, dir: u8, f: &Flow
     } else {
         fw::STAT_INGRESS_ESTABLISHED
     };
-    if f.icmp_error && related(ctx, ifindex, f, dir) {
+    if f.icmp_error && related(ctx, ifindex, cfg.cookie, f, dir) {
         count(ifindex, established);
         return true;
     }
@@ -435,7 +449,7 @@ fn decide_first(ctx: &TcContext, ifindex: u32, cfg: &FwAttach, dir: u8, f: &Flow
         remote_port,
     );
     let ts = now();
-    if tracked(&key, f, dir, ts) {
+    if tracked(&key, f, dir, ts, cfg.cookie) {
         count(ifindex, established);
         return true;
     }
@@ -467,7 +481,8 @@ fn decide_first(ctx: &TcContext, ifindex: u32, cfg: &FwAttach, dir: u8, f: &Flow
         last_seen_ns: ts,
         origin: dir,
         state: state_bits(f, dir, dir),
-        _pad: [0; 6],
+        cookie: cfg.cookie,
+        _pad: [0; 4],
     };
     let _ = FW_CT.insert(&key, &entry, 0);
     true

@@ -469,6 +469,13 @@ fn apply(layout: &PinLayout, spec: &FirewallSpec) {
         .expect("firewall entry");
 }
 
+fn revoke(layout: &PinLayout, spec: &FirewallSpec) {
+    EntryMaps::open(layout)
+        .expect("entry maps")
+        .revoke(&Entry::Firewall(Box::new(spec.clone())))
+        .expect("revoke the firewall entry");
+}
+
 /// Runs `f` on freshly loaded firewall programs in a namespace of its own:
 /// pods A (vh0) and B (vh1) on bridge br0, C (vh2) on br1, each with both
 /// families' addresses (V4, V6); B and C allow everything, A has
@@ -1513,6 +1520,48 @@ fn fragments_get_their_first_fragments_verdict() {
                 let (rules, default) = dp.hits("egress");
                 assert_eq!((rules[4], default), (1 + off as u64, 1 + off as u64));
             }
+        },
+    );
+}
+
+/// A DEL leaves its tracked connections to the agent's sweeper (finding
+/// them walks the whole table). Until the sweep they count for nothing: a
+/// new ADD on the same veth (same ifindex) draws a new cookie, so the old
+/// connection's reply is a new connection again and meets the rules. The
+/// sweep removes exactly the entries of the old attachment.
+#[test]
+fn connections_do_not_outlive_their_attachment() {
+    with_datapath(
+        "polcookie",
+        IngressPolicy::Open,
+        ingress_rules(),
+        egress_rules(),
+        |dp| {
+            let query = frame(V4.pod_a, V4.far, UDP, udp(5353, 53, b"q"));
+            let reply = frame(V4.far, V4.pod_a, UDP, udp(53, 5353, b"r"));
+            dp.sent(&query, NEXT, OUT_NEW, "a query out (udp/53 allowed)");
+            dp.received(&reply, NEXT, IN_EST, "its reply, tracked");
+
+            revoke(&dp.layout, &dp.spec_a);
+            let spec = dp.spec_a.clone();
+            apply(&dp.layout, &spec);
+            // The DEL took the attachment's counters with it.
+            dp.tally = [0; fw::STAT_SLOTS];
+            assert_eq!(dp.report()["connections"], json!(1), "left for the sweep");
+            dp.received(
+                &reply,
+                SHOT,
+                IN_DROP,
+                "the old connection's reply under the new attachment: default deny",
+            );
+
+            let mut maps = PolicyMaps::open(&dp.layout).expect("firewall maps");
+            assert_eq!(maps.sweep().expect("sweep"), 1, "the old connection");
+            assert_eq!(dp.report()["connections"], json!(0));
+            dp.sent(&query, NEXT, OUT_NEW, "the query again");
+            dp.received(&reply, NEXT, IN_EST, "its reply, tracked again");
+            assert_eq!(maps.sweep().expect("sweep"), 0, "a live connection stays");
+            assert_eq!(dp.report()["connections"], json!(1));
         },
     );
 }

@@ -26,6 +26,7 @@ use crate::{
         loader::{DatapathError, Hook},
         node::NodeAddrMap,
         pins::{load_pinned, MapSizes, PinLayout},
+        policy::PolicyMaps,
         uplink::{attach_uplink, program, HostPortMode, UplinkMap, UPLINK_PROGRAMS},
     },
     netlink::Netlink,
@@ -415,6 +416,7 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                     }
                 };
                 let mut nat = NatTable::open(&layout).ok();
+                let mut policy = PolicyMaps::open(&layout).ok();
                 let mut no_port = PortExhaustion::default();
                 let mut sweep = Sweep::default();
                 while !stop.load(Ordering::Relaxed) {
@@ -430,13 +432,22 @@ pub fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                         log::warn!("uplink scan: {e}");
                     }
                     no_port.report(&layout);
-                    if let Some(nat) = nat.as_mut() {
-                        sweep.run(interval, || match nat.expire(&timeouts) {
-                            Ok(0) => {}
-                            Ok(n) => log::debug!("expired {n} NAT bindings"),
-                            Err(e) => log::warn!("NAT expiry: {e}"),
-                        });
-                    }
+                    sweep.run(interval, || {
+                        if let Some(nat) = nat.as_mut() {
+                            match nat.expire(&timeouts) {
+                                Ok(0) => {}
+                                Ok(n) => log::debug!("expired {n} NAT bindings"),
+                                Err(e) => log::warn!("NAT expiry: {e}"),
+                            }
+                        }
+                        if let Some(policy) = policy.as_mut() {
+                            match policy.sweep() {
+                                Ok(0) => {}
+                                Ok(n) => log::debug!("swept {n} connections of removed firewalls"),
+                                Err(e) => log::warn!("firewall connection sweep: {e}"),
+                            }
+                        }
+                    });
                     crate::crash::panic_point("datapath-worker");
                     health.beat();
                 }

@@ -42,12 +42,44 @@ fn attach_value(spec: &FirewallSpec) -> Result<FwAttach, DatapathError> {
         ingress_default: spec.ingress.default.code(),
         egress_default: spec.egress.default.code(),
         flags: if spec.bypass { fw::FLAG_BYPASS } else { 0 },
-        _pad: [0; 2],
+        cookie: 0,
         bridge_ifindex: spec.bridge_ifindex,
         ingress_rules: spec.ingress.rules.len() as u16,
         egress_rules: spec.egress.rules.len() as u16,
         ifname: ifname_bytes(&spec.ifname),
     })
+}
+
+/// The entry as [`attach_value`] would write it, but for the cookie (which
+/// each attachment draws for itself).
+fn without_cookie(a: FwAttach) -> FwAttach {
+    FwAttach { cookie: 0, ..a }
+}
+
+/// A cookie for a new attachment of an ifindex: random, so that it differs
+/// (but for a 1 in 65,536 chance) from the cookies of connections an
+/// earlier attachment of the same ifindex left for the sweeper; never
+/// `old`, the cookie of an entry it replaces.
+fn fresh_cookie(old: Option<u16>) -> u16 {
+    let mut b = [0u8; 2];
+    // SAFETY: `b` is a valid buffer of the length passed.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    let c = if n == 2 {
+        u16::from_ne_bytes(b)
+    } else {
+        (super::conntrack::monotonic_ns() >> 10) as u16
+    };
+    if Some(c) == old {
+        c.wrapping_add(1)
+    } else {
+        c
+    }
+}
+
+/// The verdict of a datagram's first fragment as FW_FRAGS holds it: the
+/// action in the low half, the attachment's cookie in the high one.
+pub fn frag_cookie(value: u32) -> u16 {
+    (value >> 16) as u16
 }
 
 fn endpoint_value(spec: &FirewallSpec) -> FwEndpoint {
@@ -137,15 +169,25 @@ impl PolicyMaps {
     }
 
     /// Writes the attachment's rules, endpoints and configuration (last:
-    /// the programs fail closed until it exists).
+    /// the programs apply no policy until it exists). A repeated ADD of the
+    /// same attachment keeps its cookie, and so its connections.
     pub fn apply(&mut self, spec: &FirewallSpec) -> Result<(), DatapathError> {
-        let value = attach_value(spec)?;
-        if let Ok(old) = self.attach.get(&spec.ifindex, 0) {
-            if old != value || self.owned_by_other(spec.ifindex, &spec.ifname) {
-                // Another rule set on this ifindex (a repeated ADD with
-                // other rules, or a stale entry): start from nothing.
+        let mut value = attach_value(spec)?;
+        match self.attach.get(&spec.ifindex, 0) {
+            Ok(old) if !self.owned_by_other(spec.ifindex, &spec.ifname) => {
+                value.cookie = old.cookie;
+                if old != value {
+                    // Another rule set (a repeated ADD with other rules):
+                    // start from nothing.
+                    self.purge_rules(spec.ifindex)?;
+                }
+            }
+            Ok(old) => {
+                // A stale entry of a device that had this ifindex before.
+                value.cookie = fresh_cookie(Some(old.cookie));
                 self.purge_rules(spec.ifindex)?;
             }
+            Err(_) => value.cookie = fresh_cookie(None),
         }
         for (dir, set) in [
             (fw::DIR_INGRESS, &spec.ingress),
@@ -184,7 +226,9 @@ impl PolicyMaps {
     }
 
     /// Removes everything [`apply`](Self::apply) wrote, plus the
-    /// attachment's counters and tracked connections. Entries of the
+    /// attachment's counters. Its tracked connections are left to
+    /// [`sweep`](Self::sweep): finding them is a walk of the whole table,
+    /// and they count for no later attachment (cookies). Entries of the
     /// ifindex that belong to another device (reused index) are left alone.
     pub fn revoke(&mut self, spec: &FirewallSpec) -> Result<(), DatapathError> {
         if self.owned_by_other(spec.ifindex, &spec.ifname) {
@@ -227,7 +271,6 @@ impl PolicyMaps {
             }
         }
         ignore_missing(map_names::FW_STATS, self.stats.remove(&spec.ifindex))?;
-        self.flush_connections(spec.ifindex)?;
         self.release_bridge(spec.bridge_ifindex)
     }
 
@@ -245,25 +288,47 @@ impl PolicyMaps {
         Ok(())
     }
 
-    /// Every tracked connection and fragment verdict of the attachment.
-    fn flush_connections(&mut self, ifindex: u32) -> Result<(), DatapathError> {
-        let ct: Vec<FwCtKey> = hash_entries(&self.ct)
+    /// Removes the tracked connections and fragment verdicts that no
+    /// attachment counts any more: their ifindex has no FW_ATTACH entry,
+    /// or one with another cookie. Run by the agent's sweeper, without the
+    /// node lock: each entry's attachment is looked up again just before
+    /// it goes, so a connection of an attachment added since the table was
+    /// read stays. Returns how many entries went.
+    pub fn sweep(&mut self) -> Result<usize, DatapathError> {
+        let cookies: BTreeMap<u32, u16> = hash_entries(&self.attach)
             .into_iter()
-            .map(|(k, _)| k)
-            .filter(|k| k.ifindex == ifindex)
+            .map(|(ifindex, a)| (ifindex, a.cookie))
             .collect();
-        for k in ct {
-            ignore_missing(map_names::FW_CT, self.ct.remove(&k))?;
-        }
-        let frags: Vec<FwFragKey> = hash_entries(&self.frags)
+        let owned = |cookies: &BTreeMap<u32, u16>, ifindex: u32, cookie: u16| {
+            cookies.get(&ifindex) == Some(&cookie)
+        };
+        let ct: Vec<(FwCtKey, u16)> = hash_entries(&self.ct)
             .into_iter()
-            .map(|(k, _)| k)
-            .filter(|k| k.ifindex == ifindex)
+            .filter(|(k, v)| !owned(&cookies, k.ifindex, v.cookie))
+            .map(|(k, v)| (k, v.cookie))
             .collect();
-        for k in frags {
-            ignore_missing(map_names::FW_FRAGS, self.frags.remove(&k))?;
+        let frags: Vec<(FwFragKey, u16)> = hash_entries(&self.frags)
+            .into_iter()
+            .filter(|(k, v)| !owned(&cookies, k.ifindex, frag_cookie(*v)))
+            .map(|(k, v)| (k, frag_cookie(v)))
+            .collect();
+        let now_owned = |attach: &HashMap<MapData, u32, FwAttach>, ifindex: u32, cookie: u16| {
+            attach.get(&ifindex, 0).is_ok_and(|a| a.cookie == cookie)
+        };
+        let mut n = 0;
+        for (k, cookie) in ct {
+            if !now_owned(&self.attach, k.ifindex, cookie) {
+                ignore_missing(map_names::FW_CT, self.ct.remove(&k))?;
+                n += 1;
+            }
         }
-        Ok(())
+        for (k, cookie) in frags {
+            if !now_owned(&self.attach, k.ifindex, cookie) {
+                ignore_missing(map_names::FW_FRAGS, self.frags.remove(&k))?;
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Removes every compiled rule of `ifindex`, whatever rules produced
@@ -295,7 +360,7 @@ impl PolicyMaps {
         let Ok(value) = attach_value(spec) else {
             return false;
         };
-        if self.attach.get(&spec.ifindex, 0).ok() != Some(value) {
+        if self.attach.get(&spec.ifindex, 0).ok().map(without_cookie) != Some(value) {
             return false;
         }
         let ep = endpoint_value(spec);
