@@ -269,16 +269,17 @@ fn pod_v6_to_external_is_masqueraded() {
     rt.del_list(&plain_list, &plain_att, Some(&plain_result))
         .unwrap_or_else(|o| panic!("DEL plain: {o}"));
 
-    // DEL: both masquerade entries, the record and the IPv6 bindings go.
+    // DEL: both masquerade entries and the record go, then the bindings.
     rt.del_list(&list, &att, Some(&result))
         .unwrap_or_else(|o| panic!("DEL: {o}"));
     let status = admin(&fx.node, "status");
     assert_eq!(status["masqSources"], 0, "entries left after DEL: {status}");
     assert_eq!(status["records"], 0, "record left after DEL: {status}");
-    let left = bindings_of(&admin(&fx.node, "nat"), pod6);
-    assert!(
-        left.is_empty(),
-        "IPv6 bindings of a deleted pod must be flushed: {left:?}"
+    // The bindings go with the agent's next sweep.
+    eventually(
+        "the sweeper to remove the deleted pod's IPv6 bindings",
+        SETTLE,
+        || bindings_of(&admin(&fx.node, "nat"), pod6).is_empty(),
     );
     drop(fx.agent);
 }
@@ -429,9 +430,10 @@ fn dual_stack_masquerade_matches_reference() {
         rt.del_list(&list, &att, Some(&result))
             .unwrap_or_else(|o| panic!("{imp:?}: DEL: {o}"));
         if imp == Impl::Ours {
-            assert!(
-                bindings_of(&admin(&node, "nat"), pod6).is_empty(),
-                "DEL flushes the pod's IPv6 entries, inbound ones too"
+            eventually(
+                "the sweeper to remove the deleted pod's IPv6 bindings, inbound ones too",
+                SETTLE,
+                || bindings_of(&admin(&node, "nat"), pod6).is_empty(),
             );
         }
         seen.push((imp, obs));

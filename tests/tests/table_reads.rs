@@ -1,18 +1,19 @@
 //! The agent's whole-table reads (`datapath/batch.rs`: BPF_MAP_LOOKUP_BATCH)
 //! on real pinned maps holding more entries than one batch: every entry is
 //! seen once, with its value, through the paths that use them — the NAT
-//! table's dump and occupancy, a DEL's flush of one pod's bindings, and
-//! `cni-agent status`'s per-map occupancy, per-CPU maps included.
+//! table's dump and occupancy, the sweep that removes the bindings of a
+//! pod that was deleted, and `cni-agent status`'s per-map occupancy,
+//! per-CPU maps included.
 use std::net::Ipv4Addr;
 
 use aya::maps::{HashMap, Map, PerCpuHashMap, PerCpuValues};
 use cni_agent::datapath::{
-    conntrack::NatTable,
-    entries::addr_words,
+    conntrack::{monotonic_ns, NatTable, Timeouts},
+    entries::{addr_words, ip_key, masq_policy},
     occupancy::occupancy,
     pins::{load_pinned, open_pinned, MapSizes, PinLayout},
 };
-use cni_ebpf_common::{map_names, CtKey, FwStats, NatEntry};
+use cni_ebpf_common::{map_names, CtKey, FwStats, IpKey, MasqPolicy, NatEntry};
 use cni_tests::{bpffs::BpfFs, prelude::*};
 
 /// Bindings of the first pod; the second has `OTHER`. Together several
@@ -41,7 +42,8 @@ fn binding(n: u16) -> NatEntry {
         state: 0,
         _pad: 0,
         _pad2: 0,
-        last_seen_ns: u64::from(n) + 1,
+        // Fresh: nothing expires by time here.
+        last_seen_ns: monotonic_ns(),
     }
 }
 
@@ -61,6 +63,15 @@ fn whole_tables_are_read_in_batches_entry_for_entry() {
     let _ebpf = load_pinned(&layout, MapSizes::default()).expect("load the object");
 
     let (a, b) = (Ipv4Addr::new(10, 99, 0, 2), Ipv4Addr::new(10, 99, 0, 3));
+    let mut masq: HashMap<_, IpKey, MasqPolicy> = HashMap::try_from(Map::HashMap(
+        open_pinned(&layout, map_names::MASQ_SOURCES).expect("MASQ_SOURCES"),
+    ))
+    .expect("typed MASQ_SOURCES");
+    for pod in [a, b] {
+        let subnet = "10.99.0.0/24".parse().expect("subnet");
+        masq.insert(ip_key(pod.into()), masq_policy(subnet), 0)
+            .expect("masquerade source");
+    }
     let mut orig: HashMap<_, CtKey, NatEntry> = HashMap::try_from(Map::LruHashMap(
         open_pinned(&layout, map_names::SNAT_ORIG).expect("SNAT_ORIG"),
     ))
@@ -102,11 +113,13 @@ fn whole_tables_are_read_in_batches_entry_for_entry() {
     assert_eq!(nat.occupancy().0 as u64, total);
     assert_eq!(entries_of(&layout, map_names::SNAT_ORIG), Some(total));
 
-    // A DEL's flush of one pod: exactly its bindings go.
-    assert_eq!(
-        nat.flush_source(a.into()).expect("flush"),
-        usize::from(MINE)
-    );
+    // Both pods live: a sweep keeps every fresh binding.
+    let timeouts = Timeouts::default();
+    assert_eq!(nat.expire(&timeouts).expect("sweep"), 0);
+    // Pod A deleted (its DEL removes its masquerade source, not its
+    // bindings): the next sweep removes exactly its bindings.
+    masq.remove(&ip_key(a.into())).expect("remove the source");
+    assert_eq!(nat.expire(&timeouts).expect("sweep"), usize::from(MINE));
     assert_eq!(nat.occupancy().0, usize::from(OTHER));
     assert!(nat.dump().iter().all(|b| b.pod.starts_with("10.99.0.3:")));
     assert_eq!(

@@ -267,22 +267,21 @@ fn del_locked(paths: &Paths, key: &AttachmentKey, owner: Option<Owner>) -> Resul
         if let Some(maps) = maps.as_mut() {
             maps.revoke(e)?;
         }
-        // Flows of what was removed must not live on in the NAT tables.
-        match (e, nat.as_mut()) {
-            (Entry::MasqSource { ip, .. }, Some(nat)) => {
-                nat.flush_source(*ip)?;
-            }
-            (
-                Entry::HostPort {
-                    host_port,
-                    protocol,
-                    ..
-                },
-                Some(nat),
-            ) => {
-                nat.flush_hostport(*host_port, protocol.number())?;
-            }
-            _ => {}
+        // A hostPort's flows must not go on to the pod that had it (a UDP
+        // client keeps its tuple, and the port may map to another pod next).
+        // A masqueraded pod's bindings are left to the sweeper, which finds
+        // them without holding the node lock: their source is no pod's any
+        // more.
+        if let (
+            Entry::HostPort {
+                host_port,
+                protocol,
+                ..
+            },
+            Some(nat),
+        ) = (e, nat.as_mut())
+        {
+            nat.flush_hostport(*host_port, protocol.number())?;
         }
     }
     if kept.is_empty() {

@@ -6,7 +6,7 @@
 use std::{net::IpAddr, time::Duration};
 
 use aya::maps::{HashMap, Map, MapData, MapError};
-use cni_ebpf_common::{ct_state, map_names, CtKey, HpReply, NatEntry};
+use cni_ebpf_common::{ct_state, map_names, CtKey, HpReply, IpKey, MasqPolicy, NatEntry};
 use serde::Serialize;
 
 use super::{
@@ -112,12 +112,26 @@ pub fn monotonic_ns() -> u64 {
 /// An original half, its reply half's key, and the reply half if present.
 type Pair = (CtKey, NatEntry, CtKey, Option<NatEntry>);
 
-/// The two NAT maps, opened from their pins.
+/// The NAT maps, opened from their pins, and the two maps that say whose
+/// bindings they may hold.
 pub struct NatTable {
     orig: HashMap<MapData, CtKey, NatEntry>,
     reply: HashMap<MapData, CtKey, NatEntry>,
     hp_orig: HashMap<MapData, CtKey, NatEntry>,
     hp_reply: HashMap<MapData, CtKey, HpReply>,
+    /// Masqueraded pods: the sources of the pods' bindings.
+    masq: HashMap<MapData, IpKey, MasqPolicy>,
+    /// Node addresses: the sources of node flows the masquerade moved off
+    /// a pod's tuple.
+    node: HashMap<MapData, IpKey, u32>,
+}
+
+fn open_hash<V: aya::Pod>(
+    layout: &PinLayout,
+    name: &'static str,
+) -> Result<HashMap<MapData, IpKey, V>, DatapathError> {
+    let data = open_pinned(layout, name)?;
+    HashMap::try_from(Map::HashMap(data)).map_err(|source| DatapathError::Map { name, source })
 }
 
 fn open_lru<V: aya::Pod>(
@@ -149,7 +163,16 @@ impl NatTable {
             reply: open_lru(layout, map_names::SNAT_REPLY)?,
             hp_orig: open_lru(layout, map_names::HP_ORIG)?,
             hp_reply: open_lru(layout, map_names::HP_REPLY)?,
+            masq: open_hash(layout, map_names::MASQ_SOURCES)?,
+            node: open_hash(layout, map_names::NODE_ADDRS)?,
         })
+    }
+
+    /// Whether bindings from `src` may live: a masqueraded pod's or the
+    /// node's. Asked again of the maps just before a binding goes, so a
+    /// pod added since the sweep read them keeps its new bindings.
+    fn is_source(&self, src: &IpKey) -> bool {
+        self.masq.get(src, 0).is_ok() || self.node.get(src, 0).is_ok()
     }
 
     /// Every original half with its reply half (if present), plus the
@@ -228,13 +251,21 @@ impl NatTable {
         )
     }
 
-    /// Removes every binding idle for longer than its state allows, both
-    /// halves together, and reply halves whose original half is gone and
-    /// which are idle past the longest timeout. Returns how many bindings
-    /// were removed.
+    /// Removes every binding idle for longer than its state allows, and
+    /// every binding of a source that is no longer a masqueraded pod or a
+    /// node address (a DEL leaves a pod's bindings here: finding them is a
+    /// walk of the whole table, which the DEL would do under the node
+    /// lock), both halves together; and reply halves whose original half
+    /// is gone and which are idle past the longest timeout. Returns how
+    /// many bindings were removed.
     pub fn expire(&mut self, t: &Timeouts) -> Result<usize, DatapathError> {
         let now = monotonic_ns();
         let mut removed = 0;
+        let sources: std::collections::HashSet<IpKey> = hash_entries(&self.masq)
+            .into_iter()
+            .map(|(k, _)| k)
+            .chain(hash_entries(&self.node).into_iter().map(|(k, _)| k))
+            .collect();
         let (pairs, unpaired) = self.pairs();
         for (k, v, rk, rv) in pairs {
             let state = v.state | rv.map_or(0, |r| r.state);
@@ -251,7 +282,13 @@ impl NatTable {
                 17 => t.udp,
                 _ => t.icmp,
             };
-            if now.saturating_sub(last) >= timeout.as_nanos() as u64 {
+            let src = IpKey {
+                addr: k.src,
+                family: k.family,
+                _pad: [0; 3],
+            };
+            let idle = now.saturating_sub(last) >= timeout.as_nanos() as u64;
+            if idle || (!sources.contains(&src) && !self.is_source(&src)) {
                 // Reply half first: once it is gone the port is free again,
                 // and a racing packet of the flow re-creates both halves.
                 ignore_missing(self.reply.remove(&rk))?;
@@ -271,21 +308,6 @@ impl NatTable {
         }
         removed += self.expire_hostports(t, now)?;
         Ok(removed)
-    }
-
-    /// Removes every binding of one pod address (its attachment is gone:
-    /// its flows must not keep ports or reach a reused IP).
-    pub fn flush_source(&mut self, ip: IpAddr) -> Result<usize, DatapathError> {
-        let (words, family) = super::entries::addr_words(ip);
-        let mine: Vec<(CtKey, NatEntry)> = hash_entries(&self.orig)
-            .into_iter()
-            .filter(|(k, _)| k.src == words && k.family == family)
-            .collect();
-        for (k, v) in &mine {
-            ignore_missing(self.reply.remove(&reply_key(k, v)))?;
-            ignore_missing(self.orig.remove(k))?;
-        }
-        Ok(mine.len())
     }
 }
 
