@@ -422,15 +422,11 @@ fn del_while_agent_down() {
         );
         // The new agent's sweeper removes the bindings the DEL left.
         eventually("the NAT bindings of the deleted pod to go", SETTLE, || {
-            !admin(&fx.node, "nat")
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|b| {
-                    b["pod"]
-                        .as_str()
-                        .is_some_and(|p| p.starts_with(&format!("{ip}:")))
-                })
+            !admin(&fx.node, "nat").as_array().unwrap().iter().any(|b| {
+                b["pod"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with(&format!("{ip}:")))
+            })
         });
         // The map itself, not just the records: the only masquerade
         // source left is that of a pod still attached.
