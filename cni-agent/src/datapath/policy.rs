@@ -76,9 +76,9 @@ fn fresh_cookie(old: Option<u16>) -> u16 {
     }
 }
 
-/// The verdict of a datagram's first fragment as FW_FRAGS holds it: the
-/// action in the low half, the attachment's cookie in the high one.
-pub fn frag_cookie(value: u32) -> u16 {
+/// The cookie in a first fragment's verdict as FW_FRAGS holds it (the
+/// action in the low half, the attachment's cookie in the high one).
+fn frag_cookie(value: u32) -> u16 {
     (value >> 16) as u16
 }
 
@@ -299,36 +299,38 @@ impl PolicyMaps {
             .into_iter()
             .map(|(ifindex, a)| (ifindex, a.cookie))
             .collect();
-        let owned = |cookies: &BTreeMap<u32, u16>, ifindex: u32, cookie: u16| {
-            cookies.get(&ifindex) == Some(&cookie)
-        };
+        let stale = |ifindex: u32, cookie: u16| cookies.get(&ifindex) != Some(&cookie);
         let ct: Vec<(FwCtKey, u16)> = hash_entries(&self.ct)
             .into_iter()
-            .filter(|(k, v)| !owned(&cookies, k.ifindex, v.cookie))
             .map(|(k, v)| (k, v.cookie))
+            .filter(|(k, cookie)| stale(k.ifindex, *cookie))
             .collect();
         let frags: Vec<(FwFragKey, u16)> = hash_entries(&self.frags)
             .into_iter()
-            .filter(|(k, v)| !owned(&cookies, k.ifindex, frag_cookie(*v)))
             .map(|(k, v)| (k, frag_cookie(v)))
+            .filter(|(k, cookie)| stale(k.ifindex, *cookie))
             .collect();
-        let now_owned = |attach: &HashMap<MapData, u32, FwAttach>, ifindex: u32, cookie: u16| {
-            attach.get(&ifindex, 0).is_ok_and(|a| a.cookie == cookie)
-        };
         let mut n = 0;
         for (k, cookie) in ct {
-            if !now_owned(&self.attach, k.ifindex, cookie) {
+            if !self.owns(k.ifindex, cookie) {
                 ignore_missing(map_names::FW_CT, self.ct.remove(&k))?;
                 n += 1;
             }
         }
         for (k, cookie) in frags {
-            if !now_owned(&self.attach, k.ifindex, cookie) {
+            if !self.owns(k.ifindex, cookie) {
                 ignore_missing(map_names::FW_FRAGS, self.frags.remove(&k))?;
                 n += 1;
             }
         }
         Ok(n)
+    }
+
+    /// Whether the attachment on `ifindex` now has this cookie.
+    fn owns(&self, ifindex: u32, cookie: u16) -> bool {
+        self.attach
+            .get(&ifindex, 0)
+            .is_ok_and(|a| a.cookie == cookie)
     }
 
     /// Removes every compiled rule of `ifindex`, whatever rules produced
