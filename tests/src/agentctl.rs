@@ -212,6 +212,30 @@ pub fn admin(node: &Node, what: &str) -> Value {
     try_admin(node, what).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// What a DEL or GC leaves of the firewall's maps (`cni-agent firewall`
+/// occupancy): every keyed entry is gone when it returns; tracked
+/// connections and fragment verdicts, which only a walk of the whole table
+/// finds, go with the agent's next sweep (within a second or two).
+#[track_caller]
+pub fn assert_firewall_removed(node: &Node, when: &str) {
+    let entries = || admin(node, "firewall")["entries"].clone();
+    let e = entries();
+    let keyed_gone = e.as_object().is_some_and(|m| {
+        m.iter()
+            .all(|(k, v)| k == "connections" || k == "fragments" || v == 0)
+    });
+    assert!(keyed_gone, "firewall map entries {when}: {e:#}");
+    crate::poll::eventually(
+        &format!("the agent to sweep the firewall connections left {when}"),
+        crate::poll::SETTLE,
+        || {
+            entries()
+                .as_object()
+                .is_some_and(|m| m.values().all(|v| v == 0))
+        },
+    );
+}
+
 /// `status --json` → (nat.originalHalves, nat.replyHalves).
 pub fn nat_occupancy(status: &Value) -> (u64, u64) {
     (

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use cni_cri::api::ContainerState;
 use cni_cri::sandbox::pod_ips;
 use cni_cri::{ContainerSpec, HostPort, PodSpec, SandboxInfo};
-use cni_tests::agentctl::{admin, record_of};
+use cni_tests::agentctl::{admin, assert_firewall_removed, record_of};
 use cni_tests::cri::{
     http_get, in_netns_path, tcp_echo_here, CriNode, WORKLOAD_IMAGE, WORKLOAD_PAYLOAD,
     WORKLOAD_PORT,
@@ -392,14 +392,7 @@ impl Leftovers<'_> {
                     Vec::<std::path::PathBuf>::new(),
                     "state dir {when}"
                 );
-                let fw = admin(&fx.node, "firewall");
-                let entries = &fw["entries"];
-                assert!(
-                    entries
-                        .as_object()
-                        .is_some_and(|m| m.values().all(|v| v == 0)),
-                    "firewall map entries {when}: {entries:#}"
-                );
+                assert_firewall_removed(&fx.node, when);
                 assert_eq!(
                     pins_of(fx, self.veth_index),
                     Vec::<String>::new(),

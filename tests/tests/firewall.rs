@@ -15,7 +15,7 @@
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
-use cni_tests::agentctl::{admin, record_of, AgentProc};
+use cni_tests::agentctl::{admin, assert_firewall_removed, record_of, AgentProc};
 use cni_tests::hostport::{mapping, stat};
 use cni_tests::prelude::*;
 use cni_tests::runtime::plugin_conf;
@@ -713,25 +713,6 @@ fn all_zero(e: &Value) -> bool {
     e.as_object().is_some_and(|m| m.values().all(|v| v == 0))
 }
 
-/// What a DEL or GC leaves: every keyed entry is gone when it returns;
-/// tracked connections and fragment verdicts (which only a walk of the
-/// whole table finds) go with the agent's next sweep, within a second or
-/// two.
-#[track_caller]
-fn assert_removed(fx: &Fixture, when: &str) {
-    let e = entries(fx);
-    let keyed_gone = e.as_object().is_some_and(|m| {
-        m.iter()
-            .all(|(k, v)| k == "connections" || k == "fragments" || v == 0)
-    });
-    assert!(keyed_gone, "entries left {when}: {e:#}");
-    eventually(
-        &format!("the agent to sweep the connections left {when}"),
-        SETTLE,
-        || all_zero(&entries(fx)),
-    );
-}
-
 /// The pinned tcx links of the host veth programs (bpffs `links/`).
 fn fw_links(fx: &Fixture) -> Vec<String> {
     let dir = fx.node.bpffs.path().join("v1/links");
@@ -808,7 +789,7 @@ fn del_and_gc_remove_every_entry() {
     );
 
     fx.del(&list, &p);
-    assert_removed(&fx, "after DEL");
+    assert_firewall_removed(&fx.node, "after DEL");
     assert!(fw_links(&fx).is_empty(), "{:?}", fw_links(&fx));
     fx.del(&list, &p);
     assert!(all_zero(&entries(&fx)));
@@ -818,14 +799,14 @@ fn del_and_gc_remove_every_entry() {
     assert_eq!(entries(&fx)["attachments"], 1);
     p.ns.delete();
     fx.del(&list, &p);
-    assert_removed(&fx, "after DEL without netns");
+    assert_firewall_removed(&fx.node, "after DEL without netns");
 
     // GC with no valid attachment.
     let p = fx.add(&list, "gc-ctr", caps);
     assert_eq!(entries(&fx)["attachments"], 1);
     rt.gc_list(&list, &[], GcKey::ValidAttachments)
         .unwrap_or_else(|o| panic!("GC: {o}"));
-    assert_removed(&fx, "after GC");
+    assert_firewall_removed(&fx.node, "after GC");
     // GC deleted the veth first (the bridge's entry comes first in the
     // record): its links died with it, the agent unpins them on its scan.
     eventually("the dead veth's link pins are dropped", SETTLE, || {
@@ -895,7 +876,7 @@ fn shares_the_veth_programs_with_bandwidth() {
 
     del(fw_index);
     assert!(fw_links(&fx).is_empty(), "{:?}", fw_links(&fx));
-    assert_removed(&fx, "after ebpf-firewall's DEL");
+    assert_firewall_removed(&fx.node, "after ebpf-firewall's DEL");
     assert!(
         connects(&p.ns, fx.ext_addr(DENIED)),
         "nothing refuses once the firewall is gone"
@@ -1020,7 +1001,7 @@ fn survives_an_agent_restart() {
         "{a:#}"
     );
     fx.del(&list, &p);
-    assert_removed(&fx, "after DEL");
+    assert_firewall_removed(&fx.node, "after DEL");
 }
 
 // ---------------------------------------------------------------------------
