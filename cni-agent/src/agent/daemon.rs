@@ -130,9 +130,12 @@ fn uplink_v6(addrs: &[crate::netlink::Address], index: u32) -> Option<Ipv6Addr> 
 /// the interfaces carrying a default route — IPv4 or IPv6 — in the main
 /// table, skipping those with neither an IPv4 nor a usable IPv6 address)
 /// and every address of the node.
+///
+/// Links are looked up by name or index, never listed: this runs every
+/// second, and a list of the node's links grows by a host veth per pod
+/// (about 1.4 KB each in the dump).
 fn discover(nl: &Netlink, names: &[String]) -> Result<(Vec<Uplink>, Vec<IpAddr>), AgentError> {
-    let links = nl.links()?;
-    let wanted: Vec<u32> = if names.is_empty() {
+    let links: Vec<(u32, String)> = if names.is_empty() {
         let mut routes = nl.routes(false)?;
         routes.extend(nl.routes(true)?);
         let mut v: Vec<u32> = routes
@@ -142,19 +145,26 @@ fn discover(nl: &Netlink, names: &[String]) -> Result<(Vec<Uplink>, Vec<IpAddr>)
             .collect();
         v.sort_unstable();
         v.dedup();
-        v
-    } else {
+        let mut links = Vec::new();
+        for index in v {
+            if let Some(l) = nl.link_by_index(index)? {
+                links.push((l.index, l.name));
+            }
+        }
         links
-            .iter()
-            .filter(|l| names.contains(&l.name))
-            .map(|l| l.index)
-            .collect()
+    } else {
+        let mut links = Vec::new();
+        for name in names {
+            if let Some(l) = nl.find_link(name)? {
+                links.push((l.index, l.name));
+            }
+        }
+        links
     };
     let addrs = nl.addresses(None)?;
-    let uplinks = wanted
+    let uplinks = links
         .into_iter()
-        .filter_map(|index| {
-            let name = links.iter().find(|l| l.index == index)?.name.clone();
+        .filter_map(|(index, name)| {
             let addr = addrs.iter().find_map(|a| match a.addr.addr() {
                 IpAddr::V4(v4) if a.index == index => Some(v4),
                 _ => None,
