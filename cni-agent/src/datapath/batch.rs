@@ -4,9 +4,9 @@
 //! `BPF_MAP_LOOKUP_ELEM`, two syscalls per entry. The NAT and firewall
 //! connection tables of a busy node hold 10^5 entries, and the agent reads
 //! them whole on every sweep, every `cni-agent status`, and on the DEL of
-//! a masqueraded, hostPort or firewalled pod — under the node lock, while
-//! every other ADD and DEL waits. One batch call copies thousands of
-//! entries, bucket by bucket, each bucket under its lock.
+//! a pod with hostPorts (under the node lock, while every other ADD and
+//! DEL waits). One batch call copies thousands of entries, bucket by
+//! bucket, each bucket under its lock.
 use std::{
     io,
     mem::size_of,
@@ -54,9 +54,11 @@ pub fn for_each_raw(
     let mut token_in = vec![0u8; token_len];
     let mut token_out = vec![0u8; token_len];
     let mut first = true;
+    let mut keys = Vec::new();
+    let mut values = Vec::new();
     loop {
-        let mut keys = vec![0u8; want as usize * key_len];
-        let mut values = vec![0u8; want as usize * value_len];
+        keys.resize(want as usize * key_len, 0);
+        values.resize(want as usize * value_len, 0);
         let mut attr = BatchAttr {
             in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
             out_batch: token_out.as_mut_ptr() as u64,

@@ -176,11 +176,10 @@ impl NatTable {
     }
 
     /// Every original half with its reply half (if present), plus the
-    /// reply halves no original half points at. Each map is read once
-    /// (two syscalls per entry) and joined here: a per-binding lookup of
-    /// the reply half would add a third syscall per binding, which on a
-    /// node opening thousands of connections a second is CPU the sweeper
-    /// takes from the pods.
+    /// reply halves no original half points at. Each map is read once, in
+    /// batches, and joined here: a per-binding lookup of the reply half
+    /// would add a syscall per binding, which on a node opening thousands
+    /// of connections a second is CPU the sweeper takes from the pods.
     fn pairs(&self) -> (Vec<Pair>, Vec<(CtKey, NatEntry)>) {
         let mut replies: std::collections::HashMap<CtKey, NatEntry> =
             hash_entries(&self.reply).into_iter().collect();
