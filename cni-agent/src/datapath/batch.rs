@@ -69,20 +69,12 @@ pub fn for_each_raw(
             elem_flags: 0,
             flags: 0,
         };
-        // SAFETY: `attr` is a valid bpf_attr prefix for this command, sized
-        // as passed; the key and value buffers hold `want` elements of the
-        // sizes the caller gives (the map's), the tokens hold at least the
-        // kernel's token size, and all outlive the call.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>(),
-            )
-        };
-        let errno = (r < 0).then(|| io::Error::last_os_error().raw_os_error().unwrap_or(0));
-        let done = match errno {
+        // SAFETY: `attr` is a valid bpf_attr prefix for this command; the
+        // key and value buffers hold `want` elements of the sizes the
+        // caller gives (the map's), the tokens hold at least the kernel's
+        // token size, and all outlive the call.
+        let r = unsafe { super::sys::bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        let done = match r.map_err(|e| e.raw_os_error().unwrap_or(0)).err() {
             None => false,
             Some(libc::ENOENT) => true,
             // One bucket holds more entries than asked for: ask for more.

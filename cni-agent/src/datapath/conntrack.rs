@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::{
     batch::hash_entries,
-    entries::words_addr,
+    entries::{hash, words_addr},
     loader::DatapathError,
     pins::{open_pinned, PinLayout},
 };
@@ -126,14 +126,6 @@ pub struct NatTable {
     node: HashMap<MapData, IpKey, u32>,
 }
 
-fn open_hash<V: aya::Pod>(
-    layout: &PinLayout,
-    name: &'static str,
-) -> Result<HashMap<MapData, IpKey, V>, DatapathError> {
-    let data = open_pinned(layout, name)?;
-    HashMap::try_from(Map::HashMap(data)).map_err(|source| DatapathError::Map { name, source })
-}
-
 fn open_lru<V: aya::Pod>(
     layout: &PinLayout,
     name: &'static str,
@@ -163,8 +155,8 @@ impl NatTable {
             reply: open_lru(layout, map_names::SNAT_REPLY)?,
             hp_orig: open_lru(layout, map_names::HP_ORIG)?,
             hp_reply: open_lru(layout, map_names::HP_REPLY)?,
-            masq: open_hash(layout, map_names::MASQ_SOURCES)?,
-            node: open_hash(layout, map_names::NODE_ADDRS)?,
+            masq: hash(layout, map_names::MASQ_SOURCES)?,
+            node: hash(layout, map_names::NODE_ADDRS)?,
         })
     }
 

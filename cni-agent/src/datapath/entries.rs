@@ -150,7 +150,8 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
 }
 
-fn hash<K: aya::Pod, V: aya::Pod>(
+/// A pinned hash map, typed.
+pub(crate) fn hash<K: aya::Pod, V: aya::Pod>(
     layout: &PinLayout,
     name: &'static str,
 ) -> Result<HashMap<MapData, K, V>, DatapathError> {

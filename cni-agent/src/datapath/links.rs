@@ -27,6 +27,7 @@ use aya::{
 use super::{
     loader::{DatapathError, Hook},
     pins::PinLayout,
+    sys,
 };
 
 fn hook_name(h: Hook) -> &'static str {
@@ -102,26 +103,15 @@ fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> std::io::Result<()
         flags: u32,
         old_prog_fd: u32,
     }
-    let attr = LinkUpdateAttr {
+    let mut attr = LinkUpdateAttr {
         link_fd: link.as_raw_fd() as u32,
         new_prog_fd: prog.as_raw_fd() as u32,
         flags: 0,
         old_prog_fd: 0,
     };
-    // SAFETY: `attr` is a valid bpf_attr prefix for this command, sized as
-    // passed; the fds are borrowed for the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            &attr as *const LinkUpdateAttr,
-            std::mem::size_of::<LinkUpdateAttr>(),
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    // SAFETY: `attr` is a valid bpf_attr prefix for this command; the fds
+    // are borrowed for the call.
+    unsafe { sys::bpf(BPF_LINK_UPDATE, &mut attr) }.map(drop)
 }
 
 /// BPF_OBJ_GET: open a pinned object.
@@ -136,24 +126,14 @@ fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
     }
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let attr = ObjAttr {
+    let mut attr = ObjAttr {
         pathname: c.as_ptr() as u64,
         bpf_fd: 0,
         file_flags: 0,
     };
     // SAFETY: `attr` is a valid bpf_attr prefix for BPF_OBJ_GET and `c`
     // outlives the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &attr as *const ObjAttr,
-            std::mem::size_of::<ObjAttr>(),
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let r = unsafe { sys::bpf(BPF_OBJ_GET, &mut attr) }?;
     // SAFETY: the kernel returned a new fd we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
 }

@@ -12,4 +12,5 @@ pub mod occupancy;
 pub mod pins;
 pub mod policy;
 pub mod rate;
+pub mod sys;
 pub mod uplink;

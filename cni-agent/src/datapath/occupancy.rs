@@ -44,30 +44,20 @@ fn count_keys(fd: BorrowedFd<'_>, key_size: u32, capacity: u32) -> io::Result<u6
     let mut n: u64 = 0;
     let limit = u64::from(capacity) * 2 + 1;
     while n < limit {
-        let attr = GetNextKeyAttr {
+        let mut attr = GetNextKeyAttr {
             map_fd: fd.as_raw_fd() as u32,
             _pad: 0,
             key: if n == 0 { 0 } else { cur.as_ptr() as u64 },
             next_key: next.as_mut_ptr() as u64,
             flags: 0,
         };
-        // SAFETY: `attr` is a valid bpf_attr for this command, sized as
-        // passed; `cur` and `next` hold key_size bytes each and outlive the
-        // call; the fd is borrowed for the call.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_GET_NEXT_KEY,
-                &attr as *const GetNextKeyAttr,
-                std::mem::size_of::<GetNextKeyAttr>(),
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENOENT) {
-                break;
-            }
-            return Err(e);
+        // SAFETY: `attr` is a valid bpf_attr for this command; `cur` and
+        // `next` hold key_size bytes each and outlive the call; the fd is
+        // borrowed for the call.
+        match unsafe { super::sys::bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
         }
         n += 1;
         std::mem::swap(&mut cur, &mut next);
