@@ -17,7 +17,7 @@
 //! run side by side they would share two CPUs.
 use std::process::{Child, Stdio};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use aya::maps::HashMap as AyaHashMap;
 use aya::programs::links::LinkOrder;
@@ -343,15 +343,31 @@ fn rate_holds(tag: &str, rate: u64, mtu: u32) {
         (Dir::FromPod, Proto::Udp(2 * rate), 5),
         (Dir::ToPod, Proto::Udp(2 * rate), 5),
     ] {
-        let t0 = Instant::now();
-        let bps = fx.iperf(dir, proto, secs);
-        let err = bps / rate as f64 - 1.0;
+        let measure = || {
+            let t0 = Instant::now();
+            let bps = fx.iperf(dir, proto, secs);
+            (bps, bps / rate as f64 - 1.0, t0.elapsed())
+        };
+        let (mut bps, mut err, mut took) = measure();
+        // A run that took far longer than asked (`-O 1` adds a second) was
+        // starved of CPU: the client stalls, then sends its backlog in a
+        // burst the bucket cannot hold, so the receiver sees less than the
+        // limit passes. Such a run measures the machine, not the limit:
+        // measured again, once.
+        let nominal = Duration::from_secs(u64::from(secs) + 1);
+        if err.abs() > TOLERANCE && took > nominal * 5 / 4 {
+            eprintln!(
+                "{dir:?} {proto:?}: {} in {took:.1?} for {nominal:?}: starved, measuring again",
+                mbit(bps)
+            );
+            (bps, err, took) = measure();
+        }
         let line = format!(
             "{} {dir:?} {proto:?}: {} ({:+.1}%) in {:.1?}",
             mbit(rate as f64),
             mbit(bps),
             err * 100.0,
-            t0.elapsed()
+            took
         );
         eprintln!("{line}");
         if err.abs() > TOLERANCE {
