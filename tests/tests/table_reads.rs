@@ -47,6 +47,15 @@ fn binding(n: u16) -> NatEntry {
     }
 }
 
+/// The port of an "address:port" endpoint as the NAT dump shows it.
+fn port_of(endpoint: &str) -> u16 {
+    endpoint
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {endpoint}"))
+}
+
 fn entries_of(layout: &PinLayout, name: &str) -> Option<u64> {
     occupancy(layout)
         .into_iter()
@@ -96,19 +105,7 @@ fn whole_tables_are_read_in_batches_entry_for_entry() {
     assert_eq!(seen.len() as u64, total, "no binding twice");
     // Values come with their keys: pod port 20000+n was given 30000+n.
     for b in &dump {
-        let pod_port: u16 = b
-            .pod
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap();
-        let nat_port: u16 = b
-            .nat
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap();
-        assert_eq!(nat_port - 30_000, pod_port - 20_000, "{b:?}");
+        assert_eq!(port_of(&b.nat) - 30_000, port_of(&b.pod) - 20_000, "{b:?}");
     }
     assert_eq!(nat.occupancy().0 as u64, total);
     assert_eq!(entries_of(&layout, map_names::SNAT_ORIG), Some(total));
